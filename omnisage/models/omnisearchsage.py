@@ -1,0 +1,41 @@
+"""The OmniSearchSage model: query tower, shared pin/product tower, learned temperature (SPEC §1).
+
+One query embedding is trained against pins, products and queries (query -> query reuses the query
+tower) and against the frozen legacy vectors (compat.py). Pins and products share `entity_tower`,
+hash table and MLP included. `log_temperature` is t in `s(q, p) = cos(q, p) * exp(t)`, initialised
+at config.loss.temperature_init; the loss clips it at config.loss.temperature_max.
+
+Build it inside `jax.set_mesh(mesh)` to place the hash tables row-sharded over "model" right away.
+
+Usage:
+  model = build_model(config, {"query": 8000, "ngram": meta["ngram_vocab_size"]})
+  q = model.query_tower(query_tokens); p = model.entity_tower(tokens, fields, continuous)
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from omnisage.data.schema import FIELDS
+from omnisage.models.entity_tower import CONTINUOUS_DIM, EntityTower
+from omnisage.models.hf_import import query_tower_from_config
+from omnisage.models.query_tower import QueryTower
+
+
+class OmniSearchSage(nnx.Module):
+
+  def __init__(self, query_tower: QueryTower, entity_tower: EntityTower, temperature_init: float):
+    self.query_tower = query_tower
+    self.entity_tower = entity_tower
+    self.log_temperature = nnx.Param(jnp.asarray(temperature_init, jnp.float32))
+
+
+def build_model(config, vocab_sizes: dict) -> OmniSearchSage:
+  """The model of a full experiment config; vocab_sizes: {"query": WordPiece size, "ngram": V}."""
+  m = config.model
+  rngs = nnx.Rngs(params=config.seed)
+  query_tower = query_tower_from_config(m, vocab_sizes["query"], rngs)
+  entity_tower = EntityTower(vocab_size=vocab_sizes["ngram"], hash_rows=m.hash_rows,
+                             text_dim=m.text_dim, num_fields=len(FIELDS),
+                             continuous_dim=CONTINUOUS_DIM, mlp_hidden=m.mlp_hidden,
+                             embed_dim=m.embed_dim, hash_seed=m.hash_seed, rngs=rngs)
+  return OmniSearchSage(query_tower, entity_tower, config.loss.temperature_init)

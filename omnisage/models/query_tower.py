@@ -1,0 +1,109 @@
+"""Query tower of OmniSearchSage: a BERT-family encoder with CLS pooling (SPEC §1 "Query tower").
+
+Token + position (+ token-type, BERT only) embeddings, LayerNorm, then N post-LN transformer layers
+(self-attention -> add & LayerNorm -> exact-erf GELU feed-forward -> add & LayerNorm), the layout
+shared by BERT and DistilBERT, so both import into it (hf_import.py). Padding id 0 is masked out
+of attention. The query embedding is the final hidden state at position 0 ([CLS]), one linear
+projection to embed_dim, L2-normalised. There is no dropout: the trainer runs the model
+deterministically.
+
+Usage:
+  tower = QueryTower(QueryConfig(vocab_size=8000, hidden=256, layers=2, heads=4, intermediate=1024,
+                                 max_len=64, embed_dim=256), rngs=nnx.Rngs(0))
+  q = tower(tokens)   # [B, 256] unit vectors; tokens [B, L] int32, 0 = padding
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omnisage.models.compat import l2_normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryConfig:
+  vocab_size: int
+  hidden: int
+  layers: int
+  heads: int
+  intermediate: int
+  max_len: int              # number of position embeddings
+  embed_dim: int            # output dim after the projection head
+  type_vocab_size: int = 0  # BERT token types (only type 0 is used); 0: no token-type embeddings
+  layer_norm_eps: float = 1e-12  # BERT / DistilBERT value
+
+
+def _normal(rngs):
+  # BERT's initializer_range.
+  return dict(kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class TransformerLayer(nnx.Module):
+  """One post-LN encoder layer (BERT `encoder.layer.N`, DistilBERT `transformer.layer.N`)."""
+
+  def __init__(self, c: QueryConfig, rngs: nnx.Rngs):
+    if c.hidden % c.heads:
+      raise ValueError(f"hidden {c.hidden} is not divisible by heads {c.heads}")
+    self.heads = c.heads
+    self.query = nnx.Linear(c.hidden, c.hidden, **_normal(rngs))
+    self.key = nnx.Linear(c.hidden, c.hidden, **_normal(rngs))
+    self.value = nnx.Linear(c.hidden, c.hidden, **_normal(rngs))
+    self.attn_out = nnx.Linear(c.hidden, c.hidden, **_normal(rngs))
+    self.attn_norm = nnx.LayerNorm(c.hidden, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.ffn_in = nnx.Linear(c.hidden, c.intermediate, **_normal(rngs))
+    self.ffn_out = nnx.Linear(c.intermediate, c.hidden, **_normal(rngs))
+    self.ffn_norm = nnx.LayerNorm(c.hidden, epsilon=c.layer_norm_eps, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, L, H]; mask: [B, L] bool (True = real token)."""
+    b, l, h = x.shape
+    split = lambda t: t.reshape(b, l, self.heads, h // self.heads)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.heads).astype(x.dtype)
+    # A large finite negative rather than -inf: an all-padding row gets uniform weights, not NaN.
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    attn = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v).reshape(b, l, h)
+    x = self.attn_norm(x + self.attn_out(attn))
+    y = self.ffn_out(jax.nn.gelu(self.ffn_in(x), approximate=False))
+    return self.ffn_norm(x + y)
+
+
+class QueryTower(nnx.Module):
+
+  def __init__(self, config: QueryConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    init = nnx.initializers.normal(0.02)
+    self.word_embeddings = nnx.Embed(c.vocab_size, c.hidden, embedding_init=init, rngs=rngs)
+    self.position_embeddings = nnx.Embed(c.max_len, c.hidden, embedding_init=init, rngs=rngs)
+    self.token_type_embeddings = (
+        nnx.Embed(c.type_vocab_size, c.hidden, embedding_init=init, rngs=rngs)
+        if c.type_vocab_size else None)
+    self.embed_norm = nnx.LayerNorm(c.hidden, epsilon=c.layer_norm_eps, rngs=rngs)
+    self.layers = nnx.List([TransformerLayer(c, rngs) for _ in range(c.layers)])
+    self.projection = nnx.Linear(c.hidden, c.embed_dim, rngs=rngs)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """Final hidden states [B, L, H] of tokens [B, L] (0 = padding, attended by nothing)."""
+    if tokens.shape[-1] > self.config.max_len:
+      raise ValueError(f"sequence length {tokens.shape[-1]} > max_len {self.config.max_len}")
+    mask = tokens != 0
+    x = self.word_embeddings(tokens) + self.position_embeddings.embedding[...][:tokens.shape[-1]]
+    if self.token_type_embeddings is not None:
+      # Single-segment input: token type 0 everywhere.
+      x = x + self.token_type_embeddings.embedding[...][0]
+    x = self.embed_norm(x)
+    for layer in self.layers:
+      x = layer(x, mask)
+    return x
+
+  def mean_pooled(self, tokens: jax.Array) -> jax.Array:
+    """Masked mean of the hidden states [B, H] (sentence-transformers' pooling; checks imports)."""
+    mask = (tokens != 0)[..., None].astype(jnp.float32)
+    h = self.encode(tokens)
+    return (h * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Query embeddings [B, embed_dim]: CLS state, linear projection, L2 normalisation."""
+    return l2_normalize(self.projection(self.encode(tokens)[:, 0]))

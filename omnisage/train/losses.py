@@ -1,0 +1,294 @@
+"""Sampled softmax with logQ correction, per task (SPEC §1 "Loss: multi-task sampled softmax").
+
+For one task with pairs (x_i, y_i), i < B, over the GLOBAL batch (under jit the arrays are sharded
+over the `data` mesh axis and XLA gathers the candidates: every row sees all B positives):
+
+  s(q, p)   = cos(q, p) * exp(min(t, t_max))                learned temperature t, clipped (SPEC)
+  in-batch  row i: softmax over the positives of all rows; column j has logit
+            s(q_i, p_j) - log Q(y_j)
+  random    row i: softmax over [y_i, n_1 .. n_N] (N negatives shared by all rows),
+            logits [s(q_i, p_i) - log Q(y_i), s(q_i, n_k) - log Q_n(n_k)]
+  loss      = mean over valid rows of (CE_in-batch + CE_random); the trainer sums tasks.
+
+logQ sign convention (the one place it is decided): every candidate logit is
+`s - log Q`, the log of the probability that the candidate was SAMPLED (is in the batch / among the
+random negatives) is SUBTRACTED after temperature scaling. log Q <= 0, so a rare item gets a large
+boost as a negative and a popular one a small boost: popular items, which show up as negatives all
+the time, are penalised less per appearance. Correct sampled softmax (Bengio & Senecal 2008;
+Yi et al. 2019, eq. 3); peer libraries have shipped the opposite sign, tests/test_losses.py pins it.
+
+Choices taken from the official PyTorch code, pinterest/atg-research
+omnisearchsage/omnisearchsage/modules/metric_learning_softmax.py (`SoftmaxCorrectionLoss`):
+  - Layout: each softmax is [positive, negatives...] with the target in column 0
+    (`compute_similarity_loss`). We compute CE_i = softplus(lse_negatives_i - positive_logit_i), the
+    same thing without materialising the concatenation.
+  - The positive logit gets a correction too, and the SAME one in both softmaxes
+    (`get_default_logits_processor` applies `PositiveSPCLogitsProcessor` in both
+    `scale_correct_and_mask` calls). The official positive correction is log P(y|x) from a
+    (query, item) count-min sketch; SPEC's in-batch formula subtracts log Q(y_i) from the diagonal,
+    so our positive logit is s(q_i, p_i) - log Q(y_i) in the in-batch AND the random softmax.
+  - Accidental hits (`_mask_logits`): a negative column whose entity id equals the row's positive id
+    is removed, in both softmaxes; in the in-batch softmax, columns of rows with the same query id
+    are removed too (so for a query with pairs (q, a), (q, b), b is not a negative in the row of a).
+    The row's own column is removed by the first rule (its positive is column 0). Random negatives
+    are only masked against the row's own positive (official `share_masks_for_same_query=False`).
+  - Masked logits get a huge negative finite value, not -inf (official: finfo.min), so a row whose
+    negatives are all masked gives CE = 0 with finite gradients.
+  - Temperature: official clamps the parameter in place (`clamp_temp`); in a pure function we clip
+    in the forward pass instead, so the gradient w.r.t. log_temperature is 0 above
+    `temperature_max`.
+  - Nested dims (`MultiDimSoftmaxCorrectionLossV2`): the loss is re-run on L2-renormalised prefixes
+    with per-dimension weights; dims larger than the embedding are skipped.
+Beyond the official code: `valid` rows (e.g. a compatibility pair whose positive has no legacy
+vector) add no loss and their columns are no negatives for anyone.
+
+The B x B and B x N logits go through one primitive, `masked_logsumexp_<impl>(q, cands, scale,
+col_bias, mask_fn)`, chosen by `impl`. Only "dense" exists now; a blockwise (chunked, online
+logsumexp) variant can be registered in `LSE_IMPLS` without touching callers, which is why masks are
+functions of (row indices, column indices) rather than [B, B] arrays.
+
+Usage:
+  loss, metrics = sampled_softmax_loss(q, p, log_temperature=t, temperature_max=math.log(100.),
+                                       query_ids=qid, pos_ids=pid, pos_log_q=log_q)
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Value of masked logits: exp() underflows to exactly 0, yet it stays finite after subtracting any
+# realistic logit (|s| <= exp(t_max) = 100, |log Q| < 100), so no inf - inf and no NaN gradients.
+MASKED_LOGIT = -1e30
+
+MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def logit_scale(log_temperature: jax.Array, temperature_max: float) -> jax.Array:
+  """exp(min(t, t_max)): the inverse temperature multiplying cosines (gradient 0 above t_max)."""
+  return jnp.exp(jnp.minimum(log_temperature, temperature_max))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis (torch's F.normalize, as in the official code)."""
+  norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+  return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def masked_logsumexp_dense(
+  q: jax.Array, cands: jax.Array, *, scale: jax.Array, col_bias: jax.Array, mask_fn: MaskFn
+) -> tuple[jax.Array, jax.Array]:
+  """Row-wise logsumexp and max of `scale * q @ cands.T - col_bias` over the unmasked columns.
+
+  Args:
+    q: [B, D] row embeddings.
+    cands: [C, D] candidate embeddings.
+    scale: scalar logit scale.
+    col_bias: [C] float32 SUBTRACTED from every logit of its column (log Q of the candidate).
+    mask_fn: (rows [b] int32, cols [c] int32) -> bool [b, c], True where the column is NOT a
+      candidate for the row. Index-based so a blockwise variant can evaluate it per block.
+  Returns:
+    (lse [B], row_max [B]) float32. A fully masked row gives about MASKED_LOGIT for both.
+    row_max carries no gradient (it is for metrics).
+  """
+  logits = scale * jnp.einsum("bd,cd->bc", q, cands, preferred_element_type=jnp.float32)
+  logits = logits - col_bias[None, :]
+  drop = mask_fn(jnp.arange(q.shape[0]), jnp.arange(cands.shape[0]))
+  logits = jnp.where(drop, MASKED_LOGIT, logits)
+  row_max = jax.lax.stop_gradient(logits.max(axis=1))
+  lse = row_max + jnp.log(jnp.exp(logits - row_max[:, None]).sum(axis=1))
+  return lse, row_max
+
+
+LSE_IMPLS = {"dense": masked_logsumexp_dense}
+
+
+def sampled_softmax_rows(
+  q: jax.Array,
+  p: jax.Array,
+  *,
+  log_temperature: jax.Array,
+  temperature_max: float,
+  query_ids: jax.Array,
+  pos_ids: jax.Array,
+  pos_log_q: jax.Array,
+  neg: jax.Array | None = None,
+  neg_ids: jax.Array | None = None,
+  neg_log_q: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  use_logq: bool = True,
+  impl: str = "dense",
+) -> dict[str, jax.Array]:
+  """Per-row terms of `sampled_softmax_loss` (same arguments): a dict of [B] arrays.
+
+  ce_inbatch, ce_random (0 without negatives) float32, 0 on invalid rows; correct (float 0/1: the
+  positive beats every unmasked in-batch column); weight (float 0/1: valid).
+  """
+  lse_fn = LSE_IMPLS[impl]
+  b = q.shape[0]
+  # jnp, not NumPy: masks and blockwise impls index these with traced row/column indices.
+  q, p, query_ids, pos_ids = map(jnp.asarray, (q, p, query_ids, pos_ids))
+  neg, neg_ids = (None if x is None else jnp.asarray(x) for x in (neg, neg_ids))
+  valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+  # Invalid rows may carry garbage (a zero or NaN placeholder for a missing legacy vector). Replace
+  # it before it meets a matmul: `where` passes no cotangent (and no NaN) back to what it discards.
+  p = jnp.where(valid[:, None], p, jnp.zeros_like(p))
+  scale = logit_scale(log_temperature, temperature_max)
+  if use_logq:
+    pos_bias = jnp.where(valid, pos_log_q, 0.0).astype(jnp.float32)
+  else:
+    pos_bias = jnp.zeros((b,), jnp.float32)
+
+  # The positive logit, shared by both softmaxes (official PositiveSPCLogitsProcessor, see above).
+  pos_logit = scale * jnp.einsum("bd,bd->b", q, p, preferred_element_type=jnp.float32) - pos_bias
+
+  def inbatch_mask(rows, cols):
+    same_pos = pos_ids[rows][:, None] == pos_ids[cols][None, :]  # includes the row's own column
+    same_query = query_ids[rows][:, None] == query_ids[cols][None, :]
+    return same_pos | same_query | ~valid[cols][None, :]
+
+  lse_in, max_in = lse_fn(q, p, scale=scale, col_bias=pos_bias, mask_fn=inbatch_mask)
+  ce_in = jax.nn.softplus(lse_in - pos_logit)  # = logaddexp(pos, lse_negatives) - pos
+  correct = (pos_logit >= max_in).astype(jnp.float32)
+
+  if neg is not None:
+    if neg_ids is None:
+      raise ValueError("neg_ids are required with neg (accidental-hit masking)")
+    if use_logq and neg_log_q is None:
+      raise ValueError("neg_log_q is required with neg when use_logq (pass zeros to opt out)")
+    n = neg.shape[0]
+    neg_bias = jnp.asarray(neg_log_q, jnp.float32) if use_logq else jnp.zeros((n,), jnp.float32)
+
+    def random_mask(rows, cols):
+      return pos_ids[rows][:, None] == neg_ids[cols][None, :]
+
+    lse_rnd, _ = lse_fn(q, neg, scale=scale, col_bias=neg_bias, mask_fn=random_mask)
+    ce_rnd = jax.nn.softplus(lse_rnd - pos_logit)
+  else:
+    ce_rnd = jnp.zeros((b,), jnp.float32)
+
+  zero = jnp.zeros((b,), jnp.float32)
+  return {
+    "ce_inbatch": jnp.where(valid, ce_in, zero),
+    "ce_random": jnp.where(valid, ce_rnd, zero),
+    "correct": jnp.where(valid, correct, zero),
+    "weight": valid.astype(jnp.float32),
+  }
+
+
+def sampled_softmax_loss(
+  q: jax.Array,
+  p: jax.Array,
+  *,
+  log_temperature: jax.Array,
+  temperature_max: float,
+  query_ids: jax.Array,
+  pos_ids: jax.Array,
+  pos_log_q: jax.Array,
+  neg: jax.Array | None = None,
+  neg_ids: jax.Array | None = None,
+  neg_log_q: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  use_logq: bool = True,
+  impl: str = "dense",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """One task's loss: mean over valid rows of in-batch CE + random-negatives CE.
+
+  Args:
+    q: [B, D] L2-normalised query embeddings of the global batch.
+    p: [B, D] L2-normalised positives; row i's positive is p[i].
+    log_temperature: scalar learned t; logits are cos * exp(min(t, temperature_max)).
+    temperature_max: clip of t (SPEC: ln 100).
+    query_ids: [B] int ids of the queries (same id: not each other's negatives).
+    pos_ids: [B] int entity ids of the positives (same id: accidental hit, masked).
+    pos_log_q: [B] float log Q(y_i) <= 0, probability that y_i is in a batch (`frequency.log_q`).
+    neg: optional [N, D] L2-normalised random negatives, shared by all rows.
+    neg_ids: [N] int entity ids of the negatives (required with neg).
+    neg_log_q: [N] float log Q_n of the negatives under their sampling distribution (required with
+      neg when use_logq), e.g. log(N / catalogue size) for uniform sampling.
+    valid: optional [B] bool; False rows add no loss and are no negatives.
+    use_logq: False drops every correction (ablation).
+    impl: name in LSE_IMPLS of the logsumexp primitive.
+  Returns:
+    (loss, metrics): scalar float32, and scalars loss_inbatch, loss_random, accuracy_inbatch (the
+    positive has the top in-batch logit, ties count as hits), logit_scale, num_valid.
+  """
+  rows = sampled_softmax_rows(
+    q, p, log_temperature=log_temperature, temperature_max=temperature_max, query_ids=query_ids,
+    pos_ids=pos_ids, pos_log_q=pos_log_q, neg=neg, neg_ids=neg_ids, neg_log_q=neg_log_q,
+    valid=valid, use_logq=use_logq, impl=impl,
+  )
+  num_valid = rows["weight"].sum()
+  denom = jnp.maximum(num_valid, 1.0)  # an all-invalid batch gives 0, not NaN
+  loss_in = rows["ce_inbatch"].sum() / denom
+  loss_rnd = rows["ce_random"].sum() / denom
+  metrics = {
+    "loss_inbatch": loss_in,
+    "loss_random": loss_rnd,
+    "accuracy_inbatch": rows["correct"].sum() / denom,
+    "logit_scale": logit_scale(log_temperature, temperature_max),
+    "num_valid": num_valid,
+  }
+  return loss_in + loss_rnd, metrics
+
+
+def nested_dim_weights(
+  dim: int, nested_dims: Sequence[int] = (), nested_weight: float | Sequence[float] = 0.05
+) -> dict[int, float]:
+  """{dim: 1.0} plus the nested prefixes: the two-tuple form of `dim_weights`.
+
+  nested_weight: one weight for all nested dims, or one per dim. SPEC / official code: 16, 32, 64,
+  128 at 0.05 and 256, 512 at 1.0, e.g. nested_dim_weights(512, (16, 32, 64, 128, 256),
+  (0.05, 0.05, 0.05, 0.05, 1.0)).
+  """
+  if isinstance(nested_weight, (int, float)):
+    nested_weight = (float(nested_weight),) * len(nested_dims)
+  if len(nested_weight) != len(nested_dims):
+    raise ValueError(f"{len(nested_dims)} nested dims but {len(nested_weight)} weights")
+  weights = {int(dim): 1.0}
+  weights.update({int(d): float(w) for d, w in zip(nested_dims, nested_weight)})
+  return weights
+
+
+def nested_sampled_softmax_loss(
+  q: jax.Array,
+  p: jax.Array,
+  *,
+  nested_dims: Sequence[int] = (),
+  nested_weight: float | Sequence[float] = 0.05,
+  dim_weights: Mapping[int, float] | None = None,
+  neg: jax.Array | None = None,
+  **loss_kwargs,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Matryoshka loss: sum over d of weight_d * sampled_softmax_loss on renormalised prefixes [:d].
+
+  dim_weights: {d: weight}; if None it is nested_dim_weights(D, nested_dims, nested_weight), i.e.
+    the full dimension D at weight 1 plus the nested prefixes. Dims above D are skipped, as in the
+    official MultiDimSoftmaxCorrectionLossV2 (a 512-d weight does not apply to a 256-d legacy
+    tower).
+    The full dimension is used as is (its vectors are already unit norm).
+  loss_kwargs: everything else of `sampled_softmax_loss` (ids, log Q, temperature, valid, ...).
+  Returns:
+    (loss, metrics): metrics of the largest dim used under the plain names, plus loss_d{d} (the
+    unweighted loss of each dim).
+  """
+  full = q.shape[-1]
+  if dim_weights is None:
+    dim_weights = nested_dim_weights(full, nested_dims, nested_weight)
+  dims = sorted(d for d in dim_weights if d <= full)
+  if not dims:
+    raise ValueError(f"no dim of {sorted(dim_weights)} fits embeddings of dim {full}")
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for d in dims:
+    if d == full:
+      qd, pd, nd = q, p, neg
+    else:
+      qd, pd = l2_normalize(q[:, :d]), l2_normalize(p[:, :d])
+      nd = None if neg is None else l2_normalize(neg[:, :d])
+    loss_d, metrics_d = sampled_softmax_loss(qd, pd, neg=nd, **loss_kwargs)
+    total = total + dim_weights[d] * loss_d
+    metrics[f"loss_d{d}"] = loss_d
+    if d == dims[-1]:
+      metrics.update(metrics_d)
+  return total, metrics

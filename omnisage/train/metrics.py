@@ -1,0 +1,49 @@
+"""Training health logs: one JSONL file and TensorBoard event files per run.
+
+STYLE lesson 9: log health every step that is logged — loss per task, gradient and parameter norms,
+temperature, step time, examples per second. JSONL is for scripts (the tests read it); TensorBoard
+(tensorboardX, which needs no TensorFlow) is for people. Only process 0 writes.
+
+Usage: `w = MetricsWriter(workdir); w.write(step, {"loss": 1.2}); w.close()`.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, name: str = "train"):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, f"{name}_metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, "a", buffering=1)
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+      except ImportError:  # TensorBoard is optional; JSONL is the record
+        self._tb = None
+
+  def write(self, step: int, scalars: dict):
+    if not self.enabled:
+      return
+    clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
+    if self._tb is not None:
+      for key, value in clean.items():
+        self._tb.add_scalar(key, value, int(step))
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

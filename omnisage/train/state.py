@@ -1,0 +1,118 @@
+"""The train state: one plain pytree holding everything an exact resume needs.
+
+  step       int32 scalar, the number of updates applied
+  params     nnx.State of the trainable nnx.Params (the towers and the log temperature)
+  opt_state  optax state
+  freq       streaming frequency-estimator arrays (Yi et al. 2019; SPEC §1) — logQ is part of
+             the model's training dynamics, so it is checkpointed with it
+  rng        uint32[2] PRNG key for device-side randomness
+
+Non-trainable constants (the hash-index table) are rebuilt from the config and passed beside it.
+The Grain iterator state is saved next to this pytree in the same Orbax checkpoint.
+
+Usage: `state, statics = create_train_state(config, vocab_sizes, mesh)`.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from omnisage.models import build_model
+from omnisage.train import frequency
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  freq: frequency.FreqState
+  rng: jax.Array
+
+
+@flax.struct.dataclass
+class Statics:
+  """What the jitted step needs besides the state: the model's structure (static) and its
+  non-trainable constants (a traced argument, so large constant tables are not baked into the
+  compiled program and keep their sharding)."""
+  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+  constants: nnx.State
+
+  def model(self, params):
+    return nnx.merge(self.graphdef, params, self.constants)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW with linear warmup then cosine decay (SPEC: official code warms up 750 steps, cosine)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config.learning_rate,
+      warmup_steps=train_config.warmup_steps,
+      decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
+      end_value=train_config.learning_rate * 0.01)
+  # Decay matrices only: biases, LayerNorm scales and the temperature are not shrunk to zero.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip),
+      optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask))
+
+
+def create_train_state(config, vocab_sizes: dict, mesh) -> tuple[TrainState, Statics]:
+  """Builds the model under `mesh` and a sharded train state from `config.seed`."""
+  with jax.set_mesh(mesh):
+    model = build_model(config, vocab_sizes)
+    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
+    optimizer = make_optimizer(config.train)
+    freq_cfg = config.loss.freq
+
+    state_specs = train_state_specs(optimizer, params, freq_cfg)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs,
+                             is_leaf=lambda x: isinstance(x, P))
+
+    # Created inside jit with explicit out_shardings, so every array is born where it lives:
+    # the tables keep the P("model", None) that the model declared and so do their Adam slots.
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init(params):
+      return TrainState(
+          step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+          freq=frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes),
+          rng=jax.random.PRNGKey(config.seed + 1))
+
+    state = init(params)
+  return state, Statics(graphdef, constants)
+
+
+def train_state_specs(optimizer, params, freq_cfg) -> TrainState:
+  """PartitionSpecs of every state leaf: parameters as the model declared them (see
+  omnisage/train/sharding.py), optimiser slots like their parameter, the rest replicated."""
+  is_spec = lambda x: isinstance(x, P)
+  param_specs = nnx.get_partition_spec(params)
+  opt_specs = optax.tree_map_params(
+      optimizer, lambda _, spec: spec, jax.eval_shape(optimizer.init, params), param_specs,
+      transform_non_params=lambda _: P(), is_leaf=is_spec)
+  freq_specs = jax.tree.map(
+      lambda _: P(), jax.eval_shape(lambda: frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes)))
+  return TrainState(step=P(), params=param_specs, opt_state=opt_specs, freq=freq_specs, rng=P())
+
+
+def state_shardings(state: TrainState):
+  """The sharding of every leaf, read off a live state (used as jit in/out shardings)."""
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_state(state: TrainState):
+  """ShapeDtypeStructs with shardings: the restore target for Orbax."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+__all__ = ["TrainState", "Statics", "create_train_state", "make_optimizer", "state_shardings",
+           "abstract_state", "param_count", "train_state_specs"]

@@ -1,0 +1,117 @@
+"""One training step over the global multi-task batch (pure functions; jitted by the trainer).
+
+SPEC §1 "Loss": for every task T (query->pin, query->product, query->query and the compatibility
+tasks query->PinSage, query->ItemSage) an in-batch softmax over the GLOBAL batch plus a softmax over
+shared random negatives, with logQ correction; the total loss is the sum over tasks. The batch
+arrays are sharded over the mesh axis `data`, so `q @ p.T` inside the loss spans every device: the
+compiler inserts the all-gather, there is no hand-written collective.
+
+Task ids index the frequency estimator's hashing (TASK_IDS); compatibility tasks share their
+parent's frequency estimate because they score the same positives.
+
+Usage: `state, metrics = train_step(statics, state, batch, config=c, optimizer=o)` (see trainer.py for the jit).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from omnisage.data import schema
+from omnisage.models import compat
+from omnisage.train import frequency, losses
+from omnisage.train.state import Statics, TrainState
+
+TASK_IDS = {task: i for i, task in enumerate(schema.TASK_ENTITY)}
+
+
+def embed_positives_and_negatives(model, task: str, batch: dict):
+  """Tower outputs of one task: queries, positives and shared random negatives."""
+  q = model.query_tower(batch["query_tokens"])
+  if schema.TASK_ENTITY[task] == "queries":   # query->query: both sides are queries
+    return q, model.query_tower(batch["pos_tokens"]), model.query_tower(batch["neg_tokens"])
+  tower = model.entity_tower
+  p = tower(batch["pos_tokens"], batch["pos_fields"], batch["pos_continuous"])
+  n = tower(batch["neg_tokens"], batch["neg_fields"], batch["neg_continuous"])
+  return q, p, n
+
+
+def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: dict,
+                   freq_state: frequency.FreqState):
+  """Sum of the task losses, and metrics per task."""
+  temperature = model.log_temperature[...]
+  total = 0.0
+  metrics = {}
+
+  def add(name, loss, task_metrics):
+    nonlocal total
+    total = total + loss
+    metrics[f"loss/{name}"] = loss
+    for key, value in task_metrics.items():
+      metrics[f"{key}/{name}"] = value
+
+  for task, b in batch.items():
+    task_id = TASK_IDS[task]
+    q, p, n = embed_positives_and_negatives(model, task, b)
+    pos_log_q = frequency.log_q(freq_state, task_id, b["pos_ids"])
+    common = dict(log_temperature=temperature, temperature_max=loss_config.temperature_max,
+                  query_ids=b["query_ids"], pos_ids=b["pos_ids"], pos_log_q=pos_log_q,
+                  use_logq=loss_config.logq)
+    loss, task_metrics = losses.nested_sampled_softmax_loss(
+        q, p, neg=n, neg_ids=b["neg_ids"], neg_log_q=b["neg_log_q"],
+        nested_dims=tuple(loss_config.nested_dims), nested_weight=loss_config.nested_weight,
+        **common)
+    add(task, loss, task_metrics)
+    if use_compat and "pos_legacy" in b:
+      # Compatibility task: the query vector's first compat_dim dims against the frozen legacy
+      # vector of the same positive (SPEC: "Compatibility encoders"). Rows whose positive has no
+      # legacy vector take no part.
+      compat_task = {"q2pin": "q2pinsage", "q2product": "q2itemsage"}[task]
+      loss, task_metrics = losses.sampled_softmax_loss(
+          compat.compat_query(q, model_config.compat_dim), compat.legacy_embedding(b["pos_legacy"]),
+          neg=compat.legacy_embedding(b["compat_neg_legacy"]), neg_ids=b["compat_neg_ids"],
+          neg_log_q=b["compat_neg_log_q"], valid=b["pos_has_legacy"], **common)
+      add(compat_task, loss, task_metrics)
+  metrics["temperature"] = jnp.exp(jnp.minimum(temperature, loss_config.temperature_max))
+  return total, metrics
+
+
+def update_frequencies(freq_state, batch: dict, step, alpha: float):
+  """Folds this batch's positives into the streaming estimate (Yi et al. 2019, Algorithm 2).
+
+  The estimate is updated BEFORE the loss reads it, as in the paper: the first sighting of an item
+  already yields a finite gap estimate.
+  """
+  for task, b in batch.items():
+    freq_state = frequency.update(freq_state, TASK_IDS[task], b["pos_ids"], step, alpha)
+  return freq_state
+
+
+def train_step(statics: Statics, state: TrainState, batch: dict, *, config, optimizer):
+  """One update on the global batch. Returns (new state, metrics of this step)."""
+  step = state.step + 1
+  freq_state = update_frequencies(state.freq, batch, step, config.loss.freq.alpha)
+  rng, _ = jax.random.split(state.rng)
+
+  def loss_fn(params):
+    model = statics.model(params)
+    return multitask_loss(model, config.loss, config.model, config.tasks.compat, batch,
+                          freq_state)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                 param_norm=optax.global_norm(params))
+  new_state = state.replace(step=step, params=params, opt_state=opt_state, freq=freq_state,
+                            rng=rng)
+  return new_state, metrics
+
+
+def loss_only(statics: Statics, state: TrainState, batch: dict, *, config):
+  """The loss of `batch` at `state` without updating (for tests and evaluation)."""
+  freq_state = update_frequencies(state.freq, batch, state.step + 1, config.loss.freq.alpha)
+  model = statics.model(state.params)
+  return multitask_loss(model, config.loss, config.model, config.tasks.compat, batch, freq_state)
+
+
+__all__ = ["train_step", "loss_only", "multitask_loss", "TASK_IDS"]

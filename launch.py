@@ -19,6 +19,7 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 COMMANDS = ("prepare", "train", "eval", "demo")
@@ -36,6 +37,17 @@ flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
 
 class UserError(Exception):
   """A mistake in the command line, config or input files: reported without a stack trace."""
+
+
+def configure_logging():
+  """Our progress lines at INFO on stderr; libraries (Orbax, absl) only at WARNING and above."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = logging.getLogger("omnisage")
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  logger.addHandler(handler)
 
 
 def init_distributed():
@@ -128,7 +140,7 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/omnisage_synthetic.py")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  logging.getLogger("omnisage").setLevel(logging.INFO)
+  configure_logging()
   init_distributed()
   command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
   try:

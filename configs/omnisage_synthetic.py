@@ -51,6 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.query_vocab_size = 2_000 if tiny else 8_000
   d.query_lower_case = True
   d.query_max_len = 64       # WordPiece tokens including [CLS] and [SEP]
+  # Training/eval batches pad (or crop) queries to this many tokens. Synthetic queries have at
+  # most ~13 tokens, so padding to 64 would spend 4x the query-tower compute on padding; queries
+  # longer than this are truncated and counted in the train log.
+  d.batch_query_len = 16
   d.trigram_vocab = 4_000 if tiny else 30_000
   d.unigram_vocab = 2_000 if tiny else 30_000
   d.bigram_vocab = 4_000 if tiny else 60_000
@@ -74,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   q.layers = 1 if tiny else 2
   q.heads = 2 if tiny else 4
   q.intermediate = 128 if tiny else 1024
-  q.max_len = d.get_ref("query_max_len")
+  q.max_len = d.get_ref("query_max_len")   # position embeddings
   q.vocab_size = 0           # 0: read from the prepared vocabulary
 
   # --- tasks and loss (omnisage/train/losses.py) -------------------------------------------

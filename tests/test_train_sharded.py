@@ -45,12 +45,17 @@ for data, model in [(1, 1), (8, 1), (4, 2)]:
                         if x.ndim == 2 and x.shape[0] == config.model.hash_rows})
   shard_rows = sorted({x.addressable_shards[0].data.shape[0] for x in jax.tree.leaves(state.params)
                        if x.ndim == 2 and x.shape[0] == config.model.hash_rows})
-  leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+  paths_and_leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+  leaves = [np.asarray(g, np.float64) for _, g in paths_and_leaves]
   if reference is None:
     reference = (float(loss), leaves)
-  worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
-              for a, b in zip(leaves, reference[1]))
-  out[f"{data}x{model}"] = dict(loss=float(loss), worst_grad_rel_diff=worst,
+  # Per leaf: max |difference| against an absolute floor plus a relative part. Some gradients are
+  # zero in exact arithmetic (e.g. attention key biases) and only float noise remains in them.
+  excess = {jax.tree_util.keystr(path): float(np.max(np.abs(a - b)) / (1e-5 + 1e-4 * np.max(np.abs(b))))
+            for (path, _), a, b in zip(paths_and_leaves, leaves, reference[1])}
+  worst_leaf = max(excess, key=excess.get)
+  out[f"{data}x{model}"] = dict(loss=float(loss), worst_grad_excess=excess[worst_leaf],
+                                worst_leaf=worst_leaf, num_leaves=len(leaves),
                                 grad_norm=float(np.sqrt(sum((l ** 2).sum() for l in leaves))),
                                 table_specs=table_specs, table_shard_rows=shard_rows,
                                 tasks=sorted(k for k in metrics if k.startswith("loss/")))
@@ -70,9 +75,10 @@ def test_loss_and_gradients_agree_on_1_and_8_devices(tiny_prepared):
                                "loss/q2itemsage"}
   for mesh in ("8x1", "4x2"):
     assert abs(out[mesh]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (mesh, out)
-    assert out[mesh]["worst_grad_rel_diff"] < 1e-4, (mesh, out)
+    # <= 1: every gradient leaf within 1e-5 + 1e-4 * its largest entry of the 1-device result.
+    assert out[mesh]["worst_grad_excess"] <= 1.0, (mesh, out[mesh])
   # The hash table really is split by rows over the `model` axis on the (4,2) mesh.
-  assert out["4x2"]["table_specs"] == ["PartitionSpec('model', None)"]
+  assert out["4x2"]["table_specs"] == ["P('model', None)"]
   assert out["4x2"]["table_shard_rows"] == [100_000 // 2]
   assert out["8x1"]["table_shard_rows"] == [100_000]
 

@@ -56,6 +56,7 @@ class EntityStore:
   has_legacy: np.ndarray | None = None  # [N] bool
   visual: np.ndarray | None = None    # [N, 1024] float16 in [0, 1], zeros where missing
   titles: np.ndarray | None = None    # [N] object, for reading results
+  truncated: int = 0                  # rows with more tokens than the padded width (cut, counted)
 
   @property
   def size(self) -> int:
@@ -69,13 +70,16 @@ class EntityStore:
     if not np.array_equal(index, np.arange(len(index))):
       raise ValueError(f"{path}: entity_index must be 0..N-1 in row order")
     tokens = pad_list_column(table.column("tokens"), max_tokens, np.int32)
+    lengths = np.diff(table.column("tokens").combine_chunks().offsets.to_numpy())
+    truncated = int(np.sum(lengths > max_tokens))
     if kind == "queries":
-      return cls(kind, tokens, titles=np.asarray(table.column("text").to_pylist(), object))
+      return cls(kind, tokens, titles=np.asarray(table.column("text").to_pylist(), object),
+                 truncated=truncated)
     fields = pad_list_column(table.column("fields"), max_tokens, np.int8)
     legacy, has_legacy = _fixed_vectors(table.column("legacy"), schema.LEGACY_DIM)
     visual, _ = _fixed_vectors(table.column("visual"), schema.VISUAL_DIM)
     return cls(kind, tokens, fields, legacy, has_legacy, visual.astype(np.float16),
-               np.asarray(table.column("title").to_pylist(), object))
+               np.asarray(table.column("title").to_pylist(), object), truncated)
 
   def continuous(self, idx: np.ndarray) -> np.ndarray:
     """[pinsage | itemsage | visual] with zeros for what an entity lacks (SPEC §1)."""

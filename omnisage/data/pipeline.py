@@ -58,7 +58,7 @@ def load_stores(prepared_dir: str, data_config) -> dict[str, EntityStore]:
   return {
       "pins": EntityStore.load(prepared_dir, "pins", data_config.max_entity_tokens),
       "products": EntityStore.load(prepared_dir, "products", data_config.max_entity_tokens),
-      "queries": EntityStore.load(prepared_dir, "queries", data_config.query_max_len),
+      "queries": EntityStore.load(prepared_dir, "queries", data_config.batch_query_len),
   }
 
 
@@ -132,7 +132,7 @@ class TrainData:
       # Each host reads a disjoint slice of the pairs, so hosts never load the global batch.
       ds = ds[self.process_index::self.process_count]
       ds = (ds.seed(cfg.seed + 1000 * i).shuffle().repeat()
-            .map(DecodePair(cfg.data.query_max_len))
+            .map(DecodePair(cfg.data.batch_query_len))
             .batch(self._per_host(cfg.tasks[task], f"tasks.{task}"), drop_remainder=True))
       # Repeated streams are "infinite" with a length that depends on the batch size; the zip
       # needs equal lengths, so all are cut to the same (practically endless) number of steps.

@@ -54,7 +54,7 @@ class Evaluator:
       if config.tasks[task] <= 0:
         continue
       self.pairs[task] = read_pairs(prepared_dir, "eval", task, config.eval.max_pairs,
-                                    config.seed, config.data.query_max_len)
+                                    config.seed, config.data.batch_query_len)
       n = stores[kind].size
       self.index_ids[task] = np.sort(rng.choice(n, min(config.eval.index_size, n), replace=False))
     if config.tasks.compat:

@@ -35,7 +35,8 @@ class MetricsWriter:
     self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
       for key, value in clean.items():
-        self._tb.add_scalar(key, value, int(step))
+        # TensorBoard tag names allow no '@'.
+        self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
 
   def close(self):
     if self.enabled:

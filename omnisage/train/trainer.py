@@ -66,6 +66,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh, state, statics, stores, prepared = build(config, workdir)
   check_divisible(config, mesh)
   log.info("mesh %s, %d parameters", dict(mesh.shape), param_count(state.params))
+  for kind, store in stores.items():
+    if store.truncated:
+      log.info("%s: %d of %d rows have more tokens than fit and are truncated", kind,
+               store.truncated, store.size)
 
   data = TrainData(config, prepared, stores)
   iterator = data.iterator()

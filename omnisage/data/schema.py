@@ -6,8 +6,8 @@ This module must stay importable without TensorFlow (training code imports it).
 Prepared directory layout (`<prepared>/`):
 
   meta.json                      vocab sizes, entity counts, pair counts, bad-row counts, split time
-  query_vocab.txt                WordPiece vocabulary of the query tower (one token per line, id = line)
-  ngram_vocab/{trigram,unigram,bigram}.txt   entity n-gram vocabularies (id within its own vocab = line)
+  query_vocab.txt                WordPiece vocabulary of the query tower (id = line number)
+  ngram_vocab/{trigram,unigram,bigram}.txt   entity n-gram vocabularies (id = line number)
   entities/pins.parquet          one row per pin,     row i has entity_index == i
   entities/products.parquet      one row per product, row i has entity_index == i
   entities/queries.parquet       one row per query,   row i has entity_index == i
@@ -54,8 +54,8 @@ ENGAGEMENT_INDEX = {name: i for i, name in enumerate(ENGAGEMENTS)}
 
 # Entity kinds, and the training tasks that pair a query with one of them (SPEC §1 "Loss").
 ENTITY_KINDS = ("pins", "products", "queries")
-# task name -> entity kind of its positive. Compatibility tasks reuse the q2pin / q2product pairs and
-# score the query against the frozen legacy vector of the positive (they have no shards of their own).
+# task name -> entity kind of its positive. Compatibility tasks reuse the q2pin / q2product pairs
+# and score the query against the frozen legacy vector of the positive (they have no shards).
 TASK_ENTITY = {"q2pin": "pins", "q2product": "products", "q2query": "queries"}
 COMPAT_TASKS = {"q2pinsage": "q2pin", "q2itemsage": "q2product"}
 LEGACY_DIM = 256
@@ -72,7 +72,7 @@ RAW_TABLES = {
 
 # --- pair records -------------------------------------------------------------------------------
 # One record = one (query, positive entity) pair:
-#   int64 query_index, int64 entity_index, int64 engagement, int64 timestamp, then int32 query tokens.
+#   int64 query_index, entity_index, engagement, timestamp; then the int32 query tokens.
 _HEADER = struct.Struct("<qqqq")
 
 

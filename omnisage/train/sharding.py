@@ -8,7 +8,7 @@ Sharding table (logical array -> PartitionSpec):
 
   | array                                     | spec              | why                           |
   |-------------------------------------------|-------------------|-------------------------------|
-  | hash table E [hash_rows, d]               | P("model", None)  | largest parameter (SPEC: 100k x d) |
+  | hash table E [hash_rows, d]               | P("model", None)  | largest parameter (100k x d)  |
   | per-token weights W [V, 2]                | P("model", None)  | V ~ 1.26M in production       |
   | hash-index table [V, 2] (constant)        | P("model", None)  | follows W                     |
   | every other parameter / optimiser slot    | P()  replicated   | small dense layers            |

@@ -95,8 +95,8 @@ def train_state_specs(optimizer, params, freq_cfg) -> TrainState:
   opt_specs = optax.tree_map_params(
       optimizer, lambda _, spec: spec, jax.eval_shape(optimizer.init, params), param_specs,
       transform_non_params=lambda _: P(), is_leaf=is_spec)
-  freq_specs = jax.tree.map(
-      lambda _: P(), jax.eval_shape(lambda: frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes)))
+  freq_shapes = jax.eval_shape(lambda: frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes))
+  freq_specs = jax.tree.map(lambda _: P(), freq_shapes)
   return TrainState(step=P(), params=param_specs, opt_state=opt_specs, freq=freq_specs, rng=P())
 
 

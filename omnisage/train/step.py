@@ -9,7 +9,8 @@ compiler inserts the all-gather, there is no hand-written collective.
 Task ids index the frequency estimator's hashing (TASK_IDS); compatibility tasks share their
 parent's frequency estimate because they score the same positives.
 
-Usage: `state, metrics = train_step(statics, state, batch, config=c, optimizer=o)` (see trainer.py for the jit).
+Usage: `state, metrics = train_step(statics, state, batch, config=c, optimizer=o)`; trainer.py
+jits it.
 """
 
 import jax

@@ -24,8 +24,13 @@ from omnisage.train import sharding
 from omnisage.train.checkpoint import Checkpointer
 from omnisage.train.evaluate import Evaluator
 from omnisage.train.metrics import MetricsWriter
-from omnisage.train.state import (abstract_state, create_train_state, make_optimizer,
-                                  param_count, state_shardings)
+from omnisage.train.state import (
+  abstract_state,
+  create_train_state,
+  make_optimizer,
+  param_count,
+  state_shardings,
+)
 from omnisage.train.step import train_step
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,104 @@
+"""Train-step throughput of OmniSearchSage on prepared data, several variants side by side.
+
+Measures, in ONE process (this machine is noisy, so only ratios within a run mean much):
+  data_ms    host time to produce one multi-task batch (Grain + feature gather + negatives)
+  step_ms    device time of one jitted, sharded train step (after compilation)
+  examples/s pairs per second through the step alone
+
+Usage (prepared data from `launch.py prepare` or `make demo`):
+  .venv/bin/python benchmarks/train_step.py --prepared runs/demo/prepared [--steps 5]
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 ... --mesh-data 2
+Prints a table and ends with one JSON line.
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import jax  # noqa: E402
+from omnisage_synthetic import get_config  # noqa: E402
+
+from omnisage.data.pipeline import TrainData, load_stores, task_batch_sizes  # noqa: E402
+from omnisage.train import sharding  # noqa: E402
+from omnisage.train.state import create_train_state, make_optimizer, state_shardings  # noqa: E402
+from omnisage.train.step import train_step  # noqa: E402
+from omnisage.train.trainer import vocab_sizes_of  # noqa: E402
+
+# name -> config overrides (dotted keys). The first row is the demo config as shipped.
+VARIANTS = {
+    "demo config": {},
+    "query tower 256 wide": {"model.query.hidden": 256, "model.query.intermediate": 1024},
+    "512 random negatives": {"loss.random_negatives": 512},
+    "entity MLP 512": {"model.mlp_hidden": 512},
+}
+
+
+def configured(overrides: dict, mesh_data: int, mesh_model: int):
+  config = get_config()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  config.mesh.data, config.mesh.model = mesh_data, mesh_model
+  return config
+
+
+def measure(config, prepared: str, stores, steps: int) -> dict:
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[: config.mesh.data * config.mesh.model])
+  state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
+  iterator = TrainData(config, prepared, stores).iterator()
+  t0 = time.perf_counter()
+  batches = [next(iterator) for _ in range(steps + 1)]
+  data_s = (time.perf_counter() - t0) / (steps + 1)
+  shardings = state_shardings(state)
+  step = jax.jit(functools.partial(train_step, config=config, optimizer=make_optimizer(config.train)),
+                 in_shardings=(None, shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(1,))
+  state, _ = step(statics, state, sharding.shard_batch(mesh, batches[0]))   # compile
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for batch in batches[1:]:
+    state, _ = step(statics, state, sharding.shard_batch(mesh, batch))
+  jax.block_until_ready(state)
+  step_s = (time.perf_counter() - t0) / steps
+  examples = sum(task_batch_sizes(config).values())
+  return {"data_ms": round(1000 * data_s, 1), "step_ms": round(1000 * step_s, 1),
+          "examples_per_second": round(examples / step_s, 1)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prepared", default=os.path.join(ROOT, "runs", "demo", "prepared"))
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--mesh-data", type=int, default=1)
+  parser.add_argument("--mesh-model", type=int, default=1)
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help="comma-separated subset of: " + ", ".join(VARIANTS))
+  args = parser.parse_args()
+  if not os.path.exists(os.path.join(args.prepared, "meta.json")):
+    sys.exit(f"error: {args.prepared}/meta.json not found: run `make demo` or `launch.py prepare`")
+  stores = load_stores(args.prepared, get_config().data)
+  results = {}
+  print(f"{'variant':<24} {'data ms':>8} {'step ms':>8} {'examples/s':>11}")
+  for name in args.variants.split(","):
+    overrides = VARIANTS[name]
+    results[name] = measure(configured(overrides, args.mesh_data, args.mesh_model), args.prepared, stores, args.steps)
+    r = results[name]
+    print(f"{name:<24} {r['data_ms']:>8} {r['step_ms']:>8} {r['examples_per_second']:>11}",
+          flush=True)
+  print(json.dumps({"benchmark": "train_step",
+                    "mesh": {"data": args.mesh_data, "model": args.mesh_model},
+                    "backend": jax.default_backend(), "results": results}))
+
+
+if __name__ == "__main__":
+  main()

@@ -60,7 +60,8 @@ def measure(config, prepared: str, stores, steps: int) -> dict:
   batches = [next(iterator) for _ in range(steps + 1)]
   data_s = (time.perf_counter() - t0) / (steps + 1)
   shardings = state_shardings(state)
-  step = jax.jit(functools.partial(train_step, config=config, optimizer=make_optimizer(config.train)),
+  optimizer = make_optimizer(config.train)
+  step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer),
                  in_shardings=(None, shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(1,))
   state, _ = step(statics, state, sharding.shard_batch(mesh, batches[0]))   # compile
@@ -91,7 +92,8 @@ def main():
   print(f"{'variant':<24} {'data ms':>8} {'step ms':>8} {'examples/s':>11}")
   for name in args.variants.split(","):
     overrides = VARIANTS[name]
-    results[name] = measure(configured(overrides, args.mesh_data, args.mesh_model), args.prepared, stores, args.steps)
+    config = configured(overrides, args.mesh_data, args.mesh_model)
+    results[name] = measure(config, args.prepared, stores, args.steps)
     r = results[name]
     print(f"{name:<24} {r['data_ms']:>8} {r['step_ms']:>8} {r['examples_per_second']:>11}",
           flush=True)

@@ -47,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.product_pair_cap = 200   # pairs kept per product
   d.board_titles_top = 10
   d.engaged_queries_top = 20
+  # Engaged queries are refreshed by merging n-day windows into the stored top lists (SPEC:
+  # "every n days merge the new window's list with the current top-20"); 0: one full recompute.
+  d.engaged_refresh_days = 7
   d.query_vocab_file = ""    # a WordPiece vocab.txt; empty: learn one with tensorflow-text
   d.query_vocab_size = 2_000 if tiny else 8_000
   d.query_lower_case = True

@@ -150,3 +150,25 @@ def test_cap_pairs_counts_determinism_and_uniformity():
     hits[features.cap_pairs(np.zeros(10, int), 3, np.random.default_rng(seed))] += 1
   assert np.abs(hits / 2000 - 0.3).max() < 0.05
   assert features.cap_pairs(np.zeros(0, int), 3, rng).size == 0
+
+
+def test_prepare_windowed_refresh_equals_full_recompute_where_certified():
+  """prepare's n-day refresh path: every list not reported as uncertain equals the full
+  recompute; with one window (refresh period longer than the log) nothing is uncertain."""
+  from omnisage.data.prepare import DAY, _engaged_queries
+  rng = np.random.default_rng(3)
+  for n, top in ((3_000, 20), (20_000, 5)):   # sparse lists (mostly certified), dense lists
+    log = {"entity": rng.integers(0, 40, n), "engagement": rng.integers(0, 2, n).astype(str),
+           "query": np.array([f"q{int(x)}" for x in rng.zipf(1.3, n) % 300], object),
+           "timestamp": rng.integers(0, 60 * DAY, n)}
+    sel = np.ones(n, bool)
+    full, none = _engaged_queries(log, sel, top, 0)
+    assert none == set()
+    windowed, uncertain = _engaged_queries(log, sel, top, 7)
+    assert set(windowed) == set(full)
+    certified = set(full) - uncertain
+    if top == 20:
+      assert len(certified) > 0
+    assert all(windowed[k] == full[k] for k in certified)
+    one_window, none = _engaged_queries(log, sel, top, 100)
+    assert none == set() and one_window == full

@@ -72,3 +72,24 @@ def test_training_code_does_not_import_tensorflow():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "False"
+
+
+def test_prepare_names_the_file_and_column_of_a_broken_input(tmp_path):
+  import pyarrow.parquet as pq
+  from conftest import tiny_config
+
+  from omnisage.data import synthetic
+  config = tiny_config()
+  raw = tmp_path / "raw"
+  synthetic.generate(config.synthetic, config.seed, str(raw))
+  table = pq.read_table(raw / "pins.parquet")
+  pq.write_table(table.drop_columns(["pinsage"]), raw / "pins.parquet")
+  result = launch("prepare", f"--config={TINY_CONFIG}:tiny", f"--workdir={tmp_path}",
+                  f"--config.data.raw_dir={raw}")
+  assert result.returncode == 2
+  assert "pins.parquet" in result.stderr and "pinsage" in result.stderr
+  assert "Traceback" not in result.stderr
+  (raw / "board_saves.parquet").unlink()
+  result = launch("prepare", f"--config={TINY_CONFIG}:tiny", f"--workdir={tmp_path}",
+                  f"--config.data.raw_dir={raw}")
+  assert result.returncode == 2 and "board_saves.parquet not found" in result.stderr

@@ -270,12 +270,39 @@ def _write_shards(records: list[bytes], directory: str, num_shards: int, rng) ->
     writer.close()
 
 
+def _engaged_queries(log: dict, sel: np.ndarray, top: int, refresh_days: int):
+  """Top engaged queries per (entity, engagement) over the rows `sel` of the log.
+
+  refresh_days == 0: one full recompute. Otherwise the production refresh (SPEC): the logs are cut
+  into windows of `refresh_days` days and each window is merged into the stored top lists
+  (`features.merge_engaged_queries`); lists whose merge is not certified equal to a full recompute
+  are returned (`features.uncertain_merge_keys`) and their count is reported, not hidden.
+  """
+  def counts(rows):
+    return features.count_engaged_queries(
+        zip(log["entity"][rows].tolist(), log["engagement"][rows].tolist()),
+        log["query"][rows].tolist())
+  if not refresh_days:
+    return features.top_engaged_queries(counts(sel), top), set()
+  window = log["timestamp"] // (refresh_days * DAY)
+  current, uncertain = {}, set()
+  for w in np.unique(window[sel]):
+    new = counts(sel & (window == w))
+    uncertain |= features.uncertain_merge_keys(current, new, top)
+    current = features.merge_engaged_queries(current, new, top)
+  return current, uncertain
+
+
 def prepare(config, raw_dir: str, out_dir: str) -> dict:
   """Builds `out_dir` from the raw tables in `raw_dir`; returns the summary also in meta.json."""
   d, clock, seconds = config.data, time.perf_counter(), {}
   raw = {}
   for name, cols in schema.RAW_TABLES.items():
-    raw[name] = pq.read_table(os.path.join(raw_dir, f"{name}.parquet"))
+    path = os.path.join(raw_dir, f"{name}.parquet")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: prepare needs the tables "
+                              f"{', '.join(schema.RAW_TABLES)} (see omnisage/data/schema.py)")
+    raw[name] = pq.read_table(path)
     missing = [c for c in cols if c not in raw[name].column_names]
     if missing:  # a whole column missing is a loader bug, not a bad row
       raise ValueError(f"{raw_dir}/{name}.parquet lacks columns {missing}")
@@ -319,13 +346,10 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   in_train = saves["timestamp"] < train_end
   boards = features.board_titles_per_pin(saves["pin"][in_train], saves["title"][in_train].tolist(),
                                          d.board_titles_top)
-  engaged = {}
+  engaged, uncertain = {}, {}
   for k in ("pins", "products"):
-    sel = train & (log["kind"] == k)
-    counts = features.count_engaged_queries(zip(log["entity"][sel].tolist(),
-                                                log["engagement"][sel].tolist()),
-                                            log["query"][sel].tolist())
-    engaged[k] = features.top_engaged_queries(counts, d.engaged_queries_top)
+    engaged[k], uncertain[k] = _engaged_queries(log, train & (log["kind"] == k),
+                                                d.engaged_queries_top, d.engaged_refresh_days)
   items = {k: _field_items(ents[k], boards if k == "pins" else {}, engaged[k]) for k in ents}
   vocab = text.NgramVocab.build((t for k in items for per in items[k] for f in per for t in f),
                                 d.trigram_vocab, d.unigram_vocab, d.bigram_vocab)
@@ -384,6 +408,8 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
                                eval=int((split == 2).sum())),
                  board_saves_train=int(in_train.sum())),
       features=dict(pins_with_board_titles=len(boards),
+                    engaged_refresh_days=d.engaged_refresh_days,
+                    engaged_lists_not_certified_exact={k: len(v) for k, v in uncertain.items()},
                     entities_with_engaged_queries={k: len({e for e, _ in engaged[k]})
                                                    for k in engaged}),
       seconds={k: round(v, 2) for k, v in seconds.items()},

@@ -89,6 +89,7 @@ def test_prepare_names_the_file_and_column_of_a_broken_input(tmp_path):
   assert result.returncode == 2
   assert "pins.parquet" in result.stderr and "pinsage" in result.stderr
   assert "Traceback" not in result.stderr
+  pq.write_table(table, raw / "pins.parquet")   # mend it; now break another table
   (raw / "board_saves.parquet").unlink()
   result = launch("prepare", f"--config={TINY_CONFIG}:tiny", f"--workdir={tmp_path}",
                   f"--config.data.raw_dir={raw}")

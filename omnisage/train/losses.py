@@ -57,6 +57,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from omnisage.models.compat import l2_normalize  # gradient-safe at zero vectors
+
 # Value of masked logits: exp() underflows to exactly 0, yet it stays finite after subtracting any
 # realistic logit (|s| <= exp(t_max) = 100, |log Q| < 100), so no inf - inf and no NaN gradients.
 MASKED_LOGIT = -1e30
@@ -67,12 +69,6 @@ MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
 def logit_scale(log_temperature: jax.Array, temperature_max: float) -> jax.Array:
   """exp(min(t, t_max)): the inverse temperature multiplying cosines (gradient 0 above t_max)."""
   return jnp.exp(jnp.minimum(log_temperature, temperature_max))
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along the last axis (torch's F.normalize, as in the official code)."""
-  norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
-  return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 def masked_logsumexp_dense(

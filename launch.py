@@ -4,6 +4,8 @@
   python launch.py train   --config=configs/omnisage_synthetic.py --workdir=runs/demo
   python launch.py eval    --config=configs/omnisage_synthetic.py --workdir=runs/demo
   python launch.py demo    --config=configs/omnisage_synthetic.py --workdir=runs/demo
+  python launch.py export  --config=configs/omnisage_synthetic.py --workdir=runs/demo \
+      --out=runs/demo/bundle
 
 Config values are overridden with `--config.train.steps=100`; a config file takes an argument after
 a colon (`configs/omnisage_synthetic.py:tiny`). Every subcommand ends by printing ONE JSON line with
@@ -22,7 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train", "eval", "demo")
+COMMANDS = ("prepare", "train", "eval", "demo", "export")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
@@ -33,6 +35,7 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+flags.DEFINE_string("out", None, "export: directory to write the serving bundle to.")
 
 
 class UserError(Exception):
@@ -133,6 +136,11 @@ def cmd_demo(config, workdir: str) -> dict:
                    "examples_per_second": trained["examples_per_second"]}}
 
 
+def cmd_export(config, workdir: str) -> dict:
+  from omnisage.serving.export import export_bundle
+  return {"export": export_bundle(config, workdir, FLAGS.out)}
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: launch.py {{{','.join(COMMANDS)}}} --config=... --workdir=...")
@@ -140,9 +148,12 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/omnisage_synthetic.py")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  if argv[1] == "export" and not FLAGS.out:
+    raise app.UsageError("--out is required for export (the bundle directory to write)")
   configure_logging()
   init_distributed()
-  command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+  command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+             "export": cmd_export}
   try:
     summary = command[argv[1]](FLAGS.config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, UserError) as error:

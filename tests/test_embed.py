@@ -55,6 +55,7 @@ def test_embeddings_match_the_bundle_and_reruns_only_redo_missing_shards(bundle_
   np.testing.assert_array_equal(got.column("entity_index").to_numpy(),
                                 table.column("entity_index").to_numpy())
   assert got.column("id").to_pylist() == table.column("id").to_pylist()
+  assert got.column("title").to_pylist() == table.column("title").to_pylist()
 
   # The same rows through the bundle directly, with the inputs training builds (EntityStore).
   bundle = load_bundle(bundle_dir)
@@ -119,6 +120,8 @@ def test_queries_are_embedded_with_the_query_tower(bundle_and_pins, tmp_path):
   got = pq.read_table(os.path.join(tmp_path, "queries"))
   assert summary["kind"] == "queries" and got.num_rows == summary["rows"]
   assert "id" not in got.column_names   # the queries table has no raw id column
+  texts = pq.read_table(os.path.join(prepared, "entities", "queries.parquet"), columns=["text"])
+  assert sorted(got.column("title").to_pylist()) == sorted(texts.column("text").to_pylist())
   bundle = load_bundle(bundle_dir)
   store = EntityStore.load(prepared, "queries", max_tokens=bundle.dims["query_len"])
   order = got.column("entity_index").to_numpy()

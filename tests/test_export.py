@@ -96,6 +96,11 @@ def test_bundle_serves_the_models_embeddings_without_model_code(exported, tmp_pa
     assert os.path.exists(os.path.join(bundle, name)), name
   assert summary["files"]["params.safetensors"] > 0
   assert any(name.startswith("ngram_vocab/") for name in summary["files"])
+  with open(os.path.join(bundle, "manifest.json")) as f:
+    tokenizer = json.load(f)["tokenizer"]
+  assert tokenizer == {"kind": "bert_wordpiece", "vocab": "query_vocab.txt",
+                       "lower_case": config.data.query_lower_case,
+                       "max_len": config.data.query_max_len}
 
   inputs = make_inputs(config, prepared)
   np.savez(tmp_path / "inputs.npz", **inputs)

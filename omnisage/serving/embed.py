@@ -7,7 +7,9 @@ tower (no model code: `omnisage.serving.bundle` only) and writes one output shar
 group:
 
   <out>/<kind>/shard-00000.parquet   entity_index int32, id string (when the table has one),
-                                     embedding fixed_size_list<float32>[embed_dim]
+                                     title string (pins/products: title, queries: the text; what
+                                     a search result shows), embedding
+                                     fixed_size_list<float32>[embed_dim]
 
 Row group i is embedded by process `i % jax.process_count()`, so hosts split the work without
 talking to each other. A shard is written under a temporary name and renamed when complete, so an
@@ -59,13 +61,17 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
   missing = [c for c in needed if c not in names]
   if missing:
     raise ValueError(f"{entities_parquet}: no column(s) {missing} for kind {kind!r}")
-  columns = needed + (["id"] if "id" in names else [])
+  # The display text travels with the vectors, so an index needs no second join to show results.
+  title_column = "text" if kind == "queries" else "title"
+  has_title = title_column in names
+  columns = needed + (["id"] if "id" in names else []) + ([title_column] if has_title else [])
 
   embed_dim = int(bundle.dims["embed_dim"])
   bundle_id = bundle.manifest["files"][PARAMS_FILE]["sha256"].encode()
   out_schema = pa.schema(
       [pa.field("entity_index", pa.int32())]
       + ([pa.field("id", pa.string())] if "id" in names else [])
+      + ([pa.field("title", pa.string())] if has_title else [])
       + [pa.field("embedding", pa.list_(pa.float32(), embed_dim))],
       metadata={BUNDLE_KEY: bundle_id})
 
@@ -90,7 +96,7 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
           for batch in source.iter_batches(batch_size=batch_size, row_groups=[i],
                                            columns=columns):
             vectors = _embed_batch(bundle, kind, batch, batch_size)
-            writer.write_batch(_output_batch(batch, vectors, out_schema))
+            writer.write_batch(_output_batch(batch, vectors, out_schema, title_column))
             embedded += batch.num_rows
             bar.update(batch.num_rows)
         os.replace(tmp, path)   # atomic: the final name only ever holds a complete shard
@@ -144,11 +150,14 @@ def _embed_batch(bundle, kind: str, batch: pa.RecordBatch, batch_size: int) -> n
   return bundle.embed_entities(pad(tokens), pad(fields), pad(continuous))[:n]
 
 
-def _output_batch(batch: pa.RecordBatch, vectors: np.ndarray, out_schema: pa.Schema):
+def _output_batch(batch: pa.RecordBatch, vectors: np.ndarray, out_schema: pa.Schema,
+                  title_column: str):
   dim = vectors.shape[1]
   arrays = [batch.column("entity_index").cast(pa.int32())]
   if "id" in out_schema.names:
     arrays.append(batch.column("id").cast(pa.string()))
+  if "title" in out_schema.names:
+    arrays.append(batch.column(title_column).cast(pa.string()))
   flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1))
   arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
   return pa.RecordBatch.from_arrays(arrays, schema=out_schema)

@@ -7,7 +7,8 @@ program (StableHLO, lowered for CPU and CUDA, batch dimension symbolic) plus its
 
 Bundle layout (`<out>/`):
 
-  manifest.json            format_version, versions, checkpoint step, dims, hashing config, each
+  manifest.json            format_version, versions, checkpoint step, dims, tokenizer and hashing
+                           config, each
                            tower's param keys/shapes/dtypes (its flat params argument), file sha256
   query_tower.jaxexport    fn(params, tokens[b, query_len] int32) -> [b, embed_dim]
   entity_tower.jaxexport   fn(params, tokens[b, T] int32, fields[b, T] int32,
@@ -107,6 +108,11 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
       "step": int(step),
       "platforms": list(PLATFORMS),
       "dims": dims,
+      # How serving turns query text into the tokens the query tower reads: BERT WordPiece over
+      # query_vocab.txt (omnisage.serving.tokenizer reproduces tensorflow-text's FastBertTokenizer).
+      "tokenizer": {"kind": "bert_wordpiece", "vocab": "query_vocab.txt",
+                    "lower_case": bool(config.data.query_lower_case),
+                    "max_len": int(config.data.query_max_len)},
       "hashing": {"hash_rows": int(config.model.hash_rows),
                   "hash_seed": int(config.model.hash_seed), "V": int(vocab_sizes["ngram"])},
       "towers": {name: {"function": f"{name}.jaxexport", "params": trees[name]} for name in TOWERS},

@@ -9,10 +9,15 @@
   python launch.py embed   --config=configs/omnisage_synthetic.py --workdir=runs/demo \
       --bundle=runs/demo/bundle --entities=runs/demo/prepared/entities/pins.parquet \
       --out=runs/demo/embeddings
+  python launch.py index   --embeddings=runs/demo/embeddings --out=runs/demo/index \
+      --target-recall=0.95
+  python launch.py bench retrieval --embeddings=runs/demo/embeddings --out=runs/demo/bench
+  python launch.py serve   --bundle=runs/demo/bundle --index=runs/demo/index --port=8080
 
 Config values are overridden with `--config.train.steps=100`; a config file takes an argument after
-a colon (`configs/omnisage_synthetic.py:tiny`). Every subcommand ends by printing ONE JSON line with
-its key figures. Multi-host: pass --coordinator_address/--num_processes/--process_id, or
+a colon (`configs/omnisage_synthetic.py:tiny`); index, bench and serve need no config. Flag
+names take '-' or '_' (`--target-recall` is `--target_recall`). Every subcommand ends by printing
+ONE JSON line with its key figures. Multi-host: pass --coordinator_address/--num_processes/--process_id, or
 --distributed=auto to let jax.distributed detect the cluster (SLURM, TPU pods, ...).
 """
 
@@ -27,7 +32,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed")
+COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed", "index", "bench", "serve")
+# The commands that need --config and --workdir.
+CONFIG_COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed")
+BENCHES = ("retrieval",)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
@@ -43,6 +51,14 @@ flags.DEFINE_string("out", None, "export: directory to write the serving bundle 
 flags.DEFINE_string("bundle", None, "embed: the serving bundle directory (launch.py export).")
 flags.DEFINE_string("entities", None, "embed: a prepared entity table (entities/pins.parquet).")
 flags.DEFINE_integer("embed_batch_size", 1024, "embed: rows per tower call.")
+flags.DEFINE_string("embeddings", None, "index, bench: directory of <kind>/shard-*.parquet "
+                    "embeddings (launch.py embed).")
+flags.DEFINE_float("target_recall", 0.95, "index: Recall@10 against exact search to tune for.")
+flags.DEFINE_string("index", None, "serve: the index directory (launch.py index).")
+flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (loopback by default).")
+flags.DEFINE_integer("port", 8080, "serve: TCP port.")
+flags.DEFINE_integer("bench_size", 1_000_000, "bench retrieval: rows of the clustered synthetic "
+                     "database (0 skips it).")
 
 
 class UserError(Exception):
@@ -158,13 +174,49 @@ def cmd_embed(config, workdir: str) -> dict:
     raise UserError(str(error)) from error
 
 
+def cmd_index(config, workdir: str) -> dict:
+  from omnisage.serving.index import build_index
+  return {"index": build_index(FLAGS.embeddings, FLAGS.out, target_recall=FLAGS.target_recall)}
+
+
+def cmd_bench(config, workdir: str, which: str) -> dict:
+  from omnisage.serving.retrieval_bench import run_retrieval_bench
+  return {"bench": {which: run_retrieval_bench(FLAGS.embeddings, FLAGS.out,
+                                                synthetic_rows=FLAGS.bench_size)}}
+
+
+def cmd_serve(config, workdir: str) -> dict:
+  from omnisage.serving.bundle import BundleError
+  from omnisage.serving.server import serve
+  try:
+    return {"serve": serve(FLAGS.bundle, FLAGS.index, host=FLAGS.host, port=FLAGS.port)}
+  except BundleError as error:
+    raise UserError(str(error)) from error
+
+
+def check_args(argv):
+  """Usage errors (exit 1 with absl's usage text) before any heavy import."""
+  command = argv[1] if len(argv) > 1 else None
+  if command not in COMMANDS or len(argv) != (3 if command == "bench" else 2):
+    raise app.UsageError(f"usage: launch.py {{{','.join(COMMANDS)}}} [flags]; "
+                         f"launch.py bench {{{','.join(BENCHES)}}} [flags]")
+  if command == "bench" and argv[2] not in BENCHES:
+    raise app.UsageError(f"unknown benchmark {argv[2]!r}: one of {BENCHES}")
+  if command in CONFIG_COMMANDS:
+    if FLAGS.config is None:
+      raise app.UsageError("--config is required, e.g. --config=configs/omnisage_synthetic.py")
+    if not FLAGS.workdir:
+      raise app.UsageError("--workdir is required")
+  if command == "index" and not (FLAGS.embeddings and FLAGS.out):
+    raise app.UsageError("index needs --embeddings and --out")
+  if command == "bench" and not FLAGS.out:
+    raise app.UsageError("bench needs --out (where the table, plot and JSON go)")
+  if command == "serve" and not (FLAGS.bundle and FLAGS.index):
+    raise app.UsageError("serve needs --bundle and --index")
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: launch.py {{{','.join(COMMANDS)}}} --config=... --workdir=...")
-  if FLAGS.config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/omnisage_synthetic.py")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  check_args(argv)
   if argv[1] == "export" and not FLAGS.out:
     raise app.UsageError("--out is required for export (the bundle directory to write)")
   if argv[1] == "embed" and not (FLAGS.bundle and FLAGS.entities and FLAGS.out):
@@ -172,7 +224,8 @@ def main(argv):
   configure_logging()
   init_distributed()
   command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
-             "export": cmd_export, "embed": cmd_embed}
+             "export": cmd_export, "embed": cmd_embed, "index": cmd_index, "serve": cmd_serve,
+             "bench": lambda config, workdir: cmd_bench(config, workdir, argv[2])}
   try:
     summary = command[argv[1]](FLAGS.config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, UserError) as error:
@@ -182,5 +235,16 @@ def main(argv):
   emit(summary)
 
 
+def dashes_to_underscores(args: list[str]) -> list[str]:
+  """`--target-recall=0.95` -> `--target_recall=0.95` (flag names only, never values)."""
+  out = []
+  for arg in args:
+    if arg.startswith("--") and not arg.startswith("--config."):
+      name, sep, value = arg[2:].partition("=")
+      arg = "--" + name.replace("-", "_") + sep + value
+    out.append(arg)
+  return out
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=dashes_to_underscores(sys.argv))

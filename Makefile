@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo test lint serve clean-demo
 
 # The stamp is rebuilt only when pyproject.toml changes, so repeated runs skip pip entirely.
 $(STAMP): pyproject.toml
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 # sharded step). Simulated devices split the same 2 cores and halve the speed (see README).
 demo: $(STAMP)
 	$(PY) launch.py demo --config=configs/omnisage_synthetic.py --workdir=$(DEMO_DIR)
+
+# The query service and search page on the demo's bundle and index (run `make demo` first).
+serve: $(STAMP)
+	$(PY) launch.py serve --bundle=$(DEMO_DIR)/bundle --index=$(DEMO_DIR)/index --host=127.0.0.1 --port=8080
 
 test: $(STAMP)
 	$(PY) -m pytest -q

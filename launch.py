@@ -57,6 +57,11 @@ flags.DEFINE_float("target_recall", 0.95, "index: Recall@10 against exact search
 flags.DEFINE_string("index", None, "serve: the index directory (launch.py index).")
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (loopback by default).")
 flags.DEFINE_integer("port", 8080, "serve: TCP port.")
+flags.DEFINE_integer("max_batch", 64, "serve: queries per query-tower call (micro-batch cap).")
+flags.DEFINE_float("max_wait_ms", 2.0, "serve: how long a query waits for a fuller batch.")
+flags.DEFINE_integer("max_queue", 256, "serve: queries queued before requests get 503.")
+flags.DEFINE_integer("cache_size", 100_000, "serve: query embeddings kept in the LRU cache.")
+flags.DEFINE_float("cache_ttl_days", 30.0, "serve: cache time-to-live (SPEC: 30 days).")
 flags.DEFINE_integer("bench_size", 1_000_000, "bench retrieval: rows of the clustered synthetic "
                      "database (0 skips it).")
 
@@ -250,7 +255,10 @@ def cmd_serve(config, workdir: str) -> dict:
   from omnisage.serving.bundle import BundleError
   from omnisage.serving.server import serve
   try:
-    return {"serve": serve(FLAGS.bundle, FLAGS.index, host=FLAGS.host, port=FLAGS.port)}
+    return {"serve": serve(FLAGS.bundle, FLAGS.index, host=FLAGS.host, port=FLAGS.port,
+                           max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
+                           max_queue=FLAGS.max_queue, cache_size=FLAGS.cache_size,
+                           cache_ttl_s=FLAGS.cache_ttl_days * 86400)}
   except BundleError as error:
     raise UserError(str(error)) from error
 

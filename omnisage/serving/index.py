@@ -21,7 +21,6 @@ Usage: `summary = build_index("runs/demo/embeddings", "runs/demo/index")`;
 """
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -35,14 +34,14 @@ import pyarrow.parquet as pq
 
 from omnisage.serving import ann
 from omnisage.serving.ann import exact_topk  # noqa: F401  (part of this module's API)
+from omnisage.serving.bundle import sha256_of
+from omnisage.serving.embed import BUNDLE_KEY
 
 log = logging.getLogger("omnisage")
 
 FORMAT_VERSION = 1
 KINDS = ("pins", "products", "queries")
 METRIC = "dot_product"
-# The same key as omnisage.serving.embed.BUNDLE_KEY (not imported: embed pulls in the data code).
-BUNDLE_KEY = b"omnisage.bundle_params_sha256"
 TUNE_QUERIES = 1000   # per split (choose / held-out)
 
 
@@ -99,18 +98,10 @@ def read_embeddings(kind_dir: str) -> Embeddings:
     ids += [str(x) for x in ident]
     titles += [str(x) if x is not None else "" for x in (title or ident)]
     bundles.add((table.schema.metadata or {}).get(BUNDLE_KEY, b"").decode())
-    shards.append({"file": os.path.basename(path), "rows": len(table), "sha256": _sha256(path)})
+    shards.append({"file": os.path.basename(path), "rows": len(table), "sha256": sha256_of(path)})
   bundle = sorted(bundles)[0] if len(bundles) == 1 else None
   return Embeddings(np.concatenate(vectors), np.concatenate(entity), ids, titles,
                     {"bundle_params_sha256": bundle or None, "shards": shards})
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -205,7 +196,7 @@ def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
                         "qps": round(result["holdout"]["qps"], 1),
                         "exact_qps": round(result["holdout"]["exact_qps"], 1)},
             "source": data.source,
-            "items_sha256": _sha256(items_path)}
+            "items_sha256": sha256_of(items_path)}
     with open(os.path.join(tmp, "index.json"), "w") as f:
       json.dump(info, f, indent=2)
     old = f"{final}.old-{os.getpid()}"
@@ -294,7 +285,7 @@ def _load_kind(kind_dir: str, kind: str, threads: int) -> KindIndex:
   items_path = os.path.join(kind_dir, "items.parquet")
   if not os.path.isfile(items_path):
     raise IndexError_(f"{items_path}: missing")
-  if _sha256(items_path) != info["items_sha256"]:
+  if sha256_of(items_path) != info["items_sha256"]:
     raise IndexError_(f"{items_path}: sha256 differs from {info_path} (items changed after the "
                       "index was built): rebuild with launch.py index")
   items = pq.read_table(items_path)

@@ -60,7 +60,7 @@ def measure(config, prepared: str, stores, steps: int) -> dict:
   batches = [next(iterator) for _ in range(steps + 1)]
   data_s = (time.perf_counter() - t0) / (steps + 1)
   shardings = state_shardings(state)
-  optimizer = make_optimizer(config.train)
+  optimizer = make_optimizer(config.train, config.model)
   step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer),
                  in_shardings=(None, shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(1,))

@@ -83,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   q.intermediate = 128 if tiny else 512
   q.max_len = d.get_ref("query_max_len")   # position embeddings
   q.vocab_size = 0           # 0: read from the prepared vocabulary
+  q.pooling = "cls"          # "cls" (the paper) or "mean" (sentence-transformers checkpoints)
+  q.frozen_layers = 0        # pretrained start: freeze embeddings + this many bottom layers
 
   # --- tasks and loss (omnisage/train/losses.py) -------------------------------------------
   t = c.tasks = ml_collections.ConfigDict()
@@ -107,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o = c.train = ml_collections.ConfigDict()
   o.steps = 30 if tiny else 300
   o.learning_rate = 2e-3
+  o.pretrained_lr_scale = 1.0   # learning-rate factor of a pretrained query encoder's layers
   o.warmup_steps = 5 if tiny else 30
   o.weight_decay = 1e-4
   o.grad_clip = 1.0

@@ -42,6 +42,9 @@ REASONS = ("missing_field", "undecodable_text", "absurd_length", "empty_text", "
 ALLOWED = {"pins": ("save", "long_click"), "products": ("save", "long_click", "add_to_cart",
            "checkout"), "queries": ("click",)}
 VISUAL_BYTES = schema.VISUAL_DIM // 8
+# Values of the optional queries_log column `split` -> split code (0 train, 2 eval; 1 is the time
+# gap, which an explicit split does not have).
+SPLITS = {"train": 0, "eval": 2}
 
 
 class _Rows:
@@ -192,6 +195,10 @@ def _log(table: pa.Table, entity_ids: dict, d, bad: dict) -> dict:
   allowed = {(k, e) for k, es in ALLOWED.items() for e in es}
   rows.flag(np.fromiter(((k, e) not in allowed for k, e in zip(kind, eng)), bool, len(kind)),
             "invalid_value")
+  has_split = "split" in table.column_names
+  if has_split:  # an explicit split (datasets without time) overrides the time split
+    split = table["split"].to_numpy(zero_copy_only=False)
+    rows.flag(np.fromiter((s not in SPLITS for s in split), bool, len(split)), "invalid_value")
   raw_ids = table["entity_id"].to_numpy(zero_copy_only=False)
   for k in ("pins", "products"):
     sel = (kind == k) & rows.good
@@ -200,9 +207,12 @@ def _log(table: pa.Table, entity_ids: dict, d, bad: dict) -> dict:
   keep = rows.good
   eidx = np.array([entity_ids[k][r] if k != "queries" else -1
                    for k, r in zip(kind[keep], raw_ids[keep])], np.int64)
-  return dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx,
-              engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
-              timestamp=ts.fill_null(0).to_numpy()[keep].astype(np.int64))
+  out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx,
+             engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
+             timestamp=ts.fill_null(0).to_numpy()[keep].astype(np.int64))
+  if has_split:
+    out["split"] = np.array([SPLITS[s] for s in split[keep]], np.int64)
+  return out
 
 
 def _saves(table: pa.Table, pin_ids: dict, d, bad: dict) -> dict:
@@ -319,7 +329,11 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   last_day = int(log["timestamp"].max()) // DAY
   eval_start = (last_day - d.eval_days + 1) * DAY
   train_end = eval_start - d.gap_days * DAY
-  split = np.where(log["timestamp"] >= eval_start, 2, np.where(log["timestamp"] < train_end, 0, 1))
+  if "split" in log:  # explicit split: the time bounds do not apply
+    split, train_end, eval_start = log["split"], None, None
+  else:
+    split = np.where(log["timestamp"] >= eval_start, 2,
+                     np.where(log["timestamp"] < train_end, 0, 1))
   train = split == 0
 
   # --- queries: every distinct normalised query of the logs, both sides of query->query ---
@@ -343,7 +357,9 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   seconds["query_vocab"] = time.perf_counter() - clock - sum(seconds.values())
 
   # --- features from the train window only ---
-  in_train = saves["timestamp"] < train_end
+  # With an explicit split board saves have no train window to respect: all are history.
+  in_train = (saves["timestamp"] < train_end if train_end is not None
+              else np.ones(len(saves["timestamp"]), bool))
   boards = features.board_titles_per_pin(saves["pin"][in_train], saves["title"][in_train].tolist(),
                                          d.board_titles_top)
   engaged, uncertain = {}, {}
@@ -403,7 +419,9 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
                     queries=len(q_texts)),
       pairs=pairs, dropped_pairs=dropped, bad_rows=bad,
       raw_rows={name: t.num_rows for name, t in raw.items()},
-      split=dict(train_end=train_end, eval_start=eval_start, eval_end=(last_day + 1) * DAY,
+      split=dict(kind="column" if "split" in log else "time", train_end=train_end,
+                 eval_start=eval_start,
+                 eval_end=None if train_end is None else (last_day + 1) * DAY,
                  log_rows=dict(train=int(train.sum()), gap=int((split == 1).sum()),
                                eval=int((split == 2).sum())),
                  board_saves_train=int(in_train.sum())),

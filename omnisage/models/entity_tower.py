@@ -6,6 +6,12 @@ continuous features [PinSage 256 | ItemSage 256 | visual 1024] (the caller zero-
 lacks), then an MLP hidden -> hidden -> embed_dim with ReLU + LayerNorm on the hidden layers, and L2
 normalisation.
 
+`legacy_skip=True` (beyond the paper, for small data) adds a linear path from the entity's legacy
+vector (PinSage or ItemSage slice of the continuous features) straight to the output,
+initialised to the identity, with the MLP's output layer initialised to zero: training then starts
+from the legacy embedding space (a pretrained model's quality) instead of a random one, and the
+MLP learns a correction on top of it.
+
 Usage:
   tower = EntityTower(vocab_size=V, hash_rows=100_000, text_dim=128, num_fields=8,
                       continuous_dim=1536, mlp_hidden=1024, embed_dim=256, hash_seed=1234,
@@ -28,7 +34,7 @@ class EntityTower(nnx.Module):
 
   def __init__(self, *, vocab_size: int, hash_rows: int, text_dim: int, num_fields: int,
                continuous_dim: int = CONTINUOUS_DIM, mlp_hidden: int, embed_dim: int,
-               hash_seed: int, rngs: nnx.Rngs):
+               hash_seed: int, rngs: nnx.Rngs, legacy_skip: bool = False):
     self.num_fields = num_fields
     self.continuous_dim = continuous_dim
     self.hash = HashEmbedding(vocab_size=vocab_size, hash_rows=hash_rows, dim=text_dim,
@@ -37,7 +43,17 @@ class EntityTower(nnx.Module):
     self.norm1 = nnx.LayerNorm(mlp_hidden, rngs=rngs)
     self.hidden2 = nnx.Linear(mlp_hidden, mlp_hidden, rngs=rngs)
     self.norm2 = nnx.LayerNorm(mlp_hidden, rngs=rngs)
-    self.out = nnx.Linear(mlp_hidden, embed_dim, rngs=rngs)
+    if legacy_skip:
+      if continuous_dim != CONTINUOUS_DIM:
+        raise ValueError("legacy_skip needs the [pinsage | itemsage | visual] continuous layout")
+      self.out = nnx.Linear(mlp_hidden, embed_dim, kernel_init=nnx.initializers.zeros,
+                            rngs=rngs)
+      eye = lambda key, shape, dtype=jnp.float32: jnp.eye(*shape, dtype=dtype)
+      self.legacy_skip = nnx.Linear(LEGACY_DIM, embed_dim, use_bias=False, kernel_init=eye,
+                                    rngs=rngs)
+    else:
+      self.out = nnx.Linear(mlp_hidden, embed_dim, rngs=rngs)
+      self.legacy_skip = None
 
   def __call__(self, tokens: jax.Array, fields: jax.Array, continuous: jax.Array) -> jax.Array:
     """tokens, fields: [B, L] int32; continuous: [B, continuous_dim] -> [B, embed_dim], unit."""
@@ -45,4 +61,10 @@ class EntityTower(nnx.Module):
     x = jnp.concatenate([text, continuous.astype(text.dtype)], axis=-1)
     x = self.norm1(jax.nn.relu(self.hidden1(x)))
     x = self.norm2(jax.nn.relu(self.hidden2(x)))
-    return l2_normalize(self.out(x))
+    y = self.out(x)
+    if self.legacy_skip is not None:
+      # An entity has at most one legacy vector (pins PinSage, products ItemSage); the other
+      # slice is zero, so their sum is the entity's own.
+      legacy = continuous[:, :LEGACY_DIM] + continuous[:, LEGACY_DIM:2 * LEGACY_DIM]
+      y = y + self.legacy_skip(l2_normalize(legacy.astype(y.dtype)))
+    return l2_normalize(y)

@@ -194,6 +194,15 @@ def query_tower_from_config(model_config, vocab_size: int, rngs: nnx.Rngs) -> Qu
     if q.max_len > tower.config.max_len:
       raise CheckpointError(f"model.query.max_len {q.max_len} > the checkpoint's "
                             f"{tower.config.max_len} position embeddings")
+    if q.get("projection_init", ""):
+      # A fixed start for the new head, e.g. the PCA rotation that maps the checkpoint's sentence
+      # space onto the legacy vectors' 256 dims, so query and legacy spaces agree from step 0.
+      kernel = np.load(q.projection_init).astype(np.float32)
+      want = tower.projection.kernel.shape
+      if kernel.shape != want:
+        raise CheckpointError(f"{q.projection_init}: shape {kernel.shape}, expected {want}")
+      _set(tower.projection.kernel, kernel)
+      _set(tower.projection.bias, np.zeros(want[1], np.float32))
     return tower
   config = QueryConfig(vocab_size=vocab_size, hidden=q.hidden, layers=q.layers, heads=q.heads,
                        intermediate=q.intermediate, max_len=q.max_len,

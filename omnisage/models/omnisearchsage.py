@@ -37,5 +37,6 @@ def build_model(config, vocab_sizes: dict) -> OmniSearchSage:
   entity_tower = EntityTower(vocab_size=vocab_sizes["ngram"], hash_rows=m.hash_rows,
                              text_dim=m.text_dim, num_fields=len(FIELDS),
                              continuous_dim=CONTINUOUS_DIM, mlp_hidden=m.mlp_hidden,
-                             embed_dim=m.embed_dim, hash_seed=m.hash_seed, rngs=rngs)
+                             embed_dim=m.embed_dim, hash_seed=m.hash_seed, rngs=rngs,
+                             legacy_skip=bool(m.get("legacy_skip", False)))
   return OmniSearchSage(query_tower, entity_tower, config.loss.temperature_init)

@@ -9,13 +9,18 @@ Usage:
   towers = TrainedTowers(config, workdir)
   products = towers.entities("products")            # [N, D] float32, row i = entity_index i
   queries = towers.queries(tokens)                   # tokens [n, L] int32 -> [n, D]
+  queries = towers.query_texts(["angle bracket"])    # raw text, tokenised as prepare does
 """
+
+import os
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from omnisage.data import text
+from omnisage.serving.tokenizer import WordPieceTokenizer
 from omnisage.train import trainer
 from omnisage.train.checkpoint import Checkpointer
 from omnisage.train.evaluate import _entity_tower, _query_tower
@@ -25,17 +30,33 @@ from omnisage.train.state import abstract_state
 
 class TrainedTowers:
 
-  def __init__(self, config, workdir: str, batch_size: int = 512):
-    mesh, state, statics, stores, _ = trainer.build(config, workdir)
-    restored = Checkpointer(workdir, keep=config.train.keep_checkpoints).restore_latest(
-        abstract_state(state))
-    if restored is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    self.step, state, _ = restored
-    self.params, self.statics, self.stores, self.mesh = state.params, statics, stores, mesh
+  def __init__(self, config, workdir: str, batch_size: int = 512, step: int | None = None):
+    mesh, state, statics, stores, self.prepared = trainer.build(config, workdir)
+    self.config = config
+    self._abstract = abstract_state(state)
+    self.checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    self.statics, self.stores, self.mesh = statics, stores, mesh
+    self.restore(step)
     # Chunks are split over the data axis, so the chunk must be a multiple of its size.
     data = mesh.shape[DATA]
     self.batch = -(-batch_size // data) * data
+
+  def restore(self, step: int | None = None) -> int:
+    """Loads the parameters of checkpoint `step` (None: the newest that restores)."""
+    if step is None:
+      restored = self.checkpointer.restore_latest(self._abstract)
+      if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {self.checkpointer.directory}")
+      self.step, state, _ = restored
+    else:
+      state, _ = self.checkpointer.restore(step, self._abstract)
+      self.step = step
+    self.params = state.params
+    return self.step
+
+  def steps(self) -> list[int]:
+    """Steps of the checkpoints kept on disk (candidates for model selection)."""
+    return self.checkpointer.steps()
 
   def _run(self, fn, arrays: dict) -> np.ndarray:
     n = len(next(iter(arrays.values())))
@@ -54,6 +75,15 @@ class TrainedTowers:
 
   def queries(self, tokens: np.ndarray) -> np.ndarray:
     return self._run(_query_tower, {"tokens": np.asarray(tokens, np.int32)})
+
+  def query_texts(self, texts: list[str]) -> np.ndarray:
+    """Raw query texts -> embeddings, normalised and tokenised exactly as `prepare` does (the
+    pure-Python WordPiece equals prepare's tensorflow-text one), cropped to the batch length."""
+    d = self.config.data
+    tokenizer = WordPieceTokenizer(os.path.join(self.prepared, "query_vocab.txt"),
+                                   d.query_lower_case, d.query_max_len)
+    return self.queries(tokenizer.encode_batch([text.normalize(t) for t in texts],
+                                               d.batch_query_len))
 
   def entities(self, kind: str) -> np.ndarray:
     store = self.stores[kind]

@@ -53,8 +53,11 @@ class Evaluator:
     for task, kind in schema.TASK_ENTITY.items():
       if config.tasks[task] <= 0:
         continue
-      self.pairs[task] = read_pairs(prepared_dir, "eval", task, config.eval.max_pairs,
-                                    config.seed, config.data.batch_query_len)
+      try:
+        self.pairs[task] = read_pairs(prepared_dir, "eval", task, config.eval.max_pairs,
+                                      config.seed, config.data.batch_query_len)
+      except ValueError:  # the eval window has no pair of this task: nothing to report for it
+        continue
       n = stores[kind].size
       self.index_ids[task] = np.sort(rng.choice(n, min(config.eval.index_size, n), replace=False))
     if config.tasks.compat:

@@ -54,12 +54,21 @@ _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings"
 def param_labels(params, model_config=None):
   """Optimizer group of every parameter: "frozen" (the embeddings and the bottom
   `model.query.frozen_layers` layers of the query tower), "pretrained" (the rest of the query
-  tower's encoder) or "default" (everything trained from scratch, the projection head included)."""
+  tower's encoder, a projection head given by `projection_init`, the entity tower's identity-
+  initialised legacy path) or "default" (everything trained from scratch)."""
   q = model_config.query if model_config is not None else None
   frozen = int(q.get("frozen_layers", 0)) if q is not None else 0
 
+  # Heads initialised to a meaningful map (a given projection, the identity legacy path) are
+  # fine-tuned gently like pretrained weights; a full learning rate would scramble them at once.
+  gentle = {("query_tower", "projection")} if q is not None and q.get("projection_init", "") \
+      else set()
+  gentle.add(("entity_tower", "legacy_skip"))
+
   def label(path, _):
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if tuple(names[:2]) in gentle:
+      return "pretrained"
     if names[0] != "query_tower" or names[1] == "projection":
       return "default"
     if frozen and (names[1] in _EMBEDDINGS or (names[1] == "layers" and int(names[2]) < frozen)):

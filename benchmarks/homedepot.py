@@ -1,0 +1,230 @@
+"""Home Depot retrieval benchmark: BM25, off-the-shelf MiniLM and OmniSearchSage with ablations.
+
+Exactly the protocol of ../shared/datasets/README.md (omnisage/data/sources/homedepot.py): latin-1
+train.csv.gz, positives relevance >= 2.67, test queries crc32 % 5 == 0 (1,914 queries, 6,803
+pairs), corpus = all 54,667 products, recall@10 and pair_recall@10 over the full corpus
+(omnisage/train/retrieval_metrics.py). Test queries never reach training; about 1 in 10 training
+queries is held out as the VALIDATION split used for model selection (config choices were made on
+it, never on test), and its recall@10 is reported next to the test figures. The checkpoint of
+each run that scores best on validation is the one measured on test (early stopping).
+
+Rows, all in one run:
+  bm25                 bm25s, English stemmer + stopwords (README: 0.432 / 0.530)
+  minilm               all-MiniLM-L6-v2 sentence embeddings, no training (README: 0.343 / 0.381)
+  omnisage_single      query->product only (no query->query, no compatibility task)
+  omnisage_multi       query->product + query->query + compatibility (the main model)
+  multi_no_logq        the main model without logQ correction
+  multi_inbatch_only   the main model without random negatives (in-batch negatives only)
+
+Steps: MiniLM embeds every title and the test/validation queries once (cached under --workdir,
+keyed by the checkpoint and the texts); the title embeddings, PCA-rotated to 256 dims, are the
+frozen "legacy" product vectors (ItemSage stand-in); raw tables -> `prepare` once; then each
+omnisage variant trains from scratch in its own directory and is scored on the whole corpus.
+
+Usage:
+  .venv/bin/python benchmarks/homedepot.py --datasets ../shared/datasets
+  .venv/bin/python benchmarks/homedepot.py --variants omnisage_multi --steps 100
+Prints a table and ends with one JSON line {"homedepot": {...}}.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VARIANTS = {
+    "omnisage_single": {"tasks.q2query": 0, "tasks.compat": False},
+    "omnisage_multi": {},
+    "multi_no_logq": {"loss.logq": False},
+    "multi_inbatch_only": {"loss.random_negatives": 0},
+}
+LEGACY_DIM = 256
+
+
+def parse_args(argv=None):
+  default_data = os.environ.get("OMNISAGE_DATASETS", os.path.join("..", "shared", "datasets"))
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--datasets", default=default_data)
+  p.add_argument("--workdir", default="runs/homedepot")
+  p.add_argument("--variants", default=",".join(VARIANTS),
+                 help="comma-separated omnisage rows to train (bm25 and minilm always run)")
+  p.add_argument("--steps", type=int, default=0, help="override train.steps (0: the config's)")
+  p.add_argument("--config", default="", help="config argument, e.g. 'tiny' for tests")
+  p.add_argument("--max-test-queries", type=int, default=0, help="0: all (tests use fewer)")
+  p.add_argument("--skip-minilm", action="store_true", help="no MiniLM row and no legacy vectors")
+  return p.parse_args(argv)
+
+
+def _digest(*parts) -> str:
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(json.dumps(part, sort_keys=True).encode() if not isinstance(part, bytes) else part)
+  return h.hexdigest()[:16]
+
+
+def minilm_embeddings(texts: list[str], cache_dir: str, name: str) -> np.ndarray:
+  """MiniLM vectors of `texts`, cached on disk by checkpoint + texts (the encode is minutes)."""
+  from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
+  checkpoint = minilm_dir()
+  with open(os.path.join(checkpoint, "model.safetensors"), "rb") as f:
+    weights = hashlib.sha256(f.read()).digest()
+  path = os.path.join(cache_dir, f"minilm_{name}_{_digest(weights, texts)}.npy")
+  if os.path.exists(path):
+    return np.load(path)
+  t0 = time.time()
+  vectors = SentenceEncoder(checkpoint).encode(texts)
+  print(f"  MiniLM embedded {len(texts)} {name} in {time.time() - t0:.0f} s", flush=True)
+  os.makedirs(cache_dir, exist_ok=True)
+  np.save(path + ".tmp.npy", vectors)
+  os.replace(path + ".tmp.npy", path)
+  return vectors
+
+
+def pca_rotation(x: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
+  """The top-`dim` right singular vectors of x (uncentred, so inner products are what is kept)
+  and the share of the squared norm they keep."""
+  _, s, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+  return vt[:dim].T.astype(np.float32), float((s[:dim] ** 2).sum() / (s ** 2).sum())
+
+
+def evaluate_dense(queries: np.ndarray, corpus: np.ndarray, positives: list[list[int]]) -> dict:
+  from omnisage.train.retrieval_metrics import corpus_metrics
+  return corpus_metrics(lambda rows: queries[rows] @ corpus.T, positives)
+
+
+def apply_overrides(config, overrides: dict):
+  for dotted, value in overrides.items():
+    node = config
+    *path, leaf = dotted.split(".")
+    for key in path:
+      node = node[key]
+    node[leaf] = value
+  return config
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  import launch
+  launch.configure_logging()  # the trainer's progress lines; bm25s/Orbax chatter stays quiet
+  from configs import omnisage_homedepot
+  from omnisage.data.prepare import prepare
+  from omnisage.data.sources import homedepot
+  from omnisage.serving.bm25 import BM25Index
+  from omnisage.train.corpus_eval import TrainedTowers
+  from omnisage.train.retrieval_metrics import corpus_metrics
+  from omnisage.train.trainer import train_and_evaluate
+
+  t_start = time.time()
+  hd = homedepot.load(os.path.join(args.datasets, "homedepot-search-relevance"))
+  product_ids = hd.products["product_id"].to_pylist()
+  titles = hd.products["title"].to_pylist()
+  row_of = {p: i for i, p in enumerate(product_ids)}
+  splits = {}
+  for name, test in (("test", True), ("validation", False)):
+    pos = hd.positives(test=test)
+    qs = sorted(q for q in pos if test or homedepot.is_validation_query(q))
+    if args.max_test_queries:
+      qs = qs[:args.max_test_queries]
+    splits[name] = (qs, [sorted(row_of[p] for p in pos[q]) for q in qs])
+  print(f"Home Depot: {len(titles)} products, {len(splits['test'][0])} test queries, "
+        f"{len(splits['validation'][0])} validation queries; bad rows {dict(hd.bad.counts)}")
+  results, timings = {}, {}
+
+  t0 = time.time()
+  bm25 = BM25Index(titles)
+  for split, (qs, pos) in splits.items():
+    results.setdefault("bm25", {})[split] = corpus_metrics(
+        lambda rows, qs=qs: bm25.scores([qs[i] for i in rows]), pos)
+  timings["bm25"] = time.time() - t0
+
+  legacy, legacy_energy = None, None
+  if not args.skip_minilm:
+    t0 = time.time()
+    cache = os.path.join(args.workdir, "cache")
+    title_vecs = minilm_embeddings(titles, cache, "titles")
+    for split, (qs, pos) in splits.items():
+      q_vecs = minilm_embeddings(qs, cache, f"{split}_queries")
+      results.setdefault("minilm", {})[split] = evaluate_dense(q_vecs, title_vecs, pos)
+    timings["minilm"] = time.time() - t0
+    rotation, legacy_energy = pca_rotation(title_vecs, LEGACY_DIM)
+    legacy = title_vecs @ rotation
+    rotation_path = os.path.join(cache, "legacy_rotation.npy")
+    np.save(rotation_path, rotation)
+
+  raw_dir = os.path.join(args.workdir, "raw")
+  prepared = os.path.join(args.workdir, "prepared")
+  world = homedepot.to_raw_tables(hd, raw_dir, itemsage=legacy)
+  base = omnisage_homedepot.get_config(args.config or None)
+  base.data.raw_dir, base.data.prepared_dir = raw_dir, prepared
+  t0 = time.time()
+  prep = prepare(base, raw_dir, prepared)
+  timings["prepare"] = time.time() - t0
+  print(f"  prepared in {timings['prepare']:.0f} s: pairs {prep['pairs']}", flush=True)
+
+  for variant in [v for v in args.variants.split(",") if v]:
+    if variant not in VARIANTS:
+      raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    config = apply_overrides(omnisage_homedepot.get_config(args.config or None), VARIANTS[variant])
+    config.data.raw_dir, config.data.prepared_dir = raw_dir, prepared
+    if legacy is None:
+      config.tasks.compat = False
+    else:
+      config.model.query.projection_init = rotation_path
+    if args.steps:
+      config.train.steps = args.steps
+    workdir = os.path.join(args.workdir, variant)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"  training {variant} ({config.train.steps} steps)...", flush=True)
+    summary = train_and_evaluate(config, workdir)
+    # Model selection on the VALIDATION queries: every kept checkpoint is scored on them and the
+    # best one (ties: the later) is the one measured on test.
+    towers = TrainedTowers(config, workdir)
+    val_qs, val_pos = splits["validation"]
+    by_step = {}
+    for step in towers.steps():
+      towers.restore(step)
+      by_step[step] = evaluate_dense(towers.query_texts(val_qs), towers.entities("products"),
+                                     val_pos)["recall@10"]
+    best = max(by_step, key=lambda s: (by_step[s], s))
+    towers.restore(best)
+    corpus = towers.entities("products")
+    for split, (qs, pos) in splits.items():
+      results.setdefault(variant, {})[split] = evaluate_dense(towers.query_texts(qs), corpus, pos)
+    results[variant]["selection"] = {"validation_recall@10_by_step": by_step,
+                                     "selected_step": best}
+    timings[variant] = summary["train_seconds"]
+    results[variant]["train"] = {k: summary[k] for k in ("steps", "train_seconds",
+                                                          "examples_per_second", "final_loss")}
+    print(f"  {variant}: test recall@10 {results[variant]['test']['recall@10']:.4f} "
+          f"({summary['train_seconds']:.0f} s)", flush=True)
+
+  print("\nHome Depot, test queries (README protocol); validation = held-out training queries")
+  print(f"  {'method':<20} {'recall@10':>9} {'pair_recall@10':>14} {'val recall@10':>13} "
+        f"{'train s':>8}")
+  for method, r in results.items():
+    train_s = r.get("train", {}).get("train_seconds")
+    print(f"  {method:<20} {r['test']['recall@10']:>9.4f} {r['test']['pair_recall@10']:>14.4f} "
+          f"{r['validation']['recall@10']:>13.4f} "
+          f"{'-' if train_s is None else f'{train_s:.0f}':>8}")
+  bm25_r = results["bm25"]["test"]["recall@10"]
+  out = {"homedepot": {
+      "results": results, "seconds": {k: round(v, 1) for k, v in timings.items()},
+      "total_seconds": round(time.time() - t_start, 1), "world": world,
+      "legacy_pca_energy": legacy_energy, "bad_rows": hd.bad.report()["by_reason"],
+      "target": {"recall@10": 0.52, "bm25": bm25_r,
+                 "multi_task": results.get("omnisage_multi", {}).get("test", {}).get("recall@10"),
+                 "lift_over_bm25": (results["omnisage_multi"]["test"]["recall@10"] / bm25_r - 1
+                                    if "omnisage_multi" in results else None)}}}
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main()

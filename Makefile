@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint serve clean-demo
+.PHONY: demo test lint serve clean-demo peers
 
 # The stamp is rebuilt only when pyproject.toml changes, so repeated runs skip pip entirely.
 $(STAMP): pyproject.toml
@@ -34,3 +34,12 @@ lint: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# The peer libraries of the side-by-side benchmarks (benchmarks/vs_*.py) in their own virtualenv.
+PEERS := .venv-peers
+peers: $(PEERS)/.installed
+$(PEERS)/.installed: benchmarks/peers-requirements.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS) || python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
+	touch $@

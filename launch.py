@@ -32,9 +32,13 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed", "index", "bench", "serve")
+COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed", "index", "bench", "serve",
+            "pinnersage", "compile")
 # The commands that need --config and --workdir.
 CONFIG_COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed")
+# Systems besides OmniSearchSage (SPEC §2-4): a config's `system` field names the module that
+# implements its prepare/train/evaluate/export(config, workdir[, out]) -> dict.
+SYSTEMS = {"twotower": "omnisage.train.twotower", "pintext": "omnisage.train.pintext"}
 BENCHES = ("retrieval",)
 
 FLAGS = flags.FLAGS
@@ -62,6 +66,21 @@ flags.DEFINE_float("max_wait_ms", 2.0, "serve: how long a query waits for a full
 flags.DEFINE_integer("max_queue", 256, "serve: queries queued before requests get 503.")
 flags.DEFINE_integer("cache_size", 100_000, "serve: query embeddings kept in the LRU cache.")
 flags.DEFINE_float("cache_ttl_days", 30.0, "serve: cache time-to-live (SPEC: 30 days).")
+flags.DEFINE_string("item_embeddings", None, "pinnersage: item embeddings (a directory of "
+                    "<kind>/shard-*.parquet from `embed`, or one Parquet file with id, embedding).")
+flags.DEFINE_string("actions", None, "pinnersage: Parquet of user actions (user_id, item_id, "
+                    "timestamp in unix seconds).")
+flags.DEFINE_float("alpha", None, "pinnersage: Ward cut height in embedding units (default: "
+                   "omnisage.serving.pinnersage.DEFAULTS, tuned for unit-norm embeddings).")
+flags.DEFINE_float("lambda_decay", 0.01, "pinnersage: importance decay per day, "
+                   "exp(-lambda * age_days) (SPEC §4).")
+flags.DEFINE_float("window_days", 90.0, "pinnersage: days of history clustered (SPEC §4).")
+flags.DEFINE_integer("now", None, "pinnersage: unix seconds the window ends at (default: the "
+                     "latest action).")
+flags.DEFINE_string("item_kind", None, "pinnersage: kind directory of --item-embeddings "
+                    "(default: its only non-query kind).")
+flags.DEFINE_string("mesh", None, "compile: target mesh as DATAxMODEL, e.g. 8x1 (simulated "
+                    "devices on CPU).")
 flags.DEFINE_integer("bench_size", 1_000_000, "bench retrieval: rows of the clustered synthetic "
                      "database (0 skips it).")
 
@@ -97,7 +116,20 @@ def emit(summary: dict):
     print(json.dumps(summary), flush=True)
 
 
+def system_module(config):
+  """The module of a non-OmniSearchSage system (SYSTEMS), or None for OmniSearchSage."""
+  import importlib
+  name = config.get("system", "omnisearchsage")
+  if name == "omnisearchsage":
+    return None
+  if name not in SYSTEMS:
+    raise UserError(f"config field system={name!r}: one of omnisearchsage, {', '.join(SYSTEMS)}")
+  return importlib.import_module(SYSTEMS[name])
+
+
 def cmd_prepare(config, workdir: str) -> dict:
+  if (system := system_module(config)) is not None:
+    return {"prepare": system.prepare(config, workdir)}
   from omnisage.data import prepare as prepare_lib
   from omnisage.data import synthetic
   raw_dir = config.data.raw_dir
@@ -129,11 +161,15 @@ def print_bad_rows(bad_rows: dict):
 
 
 def cmd_train(config, workdir: str) -> dict:
+  if (system := system_module(config)) is not None:
+    return {"train": system.train(config, workdir)}
   from omnisage.train.trainer import train_and_evaluate
   return {"train": train_and_evaluate(config, workdir)}
 
 
 def cmd_eval(config, workdir: str) -> dict:
+  if (system := system_module(config)) is not None:
+    return {"eval": system.evaluate(config, workdir)}
   from omnisage.train.trainer import evaluate_checkpoint
   result = evaluate_checkpoint(config, workdir)
   print_recall_table(result["recall@10"])
@@ -228,6 +264,8 @@ def print_example_searches(bundle_path: str, index_path: str, top: int = 3):
 
 
 def cmd_export(config, workdir: str) -> dict:
+  if (system := system_module(config)) is not None:
+    return {"export": system.export(config, workdir, FLAGS.out)}
   from omnisage.serving.export import export_bundle
   return {"export": export_bundle(config, workdir, FLAGS.out)}
 
@@ -235,7 +273,11 @@ def cmd_export(config, workdir: str) -> dict:
 def cmd_embed(config, workdir: str) -> dict:
   from omnisage.serving.bundle import BundleError
   from omnisage.serving.embed import embed_entities
+  from omnisage.serving.twotower_bundle import embed_items, is_twotower_bundle
   try:
+    if is_twotower_bundle(FLAGS.bundle):   # SPEC §3: --entities is the bundle's items.parquet
+      return {"embed": embed_items(FLAGS.bundle, FLAGS.entities, FLAGS.out,
+                                   batch_size=FLAGS.embed_batch_size)}
     return {"embed": embed_entities(FLAGS.bundle, FLAGS.entities, FLAGS.out,
                                     batch_size=FLAGS.embed_batch_size)}
   except BundleError as error:   # a damaged bundle is the user's input, not our bug
@@ -256,13 +298,45 @@ def cmd_bench(config, workdir: str, which: str) -> dict:
 def cmd_serve(config, workdir: str) -> dict:
   from omnisage.serving.bundle import BundleError
   from omnisage.serving.server import serve
+  from omnisage.serving.twotower_bundle import is_twotower_bundle
   try:
+    if is_twotower_bundle(FLAGS.bundle):   # SPEC §3 home feed: POST /v1/recommend
+      from omnisage.serving.recommend import serve_recommend
+      return {"serve": serve_recommend(FLAGS.bundle, FLAGS.index, host=FLAGS.host,
+                                       port=FLAGS.port)}
     return {"serve": serve(FLAGS.bundle, FLAGS.index, host=FLAGS.host, port=FLAGS.port,
                            max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
                            max_queue=FLAGS.max_queue, cache_size=FLAGS.cache_size,
                            cache_ttl_s=FLAGS.cache_ttl_days * 86400)}
   except BundleError as error:
     raise UserError(str(error)) from error
+
+
+def cmd_pinnersage(config, workdir: str) -> dict:
+  """PinnerSage batch job (SPEC §4): per-user Ward clusters -> medoids + importances (Parquet)."""
+  from omnisage.serving.pinnersage import DEFAULTS, run_batch
+  alpha = DEFAULTS["alpha"] if FLAGS.alpha is None else FLAGS.alpha
+  return {"pinnersage": run_batch(FLAGS.item_embeddings, FLAGS.actions, FLAGS.out, alpha=alpha,
+                                  lam=FLAGS.lambda_decay, window_days=FLAGS.window_days,
+                                  now=FLAGS.now, kind=FLAGS.item_kind)}
+
+
+def cmd_compile(config, workdir: str) -> dict:
+  """AOT-compiles the train step for a target mesh without running it (issue 6 item 5)."""
+  import jax
+  from omnisage.train.aot import parse_mesh
+  data, model = parse_mesh(FLAGS.mesh)
+  # A mesh larger than the machine compiles for simulated CPU devices; their number can only be
+  # set before JAX starts its backends (nothing has run yet: init_distributed only imports jax).
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    try:
+      jax.config.update("jax_num_cpu_devices", max(data * model, 1))
+    except RuntimeError as error:   # backends already up: aot.pick_devices explains what to set
+      logging.getLogger("omnisage").info("simulated devices not set: %s", error)
+  from omnisage.train.aot import compile_report, print_report
+  report = compile_report(config, FLAGS.mesh)
+  print_report(report)
+  return {"compile": report}
 
 
 def check_args(argv):
@@ -284,6 +358,10 @@ def check_args(argv):
     raise app.UsageError("bench needs --out (where the table, plot and JSON go)")
   if command == "serve" and not (FLAGS.bundle and FLAGS.index):
     raise app.UsageError("serve needs --bundle and --index")
+  if command == "pinnersage" and not (FLAGS.item_embeddings and FLAGS.actions and FLAGS.out):
+    raise app.UsageError("pinnersage needs --item-embeddings, --actions and --out")
+  if command == "compile" and not (FLAGS.config is not None and FLAGS.mesh):
+    raise app.UsageError("compile needs --config and --mesh (e.g. --mesh=8x1)")
 
 
 def main(argv):
@@ -296,6 +374,7 @@ def main(argv):
   init_distributed()
   command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
              "export": cmd_export, "embed": cmd_embed, "index": cmd_index, "serve": cmd_serve,
+             "pinnersage": cmd_pinnersage, "compile": cmd_compile,
              "bench": lambda config, workdir: cmd_bench(config, workdir, argv[2])}
   try:
     summary = command[argv[1]](FLAGS.config, FLAGS.workdir)

@@ -17,8 +17,31 @@
 Config values are overridden with `--config.train.steps=100`; a config file takes an argument after
 a colon (`configs/omnisage_synthetic.py:tiny`); index, bench and serve need no config. Flag
 names take '-' or '_' (`--target-recall` is `--target_recall`). Every subcommand ends by printing
-ONE JSON line with its key figures. Multi-host: pass --coordinator_address/--num_processes/
---process_id, or --distributed=auto to let jax.distributed detect the cluster (SLURM, TPU pods).
+ONE JSON line with its key figures.
+
+Multi-host (one process per host, every process runs the same command line; tests/test_multihost.py
+runs two processes on loopback and checks they train exactly like one process with all devices):
+  - jax.distributed.initialize() joins the processes: either --coordinator_address=HOST:PORT
+    (process 0's address, any free port) with --num_processes and --process_id, or
+    --distributed=auto where the cluster tells JAX (SLURM, TPU VMs; Open MPI's env too).
+  - The mesh spans every process's devices; `--config.mesh.data=-1` (the default) takes them all.
+    Each process's Grain pipeline reads only its rows of each global batch, so batch sizes in the
+    config are GLOBAL and must divide by the device count.
+  - --workdir must be one shared filesystem path (NFS, Lustre, a gcsfuse or Filestore mount):
+    every process writes its checkpoint shards there; only process 0 writes metrics, JSON and the
+    final line. Run `prepare` once, on one host and without these flags, before `train`.
+  - CPU-only processes talk through gloo collectives (set here before JAX starts its backend).
+
+  # Multi-GPU hosts, e.g. 2 hosts with 8 GPUs each (run on both, process_id 0 and 1):
+  python launch.py train --config=configs/omnisage_synthetic.py --workdir=/shared/run1 \
+      --coordinator_address=host0:12345 --num_processes=2 --process_id=0
+  # TPU VM slice (jax finds the workers itself):
+  gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all --command="cd omnisage \
+      && python launch.py train --config=configs/omnisage_synthetic.py --workdir=/mnt/shared/run1 \
+      --distributed=auto"
+  # SLURM, one task per node (jax reads SLURM_* for the coordinator, count and id):
+  srun --nodes=2 --ntasks-per-node=1 --gpus-per-task=8 python launch.py train \
+      --config=configs/omnisage_synthetic.py --workdir=/shared/run1 --distributed=auto
 """
 
 import json
@@ -101,12 +124,22 @@ def configure_logging():
 
 
 def init_distributed():
+  """Joins the other processes of a multi-host job (module docstring); nothing on one host."""
+  if not FLAGS.coordinator_address and FLAGS.distributed == "off":
+    return
+  if FLAGS.distributed == "off" and (FLAGS.num_processes is None or FLAGS.process_id is None):
+    raise app.UsageError("--coordinator_address needs --num_processes and --process_id "
+                         "(or --distributed=auto to detect them)")
   import jax
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif FLAGS.distributed == "auto":
-    jax.distributed.initialize()
+  # Cross-process computations on CPU devices need a collectives library; the setting must be in
+  # place before the backend starts (older JAX releases default to none and then fail).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # With --distributed=auto, flags left unset (None) are detected from the cluster environment.
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.getLogger("omnisage").info("process %d of %d, %d local of %d devices",
+                                     jax.process_index(), jax.process_count(),
+                                     jax.local_device_count(), jax.device_count())
 
 
 def emit(summary: dict):
@@ -324,6 +357,7 @@ def cmd_pinnersage(config, workdir: str) -> dict:
 def cmd_compile(config, workdir: str) -> dict:
   """AOT-compiles the train step for a target mesh without running it (issue 6 item 5)."""
   import jax
+
   from omnisage.train.aot import parse_mesh
   data, model = parse_mesh(FLAGS.mesh)
   # A mesh larger than the machine compiles for simulated CPU devices; their number can only be

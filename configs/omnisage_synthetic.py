@@ -102,6 +102,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   l.logq = True              # subtract log Q after temperature scaling (SPEC sign convention)
   l.nested_dims = ()         # e.g. (16, 32, 64, 128): Matryoshka prefixes, weight below
   l.nested_weight = 0.05
+  # Logsumexp over the B x (B + N) logits (losses.LSE_IMPLS): "dense" materialises them;
+  # "blockwise" streams column blocks of block_size (custom VJP, recomputed in backward): same loss
+  # and gradients, O(B x block_size) memory, for global batches of 10k+ pairs
+  # (benchmarks/large_batch.py).
+  l.impl = "dense"
+  l.block_size = 4096
   f = l.freq = ml_collections.ConfigDict()   # streaming frequency estimate (Yi et al. 2019)
   f.size = 1 << 14 if tiny else 1 << 20
   f.num_hashes = 2

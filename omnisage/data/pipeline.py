@@ -3,13 +3,20 @@
 One global batch holds a fixed number of pairs per task (the task mix sets task influence, SPEC §1:
 the official code splits each batch 8:4:2:2). Per task:
 
-  ArrayRecord shards -> this host's slice -> shuffle (reseeded every epoch) -> repeat -> decode
-  -> batch(pairs per host)
+  ArrayRecord shards -> shuffle (reseeded every epoch) -> repeat -> decode -> batch(pairs per host)
+  -> this host's batches
 
 The per-task streams are zipped, then one random map gathers entity features from the in-memory
 `EntityStore` and draws the shared random negatives (SPEC "Mixed negatives", Yang et al. 2020).
 Every random choice derives from (seed, element index), and the element index is the Grain iterator
 state saved in each checkpoint, so a resumed run sees exactly the batches it would have seen.
+
+Several hosts (processes): the shuffle is global (every host computes the same permutation of
+record indices, without reading records), and global batch k is the host batches k*H .. k*H+H-1,
+of which host h takes batch k*H+h. A host therefore reads (and decodes) only its own rows of each
+global batch, and the hosts' rows, in host order, are exactly the batch one host would read alone;
+likewise every host draws the same global random negatives and gathers only its slice. So the
+global batch does not depend on the number of hosts (tests/test_multihost.py).
 
 Usage:
   data = TrainData(config, prepared_dir)
@@ -76,10 +83,12 @@ class AddFeaturesAndNegatives(grain.transforms.RandomMap):
   drawn from the entities that HAVE a legacy vector, i.e. from the old index.
   """
 
-  def __init__(self, stores, tasks: list[str], negatives_per_host: int, compat: bool):
+  def __init__(self, stores, tasks: list[str], negatives: int, compat: bool,
+               rows: slice = slice(None)):
     self.stores = stores
     self.tasks = tasks
-    self.n = negatives_per_host
+    self.n = negatives   # global count: every host draws all of them and keeps `rows`
+    self.rows = rows
     self.compat = compat
     self.with_legacy = {kind: np.flatnonzero(s.has_legacy) for kind, s in stores.items()
                         if s.has_legacy is not None}
@@ -90,9 +99,9 @@ class AddFeaturesAndNegatives(grain.transforms.RandomMap):
       store = self.stores[schema.TASK_ENTITY[task]]
       batch = dict(pairs)
       batch.update(store.gather(pairs["pos_ids"], "pos"))
-      neg_ids = rng.integers(0, store.size, self.n).astype(np.int32)
+      neg_ids = rng.integers(0, store.size, self.n).astype(np.int32)[self.rows]
       batch["neg_ids"] = neg_ids
-      batch["neg_log_q"] = np.full(self.n, np.log(self.n / store.size), np.float32)
+      batch["neg_log_q"] = np.full(len(neg_ids), np.log(self.n / store.size), np.float32)
       neg = store.gather(neg_ids, "neg")
       # The legacy vectors of random negatives are not used: compat tasks have their own.
       neg.pop("neg_legacy", None)
@@ -100,10 +109,11 @@ class AddFeaturesAndNegatives(grain.transforms.RandomMap):
       batch.update(neg)
       if self.compat and store.has_legacy is not None:
         pool = self.with_legacy[store.kind]
-        compat_ids = pool[rng.integers(0, len(pool), self.n)].astype(np.int32)
+        compat_ids = pool[rng.integers(0, len(pool), self.n)[self.rows]].astype(np.int32)
         batch["compat_neg_ids"] = compat_ids
         batch["compat_neg_legacy"] = store.legacy[compat_ids]
-        batch["compat_neg_log_q"] = np.full(self.n, np.log(self.n / len(pool)), np.float32)
+        batch["compat_neg_log_q"] = np.full(len(compat_ids), np.log(self.n / len(pool)),
+                                            np.float32)
       out[task] = batch
     return out
 
@@ -111,13 +121,15 @@ class AddFeaturesAndNegatives(grain.transforms.RandomMap):
 class TrainData:
   """The training input pipeline of one host (process)."""
 
-  def __init__(self, config, prepared_dir: str, stores=None):
+  def __init__(self, config, prepared_dir: str, stores=None, process_index: int | None = None,
+               process_count: int | None = None):
     self.config = config
     self.prepared_dir = prepared_dir
     self.stores = stores if stores is not None else load_stores(prepared_dir, config.data)
     self.tasks = list(task_batch_sizes(config))
-    self.process_index = jax.process_index()
-    self.process_count = jax.process_count()
+    # Default: this JAX process; explicit values let a test build every host's pipeline in one.
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
 
   def _per_host(self, global_count: int, what: str) -> int:
     if global_count % self.process_count:
@@ -130,19 +142,20 @@ class TrainData:
     for i, task in enumerate(self.tasks):
       source = grain.sources.ArrayRecordDataSource(shard_paths(self.prepared_dir, "train", task))
       ds = grain.MapDataset.source(source)
-      # Each host reads a disjoint slice of the pairs, so hosts never load the global batch.
-      ds = ds[self.process_index::self.process_count]
       ds = (ds.seed(cfg.seed + 1000 * i).shuffle().repeat()
             .map(DecodePair(cfg.data.batch_query_len))
             .batch(self._per_host(cfg.tasks[task], f"tasks.{task}"), drop_remainder=True))
+      # This host's rows of every global batch (MapDatasets are lazy: other rows are never read).
+      ds = ds[self.process_index::self.process_count]
       # Repeated streams are "infinite" with a length that depends on the batch size; the zip
       # needs equal lengths, so all are cut to the same (practically endless) number of steps.
       per_task.append(ds[:STEPS_LIMIT])
     negatives = self._per_host(cfg.loss.random_negatives, "loss.random_negatives")
-    features = AddFeaturesAndNegatives(self.stores, self.tasks, negatives, cfg.tasks.compat)
-    # Per-host seed: hosts draw different negatives, which together form the global set.
-    return ZipMapDataset(parents=per_task).random_map(
-        features, seed=cfg.seed + 7919 * (self.process_index + 1))
+    rows = slice(self.process_index * negatives, (self.process_index + 1) * negatives)
+    features = AddFeaturesAndNegatives(self.stores, self.tasks, cfg.loss.random_negatives,
+                                       cfg.tasks.compat, rows)
+    # One seed for all hosts: they draw the same global negatives and each keeps its rows.
+    return ZipMapDataset(parents=per_task).random_map(features, seed=cfg.seed + 7919)
 
   def iterator(self) -> grain.DatasetIterator:
     ds = self.dataset().to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))

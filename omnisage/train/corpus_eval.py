@@ -23,7 +23,7 @@ from omnisage.data import text
 from omnisage.serving.tokenizer import WordPieceTokenizer
 from omnisage.train import trainer
 from omnisage.train.checkpoint import Checkpointer
-from omnisage.train.evaluate import _entity_tower, _query_tower
+from omnisage.train.evaluate import _entity_tower, _query_tower, to_host
 from omnisage.train.sharding import DATA
 from omnisage.train.state import abstract_state
 
@@ -70,7 +70,7 @@ class TrainedTowers:
         if pad:
           part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
         chunk[key] = jax.device_put(part, sharding)
-      out.append(np.asarray(fn(self.statics, self.params, **chunk))[:min(self.batch, n - start)])
+      out.append(to_host(fn(self.statics, self.params, **chunk))[:min(self.batch, n - start)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
   def queries(self, tokens: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,6 +36,13 @@ def ranks_against_index(q, pos, index, pos_ids, index_ids):
   scores = q @ index.T
   scores = jnp.where(index_ids[None, :] == pos_ids[:, None], -jnp.inf, scores)
   return 1 + jnp.sum(scores >= pos_score[:, None], axis=-1)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole (global) array on this host; with several processes each holds only its rows."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _chunks(n: int, size: int):
@@ -84,7 +92,7 @@ class Evaluator:
         if pad:
           part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
         chunk[key] = jax.device_put(part, sharding)
-      out.append(np.asarray(fn(**chunk))[: end - start])
+      out.append(to_host(fn(**chunk))[: end - start])
     return np.concatenate(out)
 
   def _entity_inputs(self, kind: str, ids: np.ndarray) -> dict:

@@ -43,19 +43,27 @@ Beyond the official code: `valid` rows (e.g. a compatibility pair whose positive
 vector) add no loss and their columns are no negatives for anyone.
 
 The B x B and B x N logits go through one primitive, `masked_logsumexp_<impl>(q, cands, scale,
-col_bias, mask_fn)`, chosen by `impl`. Only "dense" exists now; a blockwise (chunked, online
-logsumexp) variant can be registered in `LSE_IMPLS` without touching callers, which is why masks are
-functions of (row indices, column indices) rather than [B, B] arrays.
+col_bias, mask_fn, block_size)`, chosen by `impl` (config `loss.impl`):
+  - "dense": the whole [B, C] logit matrix at once (autodiff keeps it, and its exp, for backward).
+  - "blockwise": an online (streaming) logsumexp over column blocks of `block_size` with a custom
+    VJP whose backward pass recomputes each block's logits, so memory is O(B x block_size) on top of
+    the O(B) row outputs; for a 64k-pair global batch with 4 random negatives per pair the dense
+    [B, B + 4B] logits alone would be 86 GB. Same loss and gradients as "dense" (tests/
+    test_blockwise.py), more FLOPs (the logits are computed twice).
+Masks are functions of (row indices, column indices) rather than [B, C] arrays so that the
+blockwise impl evaluates them one block at a time.
 
 Usage:
   loss, metrics = sampled_softmax_loss(q, p, log_temperature=t, temperature_max=math.log(100.),
                                        query_ids=qid, pos_ids=pid, pos_log_q=log_q)
 """
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from omnisage.models.compat import l2_normalize  # gradient-safe at zero vectors
 
@@ -72,7 +80,8 @@ def logit_scale(log_temperature: jax.Array, temperature_max: float) -> jax.Array
 
 
 def masked_logsumexp_dense(
-  q: jax.Array, cands: jax.Array, *, scale: jax.Array, col_bias: jax.Array, mask_fn: MaskFn
+  q: jax.Array, cands: jax.Array, *, scale: jax.Array, col_bias: jax.Array, mask_fn: MaskFn,
+  block_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Row-wise logsumexp and max of `scale * q @ cands.T - col_bias` over the unmasked columns.
 
@@ -83,6 +92,7 @@ def masked_logsumexp_dense(
     col_bias: [C] float32 SUBTRACTED from every logit of its column (log Q of the candidate).
     mask_fn: (rows [b] int32, cols [c] int32) -> bool [b, c], True where the column is NOT a
       candidate for the row. Index-based so a blockwise variant can evaluate it per block.
+    block_size: unused (the signature shared by all impls).
   Returns:
     (lse [B], row_max [B]) float32. A fully masked row gives about MASKED_LOGIT for both.
     row_max carries no gradient (it is for metrics).
@@ -96,7 +106,127 @@ def masked_logsumexp_dense(
   return lse, row_max
 
 
-LSE_IMPLS = {"dense": masked_logsumexp_dense}
+def _block_logits(mask_fn, mask_args, q, cands, scale, col_bias, start, done, block):
+  """Logits of the columns [start, start + block) and their cosines: [B, block] float32 each.
+
+  Masked columns get MASKED_LOGIT like the dense impl; columns below `done` were covered by an
+  earlier block (the last block is shifted left to stay full, see below) and get -inf, which
+  removes them from both the sum and the max.
+  """
+  cols = start + jnp.arange(block)
+  dots = jnp.einsum("bd,cd->bc", q, jax.lax.dynamic_slice_in_dim(cands, start, block),
+                    preferred_element_type=jnp.float32)
+  logits = scale * dots - jax.lax.dynamic_slice_in_dim(col_bias, start, block)[None, :]
+  logits = jnp.where(mask_fn(jnp.arange(q.shape[0]), cols, *mask_args), MASKED_LOGIT, logits)
+  return jnp.where((cols < done)[None, :], -jnp.inf, logits), dots
+
+
+def _block_starts(num_cols: int, block: int, i):
+  """Block i covers new columns from i * block; the last one is shifted to end at num_cols.
+
+  Shifting instead of padding keeps every block the same static shape without copying the
+  candidates into a padded array.
+  """
+  done = i * block
+  return jnp.minimum(done, num_cols - block), done
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _blockwise_lse(mask_fn, block, q, cands, scale, col_bias, mask_args):
+  return _blockwise_lse_fwd(mask_fn, block, q, cands, scale, col_bias, mask_args)[0]
+
+
+def _blockwise_lse_fwd(mask_fn, block, q, cands, scale, col_bias, mask_args):
+  num_cols = cands.shape[0]
+
+  def body(i, carry):
+    row_max, total = carry   # running max and sum of exp(logit - running max), per row
+    start, done = _block_starts(num_cols, block, i)
+    logits, _ = _block_logits(mask_fn, mask_args, q, cands, scale, col_bias, start, done, block)
+    new_max = jnp.maximum(row_max, logits.max(axis=1))  # finite: a block has >= 1 new column
+    total = total * jnp.exp(row_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(axis=1)
+    return new_max, total
+
+  b = q.shape[0]
+  init = (jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), jnp.float32))
+  row_max, total = jax.lax.fori_loop(0, -(-num_cols // block), body, init)
+  lse = row_max + jnp.log(total)
+  return (lse, row_max), (q, cands, scale, col_bias, mask_args, lse)
+
+
+def _blockwise_lse_bwd(mask_fn, block, residuals, cotangents):
+  q, cands, scale, col_bias, mask_args, lse = residuals
+  g_lse, _ = cotangents   # row_max carries no gradient, as in the dense impl
+  num_cols = cands.shape[0]
+
+  def body(i, carry):
+    dq, dcands, dbias, dscale = carry
+    start, done = _block_starts(num_cols, block, i)
+    logits, dots = _block_logits(mask_fn, mask_args, q, cands, scale, col_bias, start, done,
+                                 block)
+    # d lse / d logit = softmax weight; masked and already-covered columns pass no gradient
+    # (dense: `where` drops it), which matters for fully masked rows whose weights sit on them.
+    keep = logits > MASKED_LOGIT
+    dlogits = jnp.where(keep, g_lse[:, None] * jnp.exp(logits - lse[:, None]), 0.0)
+    cblock = jax.lax.dynamic_slice_in_dim(cands, start, block)
+    dq = dq + scale * jnp.einsum("bc,cd->bd", dlogits, cblock, preferred_element_type=jnp.float32)
+    dcblock = scale * jnp.einsum("bc,bd->cd", dlogits, q, preferred_element_type=jnp.float32)
+    dcands = jax.lax.dynamic_update_slice_in_dim(
+      dcands, jax.lax.dynamic_slice_in_dim(dcands, start, block) + dcblock, start, 0)
+    dbias = jax.lax.dynamic_update_slice_in_dim(
+      dbias, jax.lax.dynamic_slice_in_dim(dbias, start, block) - dlogits.sum(axis=0), start, 0)
+    return dq, dcands, dbias, dscale + (dlogits * dots).sum()
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(cands.shape, jnp.float32),
+          jnp.zeros(col_bias.shape, jnp.float32), jnp.zeros((), jnp.float32))
+  dq, dcands, dbias, dscale = jax.lax.fori_loop(0, -(-num_cols // block), body, init)
+  # The mask's arrays (ids, validity) only select columns: no gradient flows into them.
+  dmask = jax.tree.map(_zero_cotangent, mask_args)
+  return (dq.astype(q.dtype), dcands.astype(cands.dtype), dscale.astype(jnp.result_type(scale)),
+          dbias.astype(col_bias.dtype), dmask)
+
+
+def _zero_cotangent(x):
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_blockwise_lse.defvjp(_blockwise_lse_fwd, _blockwise_lse_bwd)
+
+
+def masked_logsumexp_blockwise(
+  q: jax.Array, cands: jax.Array, *, scale: jax.Array, col_bias: jax.Array, mask_fn: MaskFn,
+  block_size: int = 4096,
+) -> tuple[jax.Array, jax.Array]:
+  """`masked_logsumexp_dense` (same arguments and results) over column blocks of block_size.
+
+  A fori_loop keeps a running row max and rescaled sum of exponentials (online logsumexp); the
+  custom VJP stores only the inputs and the [B] logsumexp and recomputes each block's logits in the
+  backward loop, accumulating the gradients of q, cands, col_bias and scale. Peak memory beyond
+  the inputs is a few [B, block_size] float32 blocks. Under jit with rows sharded over the `data`
+  mesh axis the blocks stay row-sharded (the per-block candidates are gathered, the [B, C] logits
+  never exist anywhere).
+
+  mask_fn may close over traced arrays (ids, validity under jit). A custom VJP must not close
+  over values that carry a tangent, so `jax.closure_convert` hoists those (floats) into explicit
+  arguments, which get zero cotangents (a mask has no gradient); integer and bool arrays, which
+  never carry one, may stay in the closure (what closure_convert does).
+  """
+  q, cands = jnp.asarray(q), jnp.asarray(cands)
+  scale = jnp.asarray(scale, jnp.float32)
+  col_bias = jnp.asarray(col_bias, jnp.float32)
+  if block_size < 1 or cands.shape[0] < 1:
+    raise ValueError(f"blockwise logsumexp needs >= 1 candidate and loss.block_size >= 1, got "
+                     f"{cands.shape[0]} candidates and block_size={block_size}")
+  block = min(int(block_size), cands.shape[0])
+  rows = jnp.arange(q.shape[0])
+  mask, mask_args = jax.closure_convert(mask_fn, rows, jnp.arange(block))
+  return _blockwise_lse(mask, block, q, cands, scale, col_bias, tuple(mask_args))
+
+
+LSE_IMPLS = {"dense": masked_logsumexp_dense, "blockwise": masked_logsumexp_blockwise}
 
 
 def sampled_softmax_rows(
@@ -114,13 +244,16 @@ def sampled_softmax_rows(
   valid: jax.Array | None = None,
   use_logq: bool = True,
   impl: str = "dense",
+  block_size: int = 4096,
 ) -> dict[str, jax.Array]:
   """Per-row terms of `sampled_softmax_loss` (same arguments): a dict of [B] arrays.
 
   ce_inbatch, ce_random (0 without negatives) float32, 0 on invalid rows; correct (float 0/1: the
   positive beats every unmasked in-batch column); weight (float 0/1: valid).
   """
-  lse_fn = LSE_IMPLS[impl]
+  if impl not in LSE_IMPLS:
+    raise ValueError(f"loss.impl must be one of {sorted(LSE_IMPLS)}, got {impl!r}")
+  lse_fn = functools.partial(LSE_IMPLS[impl], block_size=block_size)
   b = q.shape[0]
   # jnp, not NumPy: masks and blockwise impls index these with traced row/column indices.
   q, p, query_ids, pos_ids = map(jnp.asarray, (q, p, query_ids, pos_ids))
@@ -187,6 +320,7 @@ def sampled_softmax_loss(
   valid: jax.Array | None = None,
   use_logq: bool = True,
   impl: str = "dense",
+  block_size: int = 4096,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One task's loss: mean over valid rows of in-batch CE + random-negatives CE.
 
@@ -204,7 +338,9 @@ def sampled_softmax_loss(
       neg when use_logq), e.g. log(N / catalogue size) for uniform sampling.
     valid: optional [B] bool; False rows add no loss and are no negatives.
     use_logq: False drops every correction (ablation).
-    impl: name in LSE_IMPLS of the logsumexp primitive.
+    impl: name in LSE_IMPLS of the logsumexp primitive: "dense" or "blockwise" (same results,
+      O(B x block_size) instead of O(B x (B + N)) memory).
+    block_size: candidate columns per block of the blockwise impl.
   Returns:
     (loss, metrics): scalar float32, and scalars loss_inbatch, loss_random, accuracy_inbatch (the
     positive has the top in-batch logit, ties count as hits), logit_scale, num_valid.
@@ -212,7 +348,7 @@ def sampled_softmax_loss(
   rows = sampled_softmax_rows(
     q, p, log_temperature=log_temperature, temperature_max=temperature_max, query_ids=query_ids,
     pos_ids=pos_ids, pos_log_q=pos_log_q, neg=neg, neg_ids=neg_ids, neg_log_q=neg_log_q,
-    valid=valid, use_logq=use_logq, impl=impl,
+    valid=valid, use_logq=use_logq, impl=impl, block_size=block_size,
   )
   num_valid = rows["weight"].sum()
   denom = jnp.maximum(num_valid, 1.0)  # an all-invalid batch gives 0, not NaN

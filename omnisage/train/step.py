@@ -59,7 +59,8 @@ def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: di
     pos_log_q = frequency.log_q(freq_state, task_id, b["pos_ids"])
     common = dict(log_temperature=temperature, temperature_max=loss_config.temperature_max,
                   query_ids=b["query_ids"], pos_ids=b["pos_ids"], pos_log_q=pos_log_q,
-                  use_logq=loss_config.logq)
+                  use_logq=loss_config.logq, impl=loss_config.impl,
+                  block_size=loss_config.block_size)
     with_neg = n is not None
     loss, task_metrics = losses.nested_sampled_softmax_loss(
         q, p, neg=n, neg_ids=b["neg_ids"] if with_neg else None,

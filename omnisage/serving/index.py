@@ -40,7 +40,9 @@ from omnisage.serving.embed import BUNDLE_KEY
 log = logging.getLogger("omnisage")
 
 FORMAT_VERSION = 1
-KINDS = ("pins", "products", "queries")
+# "items": the home-feed two-tower's item embeddings (SPEC §3, serving/twotower_bundle.py). New
+# kinds go at the end: a kind's position seeds its tuning sample.
+KINDS = ("pins", "products", "queries", "items")
 METRIC = "dot_product"
 TUNE_QUERIES = 1000   # per split (choose / held-out)
 

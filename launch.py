@@ -102,6 +102,8 @@ flags.DEFINE_integer("now", None, "pinnersage: unix seconds the window ends at (
                      "latest action).")
 flags.DEFINE_string("item_kind", None, "pinnersage: kind directory of --item-embeddings "
                     "(default: its only non-query kind).")
+flags.DEFINE_string("pinnersage", None, "serve (two-tower bundle): a `launch.py pinnersage` "
+                    "output directory; adds /v1/pinnersage/update and /v1/pinnersage/recommend.")
 flags.DEFINE_string("mesh", None, "compile: target mesh as DATAxMODEL, e.g. 8x1 (simulated "
                     "devices on CPU).")
 flags.DEFINE_integer("bench_size", 1_000_000, "bench retrieval: rows of the clustered synthetic "
@@ -335,8 +337,18 @@ def cmd_serve(config, workdir: str) -> dict:
   try:
     if is_twotower_bundle(FLAGS.bundle):   # SPEC §3 home feed: POST /v1/recommend
       from omnisage.serving.recommend import serve_recommend
-      return {"serve": serve_recommend(FLAGS.bundle, FLAGS.index, host=FLAGS.host,
-                                       port=FLAGS.port)}
+      index, routers = FLAGS.index, ()
+      if FLAGS.pinnersage:   # SPEC §4 on the same item index: /v1/pinnersage/{update,recommend}
+        from omnisage.serving.index import load_index
+        from omnisage.serving.pinnersage import PinnerSageService, pinnersage_router
+        if not FLAGS.item_embeddings:
+          raise UserError("serve --pinnersage needs --item-embeddings (the embeddings it used)")
+        index = load_index(FLAGS.index)
+        service = PinnerSageService.load(FLAGS.pinnersage, FLAGS.item_embeddings,
+                                         index=index.get("items"))
+        routers = (pinnersage_router(service),)
+      return {"serve": serve_recommend(FLAGS.bundle, index, host=FLAGS.host, port=FLAGS.port,
+                                       extra_routers=routers)}
     return {"serve": serve(FLAGS.bundle, FLAGS.index, host=FLAGS.host, port=FLAGS.port,
                            max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
                            max_queue=FLAGS.max_queue, cache_size=FLAGS.cache_size,

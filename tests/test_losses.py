@@ -282,7 +282,7 @@ def test_nested_loss_is_weighted_sum_of_prefix_losses():
 
 
 # --- the logsumexp primitive is swappable -------------------------------------------------------
-def _chunked_lse(q, cands, *, scale, col_bias, mask_fn, chunk=3):
+def _chunked_lse(q, cands, *, scale, col_bias, mask_fn, block_size=None, chunk=3):
   """A blockwise stand-in: online logsumexp over column chunks (what a later impl would do)."""
   lse = jnp.full((q.shape[0],), -jnp.inf)
   mx = jnp.full((q.shape[0],), -jnp.inf)

@@ -16,11 +16,18 @@ sizes:
                 of a task, one count for every task, so 4 x 65,536 pairs / 3 tasks = 87,384 per
                 task (rounded to a multiple of 8 devices): 262,152 random negatives per step.
   loss          the blockwise logsumexp when the loss has one (`loss.impl`), else dense.
+  towers        embedded 512 rows per device at a time, recomputed in backward
+                (train.tower_chunk_rows, omnisage/train/microbatch.py). Without it the towers' saved
+                activations alone are ~766 GiB per device (mostly the query tower's 20k queries x
+                64 tokens x 6 layers); with it the step compiles to ~22 GiB per device. 512 rows x
+                64 tokens keeps every query-tower matmul 32k rows tall, still large for a GPU.
 
 Usage:
   python launch.py compile --config=configs/omnisage_production.py --mesh=8x1
   python launch.py compile --config=configs/omnisage_production.py --mesh=8x1 \
       --config.loss.random_negatives=8192     # what-if variants
+  python launch.py compile --config=configs/omnisage_production.py --mesh=8x1 \
+      --config.train.tower_chunk_rows=0       # no tower chunks: does not fit
 """
 
 import os
@@ -66,6 +73,7 @@ def get_config(arg: str | None = None):
   c.loss.random_negatives = int(round(per_task / DEVICES)) * DEVICES
   if "impl" in c.loss:   # the blockwise loss (issue 6) keeps B x N logits out of memory
     c.loss.impl = "blockwise"
+  c.train.tower_chunk_rows = 512
   c.train.steps = 150_000
   c.train.warmup_steps = 750
   c.mesh.data = DEVICES

@@ -20,28 +20,36 @@ import optax
 from omnisage.data import schema
 from omnisage.models import compat
 from omnisage.train import frequency, losses
+from omnisage.train.microbatch import data_shards_of, map_in_chunks
 from omnisage.train.state import Statics, TrainState
 
 TASK_IDS = {task: i for i, task in enumerate(schema.TASK_ENTITY)}
 
 
-def embed_positives_and_negatives(model, task: str, batch: dict):
-  """Tower outputs of one task: queries, positives and shared random negatives."""
-  q = model.query_tower(batch["query_tokens"])
+def embed_positives_and_negatives(model, task: str, batch: dict, chunk_rows: int = 0,
+                                  data_shards: int = 1):
+  """Tower outputs of one task: queries, positives and shared random negatives.
+
+  chunk_rows > 0 runs each tower call that many rows per device at a time, recomputed in backward
+  (microbatch.py): the same embeddings with one chunk's activations in memory instead of all.
+  """
+  chunked = lambda fn, *arrays: map_in_chunks(fn, arrays, chunk_rows=chunk_rows,
+                                              data_shards=data_shards)
+  query = lambda tokens: chunked(model.query_tower, tokens)
+  q = query(batch["query_tokens"])
   # No random negatives configured (in-batch negatives only): there is nothing to embed.
   has_neg = batch["neg_ids"].shape[0] > 0
   if schema.TASK_ENTITY[task] == "queries":   # query->query: both sides are queries
-    n = model.query_tower(batch["neg_tokens"]) if has_neg else None
-    return q, model.query_tower(batch["pos_tokens"]), n
-  tower = model.entity_tower
-  p = tower(batch["pos_tokens"], batch["pos_fields"], batch["pos_continuous"])
-  n = tower(batch["neg_tokens"], batch["neg_fields"], batch["neg_continuous"]) if has_neg else None
-  return q, p, n
+    n = query(batch["neg_tokens"]) if has_neg else None
+    return q, query(batch["pos_tokens"]), n
+  entity = lambda prefix: chunked(model.entity_tower, batch[f"{prefix}_tokens"],
+                                  batch[f"{prefix}_fields"], batch[f"{prefix}_continuous"])
+  return q, entity("pos"), entity("neg") if has_neg else None
 
 
 def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: dict,
-                   freq_state: frequency.FreqState):
-  """Sum of the task losses, and metrics per task."""
+                   freq_state: frequency.FreqState, chunk_rows: int = 0, data_shards: int = 1):
+  """Sum of the task losses, and metrics per task (chunk_rows: embed_positives_and_negatives)."""
   temperature = model.log_temperature[...]
   total = 0.0
   metrics = {}
@@ -55,7 +63,7 @@ def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: di
 
   for task, b in batch.items():
     task_id = TASK_IDS[task]
-    q, p, n = embed_positives_and_negatives(model, task, b)
+    q, p, n = embed_positives_and_negatives(model, task, b, chunk_rows, data_shards)
     pos_log_q = frequency.log_q(freq_state, task_id, b["pos_ids"])
     common = dict(log_temperature=temperature, temperature_max=loss_config.temperature_max,
                   query_ids=b["query_ids"], pos_ids=b["pos_ids"], pos_log_q=pos_log_q,
@@ -104,7 +112,7 @@ def train_step(statics: Statics, state: TrainState, batch: dict, *, config, opti
   def loss_fn(params):
     model = statics.model(params)
     return multitask_loss(model, config.loss, config.model, config.tasks.compat, batch,
-                          freq_state)
+                          freq_state, *_chunking(config))
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -120,7 +128,13 @@ def loss_only(statics: Statics, state: TrainState, batch: dict, *, config):
   """The loss of `batch` at `state` without updating (for tests and evaluation)."""
   freq_state = update_frequencies(state.freq, batch, state.step + 1, config.loss.freq.alpha)
   model = statics.model(state.params)
-  return multitask_loss(model, config.loss, config.model, config.tasks.compat, batch, freq_state)
+  return multitask_loss(model, config.loss, config.model, config.tasks.compat, batch, freq_state,
+                        *_chunking(config))
+
+
+def _chunking(config) -> tuple[int, int]:
+  """(tower_chunk_rows, data shards) of `config`; configs without the field do not chunk."""
+  return int(config.train.get("tower_chunk_rows", 0)), data_shards_of(config)
 
 
 __all__ = ["train_step", "loss_only", "multitask_loss", "TASK_IDS"]

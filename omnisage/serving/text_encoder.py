@@ -7,6 +7,14 @@ and the pure-Python WordPiece tokenizer, so neither torch nor TensorFlow is need
 off-the-shelf baseline rows of the real-data benchmarks, and the frozen "legacy" product embedding
 that stands in for ItemSage on Home Depot (SPEC §1 "Compatibility").
 
+The tokenizer runs in its normalization="huggingface" mode: sentence-transformers tokenises with
+HuggingFace's BertTokenizerFast (the checkpoint's tokenizer.json), not with tf-text, and the two
+disagree on real text (control characters such as U+0089 are deleted rather than word breaks, 'ª'
+and 'ﬁ' are not folded, the 100 limit counts characters, not bytes). With tf-text's
+normalisation 18 of the 54,667 Home Depot titles got other ids and embeddings with a cosine down
+to 0.889; with this mode the ids are those of sentence-transformers for every title and query
+(tests/test_tokenizer.py).
+
 Built for corpora (55k titles in benchmarks/vs_sentence_transformers.py), where the time goes into
 the transformer's matmuls, so the work is cut to the real tokens and to one compilation:
   - identical texts are encoded once;
@@ -144,7 +152,7 @@ class SentenceEncoder:
     lower, default_len = _checkpoint_settings(checkpoint_dir)
     self.max_len = max_len or default_len
     self.tokenizer = WordPieceTokenizer(os.path.join(checkpoint_dir, "vocab.txt"), lower,
-                                        self.max_len)
+                                        self.max_len, normalization="huggingface")
     tower = load_hf_checkpoint(checkpoint_dir, embed_dim=8, rngs=nnx.Rngs(0))
     if self.max_len > tower.config.max_len:
       raise ValueError(f"max_len {self.max_len} > the checkpoint's {tower.config.max_len} "

@@ -1,9 +1,12 @@
 """Query WordPiece tokenizer for serving, pure Python (SPEC §1 "Serving": online query embeddings).
 
-The query tower was trained on ids from omnisage.data.wordpiece.QueryTokenizer, i.e. tf-text's
-FastBertTokenizer (end-to-end mode: no_pretokenization=False, max_bytes_per_word=100,
-unknown_token "[UNK]"). A server must not import TensorFlow, so this module reproduces those ids
-exactly with the standard library and NumPy (tests/test_tokenizer.py compares them list by list):
+Two normalisations, chosen by WordPieceTokenizer(..., normalization=...):
+
+"tf_text" (the default). The query tower was trained on ids from
+omnisage.data.wordpiece.QueryTokenizer, i.e. tf-text's FastBertTokenizer (end-to-end mode:
+no_pretokenization=False, max_bytes_per_word=100, unknown_token "[UNK]"). A server must not import
+TensorFlow, so this mode reproduces those ids exactly with the standard library and NumPy
+(tests/test_tokenizer.py compares them list by list):
 
 1. Normalise each code point on its own, as FastBertNormalizer's per-code-point table does. With
    lower_case: ICU NFKC_Casefold (which also deletes default-ignorable code points such as U+200B),
@@ -18,11 +21,40 @@ Python 3.11's unicodedata is Unicode 14; tensorflow-text's ICU and RE2 know Unic
 points assigned since (a few hundred, none common in queries) whose normalisation or punctuation
 class matters are patched from the tables below, which were read off FastBertTokenizer itself.
 
+"huggingface". sentence-transformers checkpoints (all-MiniLM-L6-v2, used by
+omnisage.serving.text_encoder) are tokenised by HuggingFace tokenizers' BertTokenizerFast, whose
+normalisation differs from tf-text's on real text: mojibake in Home Depot titles such as U+0089 or
+'ª' gave other ids in 18 of 54,667 titles, and those embeddings a cosine of 0.889 with
+sentence-transformers'. This mode reproduces tokenizer.json's BertNormalizer(clean_text,
+handle_chinese_chars, strip_accents=None, lowercase) + BertPreTokenizer + WordPiece +
+"[CLS] $A [SEP]" (tests/test_tokenizer.py compares it with the real library):
+
+1. Split off the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] where the raw text spells them
+   (case-sensitive; they are added tokens that are not normalised): each is its own id.
+2. Normalise each code point on its own. Deleted: U+0000, U+FFFD and every Cc, Cf, Co, Cs except
+   tab, LF and CR. Whitespace (White_Space) becomes a space. CJK ideographs get a space on either
+   side (tokenizers' ranges, which miss U+2B820..U+2B91F). With lower_case: NFD, drop Mn, then
+   lowercase each character on its own (so 'Σ' is always 'σ'). No compatibility folding: 'ª', 'ﬁ'
+   and full-width letters stay as they are.
+3. Split words on whitespace; every punctuation character (ASCII !-/ :-@ [-` {-~, Unicode P*) is
+   a word of its own.
+4. Each word: greedy longest-match-first WordPiece with "##" continuations. A word longer than 100
+   characters (not bytes), or one that cannot be matched to the end, becomes a single [UNK].
+5. [CLS] pieces[:max_len - 2] [SEP], as sentence-transformers truncates.
+
+tokenizers classifies characters with tables of three Unicode versions: Rust's std (lowercase,
+whitespace; Unicode 17), unicode-normalization-alignments (NFD) and unicode_categories (Cc/Cf/Mn/P*;
+Unicode 8, and it has no Cn: unassigned code points are kept). The code points where that disagrees
+with Python's Unicode 14 are patched from the _HF_* tables below, read off tokenizers 0.22.2 code
+point by code point. Per code point is exact but for NFD's canonical reordering of two adjacent
+combining Mc characters (musical symbols and the like: never seen in text).
+
 Words are memoised (an LRU cache per tokenizer), so a typical query costs a few microseconds.
 
 Usage:
   tok = WordPieceTokenizer.from_bundle(load_bundle("runs/demo/bundle"))   # or a bundle directory
   tok = WordPieceTokenizer("prepared/query_vocab.txt", lower_case=True, max_len=64)
+  tok = WordPieceTokenizer(f"{minilm}/vocab.txt", True, 256, normalization="huggingface")
   ids = tok.tokenize(["red velvet cake"])          # [array([CLS, ..., SEP], dtype=int32)]
   batch = tok.encode_batch(["red velvet cake"], 16)  # int32 [1, 16], zero-padded / cropped
 """
@@ -36,6 +68,8 @@ import unicodedata
 import numpy as np
 
 MAX_BYTES_PER_WORD = 100   # FastBertTokenizer's max_bytes_per_word default
+MAX_CHARS_PER_WORD = 100   # tokenizers' WordPiece max_input_chars_per_word (BERT's tokenizer.json)
+NORMALIZATIONS = ("tf_text", "huggingface")
 SUFFIX = "##"
 UNKNOWN = "[UNK]"
 
@@ -138,6 +172,89 @@ def _punctuation() -> re.Pattern:
                                   for a, b in ranges) + "]")
 
 
+# huggingface mode (tokenizers 0.22.2's BertNormalizer and BertPreTokenizer). Its CJK ranges:
+_HF_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+           (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_HF_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")   # BertTokenizerFast's added tokens
+# Code points that unicode_categories (Unicode 8) classifies otherwise than Python's Unicode 14, as
+# "first[-last]" hex ranges. Mn since Unicode 8 (kept: unknown to it, so not stripped as accents):
+_HF_NEW_MARKS = (
+    "7FD 898-89F 8CA-8E1 9FE AFA-AFF B55 C04 C3C D00 D3B-D3C D81 EBA 180F 1885-1886 1ABF-1ACE "
+    "1DF6-1DFB A82C A8C5 A8FF A9BD 10D24-10D27 10EAB-10EAC 10F46-10F50 10F82-10F85 11070 "
+    "11073-11074 110C2 111C9 111CF 1123E 1133B 11438-1143F 11442-11444 11446 1145E 1182F-11837 "
+    "11839-1183A 1193B-1193C 1193E 11943 119D4-119D7 119DA-119DB 119E0 11A01-11A0A 11A33-11A38 "
+    "11A3B-11A3E 11A47 11A51-11A56 11A59-11A5B 11A8A-11A96 11A98-11A99 11C30-11C36 11C38-11C3D "
+    "11C3F 11C92-11CA7 11CAA-11CB0 11CB2-11CB3 11CB5-11CB6 11D31-11D36 11D3A 11D3C-11D3D "
+    "11D3F-11D45 11D47 11D90-11D91 11D95 11D97 11EF3-11EF4 16F4F 16FE4 1CF00-1CF2D 1CF30-1CF46 "
+    "1E000-1E006 1E008-1E018 1E01B-1E021 1E023-1E024 1E026-1E02A 1E130-1E136 1E2AE 1E2EC-1E2EF "
+    "1E944-1E94A")
+_HF_OLD_MARKS = "1734"                                 # Mn in Unicode 8, Mc now: stripped
+_HF_NEW_FORMAT = "890-891 8E2 110CD 13430-13438"       # Cf since Unicode 8: kept
+# P* since Unicode 8 (not split off), and punctuation in Unicode 8 but no longer (split off):
+_HF_NEW_PUNCT = (
+    "61D 9FD A76 C77 C84 1B7D-1B7E 2E43-2E4F 2E52-2E5D 10EAD 10F55-10F59 10F86-10F89 1144B-1144F "
+    "1145A-1145B 1145D 11660-1166C 116B9 1183B 11944-11946 119E2 11A3F-11A46 11A9A-11A9C "
+    "11A9E-11AA2 11C41-11C45 11C70-11C71 11EF7-11EF8 11FFF 12FF1-12FF2 16E97-16E9A 16FE2 "
+    "1E95E-1E95F")
+_HF_OLD_PUNCT = "166D 111C9"
+_HF_NO_NFD = "11938"   # a canonical decomposition newer than unicode-normalization-alignments'
+# Rust's to_lowercase for letters unassigned in Unicode 14, in _NEW_LOWER's format:
+_HF_NEW_LOWER = ("1C89:1C8A A7CB:264 A7CC:A7CD A7CE:A7CF A7D2:A7D3 A7D4:A7D5 A7DA:A7DB A7DC:19B "
+                 "10D50-10D65:10D70 16EA0-16EB8:16EBB")
+
+
+@functools.cache
+def _hf_set(spec: str) -> frozenset[int]:
+  return frozenset(cp for a, b in _ranges(spec) for cp in range(a, b + 1))
+
+
+@functools.cache
+def _hf_lower_table() -> dict[int, str]:
+  table = {}
+  for item in _HF_NEW_LOWER.split():
+    span, _, target = item.partition(":")
+    (first, last), = _ranges(span)
+    table.update((cp, chr(int(target, 16) + cp - first)) for cp in range(first, last + 1))
+  return table
+
+
+def normalize_char_hf(ch: str, lower_case: bool) -> str:
+  """tokenizers' BertNormalizer image of one code point (module docstring, "huggingface" step 2)."""
+  cp = ord(ch)
+  category = unicodedata.category(ch)
+  if cp == 0xFFFD or (category in ("Cc", "Cf", "Co", "Cs") and ch not in "\t\n\r"
+                      and cp not in _hf_set(_HF_NEW_FORMAT)):
+    return ""   # clean_text: NUL, U+FFFD and unicode_categories' "other" are deleted
+  if ch.isspace():
+    return " "
+  out = f" {ch} " if _in(cp, _HF_CJK) else ch
+  if lower_case:   # strip_accents (None: follows lowercase), then lowercase, each per character
+    if cp not in _hf_set(_HF_NO_NFD):
+      out = unicodedata.normalize("NFD", out)
+    out = "".join(c for c in out if not _is_mark_hf(c))
+    lower = _hf_lower_table()
+    out = "".join(lower.get(ord(c)) or c.lower() for c in out)
+  return out
+
+
+def _is_mark_hf(ch: str) -> bool:
+  """unicodedata's Mn as unicode_categories (Unicode 8) sees it: what strip_accents drops."""
+  cp = ord(ch)
+  if unicodedata.category(ch) == "Mn":
+    return cp not in _hf_set(_HF_NEW_MARKS)
+  return cp in _hf_set(_HF_OLD_MARKS)
+
+
+def is_punctuation_hf(ch: str) -> bool:
+  """BertPreTokenizer's is_bert_punc: ASCII punctuation or unicode_categories' P*."""
+  cp = ord(ch)
+  if cp < 128:
+    return _in(cp, _ASCII_PUNCT)
+  if unicodedata.category(ch)[0] == "P":
+    return cp not in _hf_set(_HF_NEW_PUNCT)
+  return cp in _hf_set(_HF_OLD_PUNCT)
+
+
 _MAX_CACHED_CHARS = 1 << 16   # clients sending every code point there is cannot grow it further
 
 
@@ -145,27 +262,36 @@ class _CharMap(dict):
   """str.translate table that fills itself, one Python call per distinct code point ever: the
   normalised image of a character, with spaces around each punctuation character in it.
 
-  After that, str.split() yields exactly the words of step 2: Python's whitespace (str.isspace)
-  and ICU's White_Space differ only on U+001C..U+001F, which are Cc and so already spaces.
+  After that, str.split() yields exactly the words of step 2 (tf_text) or 3 (huggingface):
+  Python's whitespace (str.isspace) and ICU's or Rust's White_Space differ only on U+001C..U+001F,
+  which are Cc and so already spaces (tf_text) or deleted (huggingface).
   """
 
-  def __init__(self, lower_case: bool):
+  def __init__(self, lower_case: bool, normalization: str = "tf_text"):
     super().__init__()
-    self.lower_case = lower_case
+    self.lower_case, self.hf = lower_case, normalization == "huggingface"
     for cp in range(128):   # warm: ASCII and the punctuation class before the first request
       self[cp]
 
   def __missing__(self, cp: int) -> str:
-    out = _punctuation().sub(r" \g<0> ", normalize_char(chr(cp), self.lower_case))
+    if self.hf:
+      out = "".join(f" {c} " if is_punctuation_hf(c) else c
+                    for c in normalize_char_hf(chr(cp), self.lower_case))
+    else:
+      out = _punctuation().sub(r" \g<0> ", normalize_char(chr(cp), self.lower_case))
     if len(self) < _MAX_CACHED_CHARS:
       self[cp] = out
     return out
 
 
 class WordPieceTokenizer:
-  """[CLS] wordpieces [SEP] as int32 arrays, id for id what QueryTokenizer (tf-text) produces."""
+  """[CLS] wordpieces [SEP] as int32 arrays, id for id what QueryTokenizer (tf-text) produces, or
+  with normalization="huggingface" what HuggingFace's BertTokenizerFast produces."""
 
-  def __init__(self, vocab_path: str, lower_case: bool, max_len: int, cache_words: int = 1 << 18):
+  def __init__(self, vocab_path: str, lower_case: bool, max_len: int, cache_words: int = 1 << 18,
+               normalization: str = "tf_text"):
+    if normalization not in NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if max_len < 2:
       raise ValueError(f"max_len must leave room for [CLS] and [SEP], got {max_len}")
     if not os.path.isfile(vocab_path):
@@ -187,6 +313,7 @@ class WordPieceTokenizer:
       # has one, so refuse rather than imitate that.
       raise ValueError(f"{vocab_path}: tokens with whitespace are not supported: {spaced[:3]}")
     self.lower_case, self.max_len = bool(lower_case), int(max_len)
+    self.normalization = normalization
     self.unk_id, self.cls_id, self.sep_id = index[UNKNOWN], index["[CLS]"], index["[SEP]"]
     # Word-initial pieces and "##" continuations, keyed by their text without "##". Tokens with
     # punctuation inside can never match a word (words never contain punctuation), as in tf-text.
@@ -194,7 +321,13 @@ class WordPieceTokenizer:
     self._rest = {t[len(SUFFIX):]: i for t, i in index.items()
                   if t.startswith(SUFFIX) and len(t) > len(SUFFIX)}
     self._longest = max(map(len, (*self._first, *self._rest)))
-    self._chars = _CharMap(self.lower_case)
+    self._chars = _CharMap(self.lower_case, normalization)
+    self._specials = None
+    if normalization == "huggingface":
+      # Added tokens, matched in the raw text before normalisation (leftmost, longest first).
+      special = sorted((t for t in _HF_SPECIAL if t in index), key=len, reverse=True)
+      self._special_ids = {t: index[t] for t in special}
+      self._specials = re.compile("(" + "|".join(map(re.escape, special)) + ")")
     self._word_ids = functools.lru_cache(maxsize=cache_words)(self._wordpiece)
 
   @classmethod
@@ -221,6 +354,15 @@ class WordPieceTokenizer:
 
   def pieces(self, text: str) -> list[int]:
     """WordPiece ids of `text`, without [CLS]/[SEP] and without truncation."""
+    if self._specials is not None and "[" in text:
+      ids: list[int] = []
+      for i, part in enumerate(self._specials.split(text)):
+        # re.split with one group: the special tokens are the odd items.
+        ids.extend((self._special_ids[part],) if i % 2 else self._words(part))
+      return ids
+    return self._words(text)
+
+  def _words(self, text: str) -> list[int]:
     ids: list[int] = []
     for word in text.translate(self._chars).split():
       ids.extend(self._word_ids(word))
@@ -244,8 +386,12 @@ class WordPieceTokenizer:
     return batch
 
   def _wordpiece(self, word: str) -> tuple[int, ...]:
-    size = len(word) if word.isascii() else len(word.encode("utf-8", "surrogatepass"))
-    if size > MAX_BYTES_PER_WORD:
+    if self.normalization == "huggingface":
+      too_long = len(word) > MAX_CHARS_PER_WORD   # characters
+    else:
+      size = len(word) if word.isascii() else len(word.encode("utf-8", "surrogatepass"))
+      too_long = size > MAX_BYTES_PER_WORD        # UTF-8 bytes
+    if too_long:
       return (self.unk_id,)
     ids, start, vocab = [], 0, self._first
     while start < len(word):

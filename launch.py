@@ -6,18 +6,17 @@
   python launch.py demo    --config=configs/omnisage_synthetic.py --workdir=runs/demo
   python launch.py export  --config=configs/omnisage_synthetic.py --workdir=runs/demo \
       --out=runs/demo/bundle
-  python launch.py embed   --config=configs/omnisage_synthetic.py --workdir=runs/demo \
-      --bundle=runs/demo/bundle --entities=runs/demo/prepared/entities/pins.parquet \
-      --out=runs/demo/embeddings
+  python launch.py embed   --bundle=runs/demo/bundle \
+      --entities=runs/demo/prepared/entities/pins.parquet --out=runs/demo/embeddings
   python launch.py index   --embeddings=runs/demo/embeddings --out=runs/demo/index \
       --target-recall=0.95
   python launch.py bench retrieval --embeddings=runs/demo/embeddings --out=runs/demo/bench
   python launch.py serve   --bundle=runs/demo/bundle --index=runs/demo/index --port=8080
 
 Config values are overridden with `--config.train.steps=100`; a config file takes an argument after
-a colon (`configs/omnisage_synthetic.py:tiny`); index, bench and serve need no config. Flag
-names take '-' or '_' (`--target-recall` is `--target_recall`). Every subcommand ends by printing
-ONE JSON line with its key figures.
+a colon (`configs/omnisage_synthetic.py:tiny`); embed, index, bench, serve and pinnersage need no
+config. Flag names take '-' or '_' (`--target-recall` is `--target_recall`). Every subcommand ends
+by printing ONE JSON line with its key figures.
 
 Multi-host (one process per host, every process runs the same command line; tests/test_multihost.py
 runs two processes on loopback and checks they train exactly like one process with all devices):
@@ -58,7 +57,8 @@ from ml_collections import config_flags
 COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed", "index", "bench", "serve",
             "pinnersage", "compile")
 # The commands that need --config and --workdir.
-CONFIG_COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed")
+# embed reads everything from its --bundle (tokenizer, towers, dims), so it needs no config.
+CONFIG_COMMANDS = ("prepare", "train", "eval", "demo", "export")
 # Systems besides OmniSearchSage (SPEC §2-4): a config's `system` field names the module that
 # implements its prepare/train/evaluate/export(config, workdir[, out]) -> dict.
 SYSTEMS = {"twotower": "omnisage.train.twotower", "pintext": "omnisage.train.pintext"}

@@ -90,9 +90,8 @@ def test_embeddings_match_the_bundle_and_reruns_only_redo_missing_shards(bundle_
 def test_launch_embed_writes_shards_and_one_json_line(bundle_and_pins, tmp_path):
   _, bundle_dir, pins = bundle_and_pins
   out = tmp_path / "embeddings"
-  result = launch("embed", f"--config={TINY_CONFIG}:tiny",
-                  f"--workdir={tmp_path}", f"--bundle={bundle_dir}", f"--entities={pins}",
-                  f"--out={out}")
+  # No --config / --workdir: the bundle carries everything embed needs.
+  result = launch("embed", f"--bundle={bundle_dir}", f"--entities={pins}", f"--out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = last_json(result)["embed"]
   assert summary["kind"] == "pins" and summary["shards_written"] == summary["shards"]

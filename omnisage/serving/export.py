@@ -77,30 +77,10 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
                        jax.ShapeDtypeStruct((b, dims["continuous_dim"]), np.float32)),
   }
 
-  # Write next to the target and rename at the end, so a failed export never leaves a bundle
-  # that looks complete.
-  out_dir = os.path.abspath(out_dir)
-  tmp = out_dir + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  flat, trees = {}, {}
-  for name in TOWERS:
-    params, blob = _export_tower(getattr(model, name), inputs[name])
-    with open(os.path.join(tmp, f"{name}.jaxexport"), "wb") as f:
-      f.write(blob)
-    flat.update({f"{name}/{key}": leaf for key, leaf in params.items()})
-    trees[name] = [{"key": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-                   for key, leaf in params.items()]
-  safetensors.numpy.save_file(flat, os.path.join(tmp, PARAMS_FILE))
+  tmp = start_bundle(out_dir)
+  trees = write_towers(tmp, model, inputs)
   shutil.copy(os.path.join(prepared, "query_vocab.txt"), tmp)
   shutil.copytree(os.path.join(prepared, "ngram_vocab"), os.path.join(tmp, "ngram_vocab"))
-
-  files = {}
-  for root, _, names in os.walk(tmp):
-    for fname in sorted(names):
-      full = os.path.join(root, fname)
-      files[os.path.relpath(full, tmp)] = {"sha256": sha256_of(full),
-                                           "bytes": os.path.getsize(full)}
   manifest = {
       "format_version": FORMAT_VERSION,
       "omnisage_version": omnisage.__version__,
@@ -116,22 +96,61 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
       "hashing": {"hash_rows": int(config.model.hash_rows),
                   "hash_seed": int(config.model.hash_seed), "V": int(vocab_sizes["ngram"])},
       "towers": {name: {"function": f"{name}.jaxexport", "params": trees[name]} for name in TOWERS},
-      "files": dict(sorted(files.items())),
   }
+  files = publish_bundle(tmp, out_dir, manifest)
+  return {"bundle": os.path.abspath(out_dir), "step": int(step), "dims": dims,
+          "files": {name: info["bytes"] for name, info in files.items()}}
+
+
+def start_bundle(out_dir: str) -> str:
+  """A fresh `<out_dir>.partial` to write a bundle into. Writing next to the target and renaming
+  at the end (publish_bundle) means a failed export never leaves a bundle that looks complete."""
+  tmp = os.path.abspath(out_dir) + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  return tmp
+
+
+def write_towers(tmp: str, model, inputs: dict) -> dict:
+  """Exports `model.<name>` for each name of `inputs` ({tower: input specs}) to <name>.jaxexport
+  and all their weights to params.safetensors ("<tower>/<key>"); returns each tower's param list
+  (key, shape, dtype) for the manifest."""
+  flat, trees = {}, {}
+  for name, specs in inputs.items():
+    params, blob = export_tower(getattr(model, name), specs)
+    with open(os.path.join(tmp, f"{name}.jaxexport"), "wb") as f:
+      f.write(blob)
+    flat.update({f"{name}/{key}": leaf for key, leaf in params.items()})
+    trees[name] = [{"key": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
+                   for key, leaf in params.items()]
+  safetensors.numpy.save_file(flat, os.path.join(tmp, PARAMS_FILE))
+  return trees
+
+
+def publish_bundle(tmp: str, out_dir: str, manifest: dict) -> dict:
+  """Adds the sha256 and size of every file under `tmp` to `manifest` ("files"), writes it, and
+  replaces `out_dir` with `tmp` whole (never mixing old and new files). Refuses to replace a
+  directory that is not a bundle. Returns the files entry."""
+  files = {}
+  for root, _, names in os.walk(tmp):
+    for fname in sorted(names):
+      full = os.path.join(root, fname)
+      files[os.path.relpath(full, tmp)] = {"sha256": sha256_of(full),
+                                           "bytes": os.path.getsize(full)}
+  manifest = {**manifest, "files": dict(sorted(files.items()))}
   with open(os.path.join(tmp, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
-
+  out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir):
     if not os.path.exists(os.path.join(out_dir, MANIFEST)):
       shutil.rmtree(tmp)
       raise ValueError(f"{out_dir} exists and is not a bundle: refusing to overwrite it")
     shutil.rmtree(out_dir)  # a previous bundle: replaced whole, never mixed with the new one
   os.rename(tmp, out_dir)
-  return {"bundle": out_dir, "step": int(step), "dims": dims,
-          "files": {name: info["bytes"] for name, info in manifest["files"].items()}}
+  return manifest["files"]
 
 
-def _export_tower(tower: nnx.Module, inputs: tuple) -> tuple[dict, bytes]:
+def export_tower(tower: nnx.Module, inputs: tuple) -> tuple[dict, bytes]:
   """({'/'-joined path: host array}, serialised jax.export program) of one tower."""
   # All variables (Params and the HashIndices constant): the exported program takes them as
   # arguments rather than baked-in constants, so the weights live in the safetensors file.

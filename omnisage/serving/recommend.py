@@ -27,8 +27,6 @@ Usage:
 
 import asyncio
 import logging
-import signal
-import socket
 import time
 
 import numpy as np
@@ -179,24 +177,7 @@ def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.t
 def serve_recommend(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
                     extra_routers=(), **options) -> dict:
   """Serves until SIGINT/SIGTERM (as omnisage/serving/server.py `serve`), then a summary."""
-  import uvicorn
-
-  from omnisage.serving.server import _quiet_signals
+  from omnisage.serving.server import run_until_signal
   app = create_recommend_app(bundle_path, index_path, extra_routers, **options)
-  try:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-  except OSError as error:
-    raise ValueError(f"cannot listen on {host}:{port}: {error}") from error
-  port = sock.getsockname()[1]
-  url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
-  server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                         access_log=False, timeout_graceful_shutdown=5))
-  stopped_by = []
-  with _quiet_signals(stopped_by):
-    log.info("serving %sv1/recommend; Ctrl-C stops", url)
-    server.run(sockets=[sock])
-  sock.close()
-  return {"url": url, "requests": app.state.recommender.requests,
-          "stopped_by": signal.Signals(stopped_by[0]).name if stopped_by else None}
+  url, stopped = run_until_signal(app, host, port, "serving {url}v1/recommend")
+  return {"url": url, "requests": app.state.recommender.requests, "stopped_by": stopped}

@@ -287,9 +287,20 @@ def serve(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
   One process, one event loop: the compiled query tower is not fork-safe, and micro-batching
   needs all requests in one place anyway.
   """
-  import uvicorn
   app = create_app(bundle_path, index_path, **options)
-  try:   # bind here, not in uvicorn: a busy port is a clear error, not uvicorn's sys.exit(1)
+  url, stopped = run_until_signal(
+      app, host, port, "serving {url} (search page), {url}v1/embed, {url}v1/search, {url}metrics")
+  return {"url": url, **app.state.service.summary(), "stopped_by": stopped}
+
+
+def run_until_signal(app, host: str, port: int, banner: str) -> tuple[str, str | None]:
+  """Runs `app` with uvicorn on host:port until SIGINT/SIGTERM; returns (url, signal name or None).
+
+  The socket is bound here, not in uvicorn: a busy port is a clear ValueError, not uvicorn's
+  sys.exit(1). `banner` is logged with {url} filled in. Shared by every omnisage server.
+  """
+  import uvicorn
+  try:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -301,12 +312,10 @@ def serve(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
                                          access_log=False, timeout_graceful_shutdown=5))
   stopped_by = []
   with _quiet_signals(stopped_by):
-    log.info("serving %s (search page), %sv1/embed, %sv1/search, %smetrics; Ctrl-C stops",
-             url, url, url, url)
+    log.info(banner.format(url=url) + "; Ctrl-C stops")
     server.run(sockets=[sock])
   sock.close()
-  return {"url": url, **app.state.service.summary(),
-          "stopped_by": signal.Signals(stopped_by[0]).name if stopped_by else None}
+  return url, signal.Signals(stopped_by[0]).name if stopped_by else None
 
 
 @contextlib.contextmanager

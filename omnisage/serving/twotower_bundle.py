@@ -62,7 +62,8 @@ def is_twotower_bundle(path: str) -> bool:
 
 def write_bundle(model, meta: dict, prepared_dir: str, step: int, out_dir: str,
                  config: dict) -> dict:
-  from omnisage.serving.export import PLATFORMS, _export_tower  # export-time only (model code)
+  # export-time only (model code)
+  from omnisage.serving.export import PLATFORMS, publish_bundle, start_bundle, write_towers
   dims = {"embed_dim": int(config["model"]["embed_dim"]), "history_len": meta["history_len"],
           "num_genres": len(meta["genres"]), "user_dense_dim": meta["user_dense_dim"],
           "item_dense_dim": meta["item_dense_dim"], "title_tokens": meta["title_tokens"],
@@ -76,41 +77,19 @@ def write_bundle(model, meta: dict, prepared_dir: str, step: int, out_dir: str,
             "item_tower": (spec((b,), np.int32), spec((b, g), np.float32), spec((b,), np.int32),
                            spec((b, dims["item_dense_dim"]), np.float32),
                            spec((b, dims["title_tokens"]), np.int32))}
-  out_dir = os.path.abspath(out_dir)
-  tmp = out_dir + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  flat, trees = {}, {}
-  for name in TOWERS:
-    params, blob = _export_tower(getattr(model, name), inputs[name])
-    with open(os.path.join(tmp, f"{name}.jaxexport"), "wb") as f:
-      f.write(blob)
-    flat.update({f"{name}/{key}": leaf for key, leaf in params.items()})
-    trees[name] = [{"key": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-                   for key, leaf in params.items()]
-  safetensors.numpy.save_file(flat, os.path.join(tmp, PARAMS_FILE))
+  tmp = start_bundle(out_dir)
+  trees = write_towers(tmp, model, inputs)
   shutil.copy(os.path.join(prepared_dir, mlx.ITEMS), tmp)
   shutil.copy(os.path.join(prepared_dir, mlx.META), tmp)
-  files = {name: {"sha256": sha256_of(os.path.join(tmp, name)),
-                  "bytes": os.path.getsize(os.path.join(tmp, name))}
-           for name in sorted(os.listdir(tmp))}
   manifest = {"format_version": FORMAT_VERSION, "system": SYSTEM, "step": step,
               "jax_version": jax.__version__, "platforms": list(PLATFORMS), "dims": dims,
               "features": {"cut": meta["cut"], "genres": meta["genres"],
                            "popularity_window_days": meta["popularity_window_days"],
                            "time_unit_of_ages": "days"},
               "towers": {name: {"function": f"{name}.jaxexport", "params": trees[name]}
-                         for name in TOWERS},
-              "files": files}
-  with open(os.path.join(tmp, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  if os.path.exists(out_dir):
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-      shutil.rmtree(tmp)
-      raise ValueError(f"{out_dir} exists and is not a bundle: refusing to overwrite it")
-    shutil.rmtree(out_dir)
-  os.rename(tmp, out_dir)
-  return {"bundle": out_dir, "step": step, "dims": dims,
+                         for name in TOWERS}}
+  files = publish_bundle(tmp, out_dir, manifest)
+  return {"bundle": os.path.abspath(out_dir), "step": step, "dims": dims,
           "files": {name: info["bytes"] for name, info in files.items()}}
 
 

@@ -36,7 +36,9 @@ class BundleError(Exception):
 
 
 @dataclasses.dataclass
-class Bundle:
+class ExportedTowers:
+  """A verified bundle's exported tower programs and their weights (shared by every bundle kind:
+  this one and serving/twotower_bundle.py)."""
   path: str
   manifest: dict
   params: dict          # tower name -> {key: np.ndarray}: the flat params argument of its program
@@ -53,6 +55,17 @@ class Bundle:
   @property
   def step(self) -> int:
     return int(self.manifest["step"])
+
+  def _run(self, tower: str, *args) -> np.ndarray:
+    if args[0].shape[0] == 0:   # the symbolic batch dimension is >= 1
+      return np.zeros((0, self.dims["embed_dim"]), np.float32)
+    out = self._calls[tower](self.params[tower], *args)
+    return np.asarray(out, np.float32)
+
+
+@dataclasses.dataclass
+class Bundle(ExportedTowers):
+  """The OmniSearchSage bundle: query and entity towers."""
 
   def embed_queries(self, tokens) -> np.ndarray:
     """tokens: int [B, L] WordPiece ids (0 = padding), padded/cropped to query_len -> [B, D]."""
@@ -72,12 +85,6 @@ class Bundle:
       raise ValueError(f"continuous has shape {continuous.shape}, expected {want}")
     n = self.dims["entity_tokens"]
     return self._run("entity_tower", _fit(tokens, n), _fit(fields, n), continuous)
-
-  def _run(self, tower: str, *args) -> np.ndarray:
-    if args[0].shape[0] == 0:   # the symbolic batch dimension is >= 1
-      return np.zeros((0, self.dims["embed_dim"]), np.float32)
-    out = self._calls[tower](self.params[tower], *args)
-    return np.asarray(out, np.float32)
 
 
 def load_bundle(path: str) -> Bundle:

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import safetensors.numpy
 
 from omnisage.data import movielens_examples as mlx
-from omnisage.serving.bundle import BundleError, sha256_of
+from omnisage.serving.bundle import BundleError, ExportedTowers, sha256_of
 from omnisage.serving.embed import BUNDLE_KEY
 
 FORMAT_VERSION = 1
@@ -94,23 +94,9 @@ def write_bundle(model, meta: dict, prepared_dir: str, step: int, out_dir: str,
 
 
 @dataclasses.dataclass
-class TwoTowerBundle:
-  path: str
-  manifest: dict
-  params: dict           # tower -> {key: array}
-  functions: dict        # tower -> jax.export.Exported
+class TwoTowerBundle(ExportedTowers):
+  """User and item towers plus the item catalogue their inputs are built from."""
   catalogue: mlx.Catalogue
-
-  def __post_init__(self):
-    self._calls = {name: jax.jit(f.call) for name, f in self.functions.items()}
-
-  @property
-  def dims(self) -> dict:
-    return self.manifest["dims"]
-
-  @property
-  def step(self) -> int:
-    return int(self.manifest["step"])
 
   def embed_users(self, hist_items, hist_age, hist_genres, user_dense) -> np.ndarray:
     return self._run("user_tower", np.asarray(hist_items, np.int32),
@@ -121,11 +107,6 @@ class TwoTowerBundle:
     return self._run("item_tower", np.asarray(item, np.int32),
                      np.asarray(item_genres, np.float32), np.asarray(item_year, np.int32),
                      np.asarray(item_dense, np.float32), np.asarray(item_title, np.int32))
-
-  def _run(self, tower: str, *args) -> np.ndarray:
-    if args[0].shape[0] == 0:
-      return np.zeros((0, self.dims["embed_dim"]), np.float32)
-    return np.asarray(self._calls[tower](self.params[tower], *args), np.float32)
 
 
 def load_twotower_bundle(path: str) -> TwoTowerBundle:

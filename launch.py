@@ -70,6 +70,10 @@ config_flags.DEFINE_config_file("config", None, "Python config file (ml_collecti
 flags.DEFINE_string("workdir", None, "Directory for prepared data, checkpoints and logs.")
 flags.DEFINE_enum("distributed", "off", ["off", "auto"],
                   "auto: jax.distributed.initialize() detects the cluster.")
+flags.DEFINE_enum("host_malloc", "reuse", ["reuse", "default"],
+                  "reuse: keep freed host memory in the process (glibc mallopt, "
+                  "omnisage.train.host_memory) so XLA's CPU step temporaries are not page-faulted "
+                  "in again every step; default: glibc's own settings.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
@@ -417,6 +421,10 @@ def main(argv):
   if argv[1] == "embed" and not (FLAGS.bundle and FLAGS.entities and FLAGS.out):
     raise app.UsageError("embed needs --bundle, --entities and --out")
   configure_logging()
+  # Before JAX or TensorFlow start their thread pools: threads that own an arena keep it.
+  from omnisage.train.host_memory import reuse_freed_host_memory
+  if FLAGS.host_malloc == "reuse" and not reuse_freed_host_memory():
+    logging.getLogger("omnisage").info("--host_malloc=reuse: not glibc, malloc left as it is")
   init_distributed()
   command = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
              "export": cmd_export, "embed": cmd_embed, "index": cmd_index, "serve": cmd_serve,

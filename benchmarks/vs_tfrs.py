@@ -28,6 +28,12 @@ with -1e30 (both underflow to 0); in omnisage rows with the same query id are al
 negatives, which is void here (query ids are the row numbers). Keras adds eps to sqrt(v) before the
 bias correction, optax after it (eps only matters for tiny gradients).
 
+Host memory: with --host-malloc reuse (the default) both sides run with the same glibc malloc
+settings, omnisage.train.host_memory.reuse_freed_host_memory() (what `launch.py` does), set before
+either framework starts its threads: freed step temporaries stay in the process instead of being
+unmapped and page-faulted in again every step. --host-malloc default runs both sides with glibc's
+defaults.
+
 Threads: this process pins itself to the first --threads cores (os.sched_setaffinity) before JAX
 starts, so XLA's CPU thread pool has that many threads; the TF child inherits the affinity and gets
 intra_op = inter_op = --threads. The sides run alternately (omnisage, TFRS, TFRS+XLA, then
@@ -64,6 +70,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.peers.twotower_data import HASH_MULTIPLIER, make_pairs, save_pairs  # noqa: E402
 from omnisage.models.compat import l2_normalize  # noqa: E402
+from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
 from omnisage.train.losses import sampled_softmax_loss  # noqa: E402
 
 PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "peers", "tfrs_side.py")
@@ -161,7 +168,8 @@ def run_tfrs(data_dir: str, args, batch: int, *, jit_compile: bool) -> dict:
   cmd = [args.peers_python, PEER_SCRIPT, f"--data={data_dir}", f"--batch={batch}",
          f"--steps={args.steps}", f"--warmup={args.warmup}", f"--buckets={args.buckets}",
          f"--dim={args.dim}", f"--hidden={args.hidden}", f"--temperature={args.temperature}",
-         f"--lr={args.lr}", f"--threads={args.threads}", f"--seed={args.seed}"]
+         f"--lr={args.lr}", f"--threads={args.threads}", f"--seed={args.seed}",
+         f"--host-malloc={args.host_malloc}"]
   cmd += ["--jit-compile"] if jit_compile else []
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="")
@@ -202,6 +210,8 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-jit-peer", action="store_true", help="skip TFRS with jit_compile")
   parser.add_argument("--peers-python", default=PEERS_PYTHON)
+  parser.add_argument("--host-malloc", choices=["reuse", "default"], default="reuse",
+                      help="glibc malloc settings for both sides (see the module docstring)")
   args = parser.parse_args()
   if args.warmup < 1 or args.steps < 1:
     sys.exit("error: --warmup and --steps must be >= 1")
@@ -209,6 +219,8 @@ def main():
     sys.exit(f"error: {args.peers_python} not found: run `make peers` first")
   # Before JAX creates its CPU client, so XLA sizes its thread pool to these cores.
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+  if args.host_malloc == "reuse" and not reuse_freed_host_memory():
+    sys.exit("error: --host-malloc reuse needs glibc's mallopt; pass --host-malloc default")
   batches = [int(b) for b in args.batches.split(",")]
   peers = ["tfrs"] + ([] if args.no_jit_peer else ["tfrs_jit"])
 
@@ -262,6 +274,7 @@ def main():
     "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
     "buckets": args.buckets, "dim": args.dim, "hidden": args.hidden,
     "temperature": args.temperature, "lr": args.lr, "loss_impl": args.loss_impl,
+    "host_malloc": args.host_malloc,
     "jax": jax.__version__,
     "backend": jax.default_backend()}}))
 

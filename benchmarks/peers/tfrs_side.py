@@ -11,7 +11,7 @@ steps (tracing, graph optimisation, XLA compilation) are excluded.
 
 Usage (what vs_tfrs.py runs):
   TF_USE_LEGACY_KERAS=1 .venv-peers/bin/python benchmarks/peers/tfrs_side.py --data DIR \
-      --batch 4096 --steps 20 --warmup 3 [--jit-compile] --threads 2
+      --batch 4096 --steps 20 --warmup 3 [--jit-compile] --threads 2 [--host-malloc=reuse]
 Prints one JSON line: {"examples_per_s", "step_ms", "losses", ...}.
 """
 
@@ -24,6 +24,14 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")   # tfrs 0.7.7 needs Keras 2 (tf-keras)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # CPU, like the JAX side
+
+# --host-malloc reuse: the same glibc malloc settings as the JAX side, set before TensorFlow starts
+# its thread pools (omnisage.train.host_memory is plain Python: no JAX needed).
+if "--host-malloc=reuse" in sys.argv:
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
+  if not reuse_freed_host_memory():
+    sys.exit("error: --host-malloc=reuse needs glibc's mallopt")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -95,6 +103,8 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--threads", type=int, required=True)
   parser.add_argument("--jit-compile", action="store_true", help="compile(jit_compile=True): XLA")
+  parser.add_argument("--host-malloc", choices=["reuse", "default"], default="default",
+                      help="reuse: omnisage.train.host_memory's malloc settings (read at import)")
   args = parser.parse_args()
 
   tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -115,6 +125,7 @@ def main():
   measured_s = clock.times[-1] - clock.times[args.warmup - 1]
   print(json.dumps({
     "side": "tfrs" + ("_jit" if args.jit_compile else ""),
+    "host_malloc": args.host_malloc,
     "examples_per_s": args.steps * args.batch / measured_s,
     "step_ms": 1000 * measured_s / args.steps,
     "warmup_s": clock.times[args.warmup - 1] - t0,

@@ -7,7 +7,7 @@ unit [., dim] inputs: the towers are left out, their activations scale with B fo
 are not what the impl changes (the B x (B + R) logits are).
 
 Each (B, impl) runs in its own child process, so peak RSS (ru_maxrss) is that configuration's alone:
-  est_GB      B x (B + R) x 4 bytes x 3 (logits, exp, cotangent): dense configurations above
+  est_GB      B x (B + R) x 4 bytes x 2 (logits, softmax weights): dense configurations above
               --dense-max-gb are only compiled (.lower().compile() allocates nothing) and reported
               as "skipped (est. N GB)" with their compiled memory estimate.
   xla_GB      compiled memory_analysis(): temp + argument bytes.
@@ -41,7 +41,7 @@ GB = 1e9
 
 
 def dense_estimate_bytes(batch: int, negatives: int) -> float:
-  return batch * (batch + negatives) * 4 * 3
+  return batch * (batch + negatives) * 4 * 2
 
 
 def step_tflop(batch: int, negatives: int, dim: int, impl: str) -> float:

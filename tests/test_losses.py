@@ -303,5 +303,7 @@ def test_impl_is_swappable(monkeypatch):
   chunked, chunked_m = jax.jit(lambda: impl_loss(c, impl="chunked"))()
   np.testing.assert_allclose(chunked, dense, rtol=1e-6)
   np.testing.assert_allclose(chunked_m["accuracy_inbatch"], dense_m["accuracy_inbatch"])
+  # float32 rounding: dense's hand-written VJP forms the softmax weights as exp(logit - lse), the
+  # chunked impl's autodiff as exp(logit - max) / sum.
   for a, b in zip(impl_grads(c, impl="chunked"), impl_grads(c)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=5e-6, rtol=1e-5)

@@ -91,7 +91,8 @@ def test_tfrs_side_runs_and_learns(tmp_path):
   users, items = make_pairs(num_pairs=(TINY.warmup + TINY.steps) * batch, seed=2, num_users=640,
                             num_items=640)
   save_pairs(str(tmp_path), users, items)
-  args = types.SimpleNamespace(**vars(TINY), peers_python=vs_tfrs.PEERS_PYTHON, threads=1)
+  args = types.SimpleNamespace(**vars(TINY), peers_python=vs_tfrs.PEERS_PYTHON, threads=1,
+                               host_malloc="reuse")
   try:
     out = vs_tfrs.run_tfrs(str(tmp_path), args, batch, jit_compile=False)
   except subprocess.TimeoutExpired:

@@ -18,6 +18,10 @@ a colon (`configs/omnisage_synthetic.py:tiny`); embed, index, bench, serve and p
 config. Flag names take '-' or '_' (`--target-recall` is `--target_recall`). Every subcommand ends
 by printing ONE JSON line with its key figures.
 
+Host memory: by default (--host_malloc=reuse) freed host memory stays in the process
+(omnisage/train/host_memory.py: glibc mallopt), so XLA's CPU step temporaries are not unmapped and
+page-faulted in again every step; --host_malloc=default keeps glibc's own settings.
+
 Multi-host (one process per host, every process runs the same command line; tests/test_multihost.py
 runs two processes on loopback and checks they train exactly like one process with all devices):
   - jax.distributed.initialize() joins the processes: either --coordinator_address=HOST:PORT

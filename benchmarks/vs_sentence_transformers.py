@@ -15,7 +15,13 @@ the two sides' embeddings of each text. Target (issue 6): speedup >= 1.5 with mi
 
 sentence-transformers sorts texts by length and pads each batch to its longest text; its default
 batch is 32; --st-batch-size defaults to 256, ~2.6x faster than 32 for torch on the 2-core box
-(give a comma list, e.g. 256,32, to time several: the fastest is the one compared).
+(give a comma list, e.g. 256,32, to time several: the fastest is the one compared). Each batch
+size runs with one process of --threads torch threads and with sentence-transformers'
+multi-process pool (--st-workers 1,2: 2 workers of threads / 2 torch threads each); the fastest
+setting is the one compared.
+
+omnisage runs with --cpu-devices JAX CPU devices (default: one per thread), to which
+SentenceEncoder deals its batches in turn: independent streams, like the worker pool.
 
 Default size: all 54,667 titles, several minutes per side on a 2-core box (use --limit for a
 quick run).
@@ -52,6 +58,12 @@ def parse_args(argv=None):
                  help="omnisage SentenceEncoder batch_size (0: its default)")
   p.add_argument("--st-batch-size", default="256",
                  help="sentence-transformers batch size(s), comma-separated")
+  p.add_argument("--st-workers", default="1,2",
+                 help="sentence-transformers worker processes (its multi-process pool, threads / "
+                      "workers torch threads each), comma-separated: each is timed")
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="JAX CPU devices for omnisage (--xla_force_host_platform_device_count; "
+                      "SentenceEncoder deals batches to them in turn); 0: --threads")
   p.add_argument("--order", default="omnisage,st", choices=("omnisage,st", "st,omnisage"))
   p.add_argument("--peers-python", default=os.path.join(REPO, ".venv-peers", "bin", "python"))
   p.add_argument("--workdir", default="", help="where texts/embeddings go (default: a temp dir)")
@@ -82,7 +94,8 @@ def run_omnisage(texts: list[str], batch_size: int) -> tuple[np.ndarray, dict]:
   t0 = time.perf_counter()
   tokens = fresh.tokenize(texts)
   tokenize = time.perf_counter() - t0
-  return vectors, dict(batch_tokens=enc.batch_tokens, load_seconds=load, seconds=seconds,
+  return vectors, dict(batch_tokens=enc.batch_tokens, devices=len(enc.devices),
+                       load_seconds=load, seconds=seconds,
                        tokenize_seconds=tokenize, real_tokens=int(sum(map(len, tokens))),
                        useful_flops=useful_flops([len(t) for t in tokens]))
 
@@ -117,13 +130,15 @@ def matmul_peak() -> dict:
   return {"square_2048": square, "ffn_shape": 2 * 4096 * 384 * 1536 / best}
 
 
-def run_st(args, texts_file: str, out: str, batch_size: int) -> tuple[np.ndarray, dict]:
+def run_st(args, texts_file: str, out: str, batch_size: int,
+           workers: int = 1) -> tuple[np.ndarray, dict]:
   from omnisage.serving.text_encoder import minilm_dir
   if not os.path.exists(args.peers_python):
     raise FileNotFoundError(f"{args.peers_python}: not found (run `make peers`)")
   cmd = [args.peers_python, os.path.join(REPO, "benchmarks", "peers", "st_side.py"),
          "--model", minilm_dir(), "--texts", texts_file, "--out", out,
-         "--threads", str(args.threads), "--batch-size", str(batch_size)]
+         "--threads", str(args.threads), "--batch-size", str(batch_size),
+         "--workers", str(workers)]
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", USE_TF="0",
              OMP_NUM_THREADS=str(args.threads))
   res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -141,11 +156,17 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def main(argv=None):
   args = parse_args(argv)
+  # Before anything imports JAX: one CPU device per core, independent streams (text_encoder.py).
+  if "jax" in sys.modules:
+    sys.exit("error: JAX was imported before the CPU device count could be set")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_"
+                             f"count={args.cpu_devices or args.threads}").strip()
   cpus = sorted(os.sched_getaffinity(0))
   if args.threads < len(cpus):   # both sides (the child inherits it) on the same few CPUs
     os.sched_setaffinity(0, cpus[:args.threads])
   texts = titles(args.datasets, args.limit)
   st_sizes = [int(s) for s in args.st_batch_size.split(",") if s]
+  st_workers = [int(w) for w in args.st_workers.split(",") if w]
   work = args.workdir or tempfile.mkdtemp(prefix="vs_st_")
   os.makedirs(work, exist_ok=True)
   texts_file = os.path.join(work, "texts.json")
@@ -159,10 +180,12 @@ def main(argv=None):
       ours, ours_info = run_omnisage(texts, args.batch_size)
     else:
       for bs in st_sizes:
-        vec, info = run_st(args, texts_file, os.path.join(work, f"st_{bs}.npy"), bs)
-        st_runs[bs] = info
-        if st_info is None or info["seconds"] < st_info["seconds"]:
-          st, st_info = vec, info
+        for workers in st_workers:
+          vec, info = run_st(args, texts_file, os.path.join(work, f"st_{bs}_{workers}.npy"), bs,
+                             workers)
+          st_runs[(bs, workers)] = info
+          if st_info is None or info["seconds"] < st_info["seconds"]:
+            st, st_info = vec, info
   cos = cosines(ours, st)
   speedup = st_info["seconds"] / ours_info["seconds"]
   # The same useful work for both: every text (duplicates too, as sentence-transformers encodes
@@ -178,8 +201,10 @@ def main(argv=None):
       omnisage_tokenize_seconds=round(ours_info["tokenize_seconds"], 2),
       omnisage_batch_tokens=ours_info["batch_tokens"],
       st_seconds=round(st_info["seconds"], 2), st_load_seconds=round(st_info["load_seconds"], 2),
-      st_batch_size=st_info["batch_size"],
-      st_seconds_by_batch_size={str(k): round(v["seconds"], 2) for k, v in st_runs.items()},
+      st_batch_size=st_info["batch_size"], st_workers=st_info["workers"],
+      st_seconds_by_setting={f"bs{bs}_workers{w}": round(v["seconds"], 2)
+                             for (bs, w), v in st_runs.items()},
+      omnisage_cpu_devices=ours_info["devices"],
       st_versions=st_info["versions"], speedup=round(speedup, 3),
       useful_gflop=round(work / 1e9, 1),
       omnisage_useful_gflops=round(gflops["omnisage"], 1), st_useful_gflops=round(gflops["st"], 1),
@@ -187,11 +212,11 @@ def main(argv=None):
       speedup_ceiling=round(max(peak.values()) / 1e9 / gflops["st"], 2),
       min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
       target_met=bool(speedup >= TARGET_SPEEDUP and cos.min() >= TARGET_COSINE))
-  print(f"{'side':28s} {'seconds':>9s} {'texts/s':>9s} {'load s':>7s}")
-  print(f"{'omnisage (JAX)':28s} {ours_info['seconds']:9.1f} "
+  print(f"{'side':32s} {'seconds':>9s} {'texts/s':>9s} {'load s':>7s}")
+  print(f"{'omnisage (JAX)':32s} {ours_info['seconds']:9.1f} "
         f"{len(texts) / ours_info['seconds']:9.1f} {ours_info['load_seconds']:7.1f}")
-  for bs, info in st_runs.items():
-    print(f"{f'sentence-transformers bs={bs}':28s} {info['seconds']:9.1f} "
+  for (bs, workers), info in st_runs.items():
+    print(f"{f'sentence-transformers bs={bs} x{workers}':32s} {info['seconds']:9.1f} "
           f"{len(texts) / info['seconds']:9.1f} {info['load_seconds']:7.1f}")
   print(f"useful work {work / 1e9:.0f} GFLOP: omnisage {gflops['omnisage']:.1f} GFLOP/s, "
         f"sentence-transformers {gflops['st']:.1f} GFLOP/s; XLA matmul peak "

@@ -2,9 +2,14 @@
 texts into a row, deduplication and the fused attention projection give each text the embedding the
 unpacked query tower gives it (no timing asserts: benchmarks/vs_sentence_transformers.py times)."""
 
+import json
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env
 from flax import nnx
 
 from omnisage.models.compat import l2_normalize
@@ -51,3 +56,31 @@ def test_packed_equals_unpacked_tower(encoder):
 def test_rejects_non_strings(encoder):
   with pytest.raises(TypeError):
     encoder.encode(["ok", 3])
+
+
+_TWO_DEVICES = """
+import json, sys
+import jax, numpy as np
+from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
+texts = json.loads(sys.argv[1])
+both = SentenceEncoder(minilm_dir(), batch_size=2)
+one = SentenceEncoder(minilm_dir(), batch_size=2, devices=jax.devices()[:1])
+used, fn = [], both._fn
+def spy(params, *args, **kw):
+  used.append(next(iter(jax.tree.leaves(params)[0].devices())).id)
+  return fn(params, *args, **kw)
+both._fn = spy
+diff = float(np.abs(both.encode(texts) - one.encode(texts)).max())
+print(json.dumps({"devices": len(both.devices), "used": used, "max_diff": diff}))
+"""
+
+
+def test_batches_dealt_over_devices_give_the_same_vectors(encoder):
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICES, json.dumps(TEXTS * 3)], cwd=ROOT,
+                       env=subprocess_env(2), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 2
+  # Several batches, taken by the two devices in turn.
+  assert result["used"][:3] == [0, 1, 0], result
+  assert result["max_diff"] <= 1e-6, result

@@ -26,7 +26,12 @@ the transformer's matmuls, so the work is cut to the real tokens and to one comp
     (each costs seconds on a small CPU);
   - the attention projections run as one fused [H, 3H] matmul;
   - the layers are one `lax.scan` over stacked weights (see packed_forward);
-  - batches are small (128 token slots by default), so each layer's activations stay in cache.
+  - batches are small (128 token slots by default), so each layer's activations stay in cache;
+  - batches are dealt round-robin over the local devices, each with its own copy of the weights.
+    On a CPU host started with --xla_force_host_platform_device_count=N (N cores), that is N
+    independent streams of small matmuls, which keep the cores busier than one stream whose
+    matmuls are split N ways (~20% faster on 2 cores, benchmarks/vs_sentence_transformers.py
+    --cpu-devices); on a multi-GPU host it is data parallelism.
 Arithmetic stays float32 throughout.
 
 Usage:
@@ -158,11 +163,13 @@ def pack_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
 
 class SentenceEncoder:
 
-  def __init__(self, checkpoint_dir: str, batch_size: int = 8, max_len: int | None = None):
+  def __init__(self, checkpoint_dir: str, batch_size: int = 8, max_len: int | None = None,
+               devices: list[jax.Device] | None = None):
     """batch_size: texts per batch for texts of ~16 tokens; a batch is batch_size * 16 token
     slots (rows of the packed width), so longer texts make fewer texts per batch. Small batches
     are fastest on CPU: a layer's activations stay in cache (128 slots beat 4096 by ~1.5x on
-    the 2-core box, benchmarks/vs_sentence_transformers.py)."""
+    the 2-core box, benchmarks/vs_sentence_transformers.py).
+    devices: where batches run, in turn (default: jax.local_devices())."""
     lower, default_len = _checkpoint_settings(checkpoint_dir)
     self.max_len = max_len or default_len
     self.tokenizer = WordPieceTokenizer(os.path.join(checkpoint_dir, "vocab.txt"), lower,
@@ -173,7 +180,9 @@ class SentenceEncoder:
                        f"position embeddings ({checkpoint_dir})")
     self.dim = tower.config.hidden
     self.batch_tokens = max(1, batch_size) * TOKENS_PER_TEXT
-    self._params = _params(tower)
+    self.devices = list(devices) if devices else jax.local_devices()
+    params = _params(tower)
+    self._params_on = [jax.device_put(params, device) for device in self.devices]
     self._fn = jax.jit(packed_forward, static_argnames=("heads", "eps", "num_slots"))
     self._static = dict(heads=tower.config.heads, eps=tower.config.layer_norm_eps)
 
@@ -201,7 +210,7 @@ class SentenceEncoder:
     # Every text has >= 2 tokens ([CLS] [SEP]), so a batch never holds more than this many.
     num_slots = per_batch * width // 2
     pending = []
-    for start in range(0, len(rows), per_batch):
+    for n, start in enumerate(range(0, len(rows), per_batch)):
       batch = np.zeros((3, per_batch, width), np.int32)   # tokens, segments, positions
       slots = np.full((per_batch, width), num_slots, np.int32)
       ids = []
@@ -215,9 +224,12 @@ class SentenceEncoder:
           slots[r, at:at + n] = len(ids)
           ids.append(i)
           at += n
-      # Dispatch is asynchronous: the next batch is packed while this one computes.
-      pending.append((ids, self._fn(self._params, *batch, slots.reshape(-1),
-                                    num_slots=num_slots, **self._static)))
+      # Dispatch is asynchronous: the next batch is packed while this one computes, and the
+      # devices take batches in turn (jit runs where its committed inputs are).
+      device = n % len(self.devices)
+      inputs = jax.device_put((*batch, slots.reshape(-1)), self.devices[device])
+      pending.append((ids, self._fn(self._params_on[device], *inputs, num_slots=num_slots,
+                                    **self._static)))
     for ids, vectors in pending:
       out[ids] = np.asarray(vectors)[:len(ids)]
     return out

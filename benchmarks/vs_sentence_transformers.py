@@ -113,21 +113,30 @@ def useful_flops(lengths: list[int]) -> float:
 
 def matmul_peak() -> dict:
   """Best f32 FLOP/s of XLA's matmul on this machine: a square 2048 one and a MiniLM feed-forward
-  shape ([4096 tokens, 384] x [384, 1536]); the ceiling for either side's useful FLOP/s."""
+  shape ([4096 tokens, 384] x [384, 1536]); the ceiling for either side's useful FLOP/s.
+
+  With several CPU devices (--cpu-devices) this is the better of one device alone and every
+  device running its own matmul at the same time (FLOP/s summed), as the encoder's batches do.
+  """
   import jax
   import jax.numpy as jnp
 
-  from omnisage.train.flops import measure_matmul_peak
-  square = measure_matmul_peak(n=2048)["flops_per_second"]
-  x, w = jnp.ones((4096, 384)), jnp.ones((384, 1536))
-  f = jax.jit(lambda a, b: a @ b)
-  f(x, w).block_until_ready()
-  best = float("inf")
-  for _ in range(10):
-    t0 = time.perf_counter()
-    f(x, w).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return {"square_2048": square, "ffn_shape": 2 * 4096 * 384 * 1536 / best}
+  def best_flops(m, k, n):
+    return max(concurrent_flops(m, k, n, jax.local_devices()[:1]),
+               concurrent_flops(m, k, n, jax.local_devices()))
+
+  def concurrent_flops(m, k, n, devices):
+    f = jax.jit(lambda a, b: a @ b)
+    args = [jax.device_put((jnp.ones((m, k)), jnp.ones((k, n))), d) for d in devices]
+    jax.block_until_ready([f(*a) for a in args])
+    best = float("inf")
+    for _ in range(10):
+      t0 = time.perf_counter()
+      jax.block_until_ready([f(*a) for a in args])
+      best = min(best, time.perf_counter() - t0)
+    return len(args) * 2 * m * k * n / best
+
+  return {"square_2048": best_flops(2048, 2048, 2048), "ffn_shape": best_flops(4096, 384, 1536)}
 
 
 def run_st(args, texts_file: str, out: str, batch_size: int,

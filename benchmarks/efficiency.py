@@ -45,6 +45,7 @@ from omnisage.data import synthetic  # noqa: E402
 from omnisage.data.pipeline import TrainData, load_stores, task_batch_sizes  # noqa: E402
 from omnisage.train import flops as flops_lib  # noqa: E402
 from omnisage.train import sharding  # noqa: E402
+from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
 from omnisage.train.state import create_train_state, make_optimizer, state_shardings  # noqa: E402
 from omnisage.train.step import train_step  # noqa: E402
 from omnisage.train.trainer import vocab_sizes_of  # noqa: E402
@@ -162,7 +163,12 @@ def main():
   parser.add_argument("--featurise", type=int, default=20_000,
                       help="raw log rows tokenised + n-grammed from text")
   parser.add_argument("--matmul-n", type=int, default=2048, help="side of the peak matmul")
+  parser.add_argument("--host-malloc", choices=["reuse", "default"], default="reuse",
+                      help="reuse: launch.py's glibc settings (omnisage/train/host_memory.py)")
   args = parser.parse_args()
+  # As launch.py does, before JAX or TensorFlow start their thread pools.
+  if args.host_malloc == "reuse" and not reuse_freed_host_memory():
+    sys.exit("error: --host-malloc reuse needs glibc's mallopt; pass --host-malloc default")
   config = get_config("tiny" if args.tiny else None)
   config.mesh.data, config.mesh.model = 1, 1
   workdir = os.path.join(args.workdir, "tiny" if args.tiny else "synthetic")
@@ -213,6 +219,7 @@ def main():
         f"{'OK (>= 3x)' if ok else 'BOTTLENECK (< 3x)'}")
   print(json.dumps({
       "benchmark": "efficiency", "config": "tiny" if args.tiny else "synthetic",
+      "host_malloc": args.host_malloc,
       "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
       "matmul_peak_gflops": round(peak["flops_per_second"] / 1e9, 2),
       "train_step_gflops": round(achieved / 1e9, 2) if achieved else None,

@@ -13,10 +13,16 @@ Both sides train the same model on the same data with the same batch, in one run
              once, saved as .npy, read by both sides; the same batches in the same order
 
   omnisage   this process: an NNX model split into a graph and an optax state, one jax.jit step
-             with donated parameters and optimiser state; `omnisage.train.losses
-             .sampled_softmax_loss` (no random negatives, use_logq=False, a fixed temperature: its
-             clip is set to the temperature, so it is not learned); every step slices the host
-             NumPy arrays and device_puts the batch (host -> device in the timing).
+             with donated parameters and optimiser state; every step slices the host NumPy arrays
+             and device_puts the batch (host -> device in the timing). Two variants, each run:
+             "omnisage" (the headline): the batch's distinct users and items are found on the host
+             (`omnisage.train.dedup_softmax.dedup_rows`, inside the timing), each tower runs once
+             per distinct id and the loss is `dedup_inbatch_softmax_loss` over the [users, items]
+             logits: the same loss and gradients as the [B, B] form, exactly (Zipf data: ~2,400
+             distinct users and ~3,400 distinct items per 6,000 pairs);
+             "omnisage_rows": the [B, B] form, `omnisage.train.losses.sampled_softmax_loss` (no
+             random negatives, use_logq=False, a fixed temperature: its clip is set to the
+             temperature, so it is not learned), one tower row per pair, as TFRS does.
   TFRS       a child process in .venv-peers (TF 2.20, tf-keras, tensorflow-recommenders 0.7.7,
              TF_USE_LEGACY_KERAS=1): tfrs.Model + tfrs.tasks.Retrieval(temperature,
              remove_accidental_hits=True, mean cross-entropy) trained by Keras model.fit on
@@ -44,6 +50,7 @@ that a broken side is caught.
 
 Usage:
   .venv/bin/python benchmarks/vs_tfrs.py [--batches 4096,6000] [--steps 10] [--rounds 2]
+                                         [--no-rows] [--no-jit-peer]
   needs `make peers` (.venv-peers); --peers-python points elsewhere. Default sizes take 8 to 14
   minutes on this project's 2-core CPU machine (most of it TensorFlow start-up and tracing).
 Prints a table and ends with one JSON line {"vs_tfrs": {...}}.
@@ -70,6 +77,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.peers.twotower_data import HASH_MULTIPLIER, make_pairs, save_pairs  # noqa: E402
 from omnisage.models.compat import l2_normalize  # noqa: E402
+from omnisage.train.dedup_softmax import dedup_inbatch_softmax_loss, dedup_rows  # noqa: E402
 from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
 from omnisage.train.losses import sampled_softmax_loss  # noqa: E402
 
@@ -124,12 +132,30 @@ def jax_loss(model: JaxTwoTower, users: jax.Array, items: jax.Array, temperature
   return loss
 
 
-def make_train_step(graphdef, optimizer, temperature: float, **impl):
-  """jit(params, opt_state, users, items) -> (params, opt_state, loss), state buffers donated."""
+def jax_dedup_loss(model: JaxTwoTower, users: jax.Array, items: jax.Array, row_user: jax.Array,
+                   row_item: jax.Array, item_count: jax.Array, temperature: float):
+  """`jax_loss` from the batch's distinct users and items (`omnisage.train.dedup_softmax`).
 
-  def step(params, opt_state, users, items):
+  users, items: the distinct ids (padded); row_user, row_item: each pair's index into them.
+  """
+  return dedup_inbatch_softmax_loss(
+    model.user_tower(users), model.item_tower(items), scale=jnp.float32(1.0 / temperature),
+    col_bias=jnp.zeros(items.shape, jnp.float32), row_query=row_user, row_cand=row_item,
+    cand_count=item_count, pair_count=jnp.ones(row_user.shape, jnp.int32))
+
+
+def make_train_step(graphdef, optimizer, temperature: float, *, dedup: bool = False, **impl):
+  """jit(params, opt_state, *batch) -> (params, opt_state, loss), state buffers donated.
+
+  batch: (users, items) of the pairs, or with dedup the arrays of `dedup_batch`.
+  """
+
+  def step(params, opt_state, *batch):
     def loss_fn(p):
-      return jax_loss(nnx.merge(graphdef, p), users, items, temperature, **impl)
+      model = nnx.merge(graphdef, p)
+      if dedup:
+        return jax_dedup_loss(model, *batch, temperature)
+      return jax_loss(model, *batch, temperature, **impl)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -138,29 +164,47 @@ def make_train_step(graphdef, optimizer, temperature: float, **impl):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_jax(users: np.ndarray, items: np.ndarray, args, batch: int, *, seed: int = 0) -> dict:
-  """Fresh model, args.warmup + args.steps steps over the leading pairs; same keys as tfrs_side."""
+def run_jax(users: np.ndarray, items: np.ndarray, args, batch: int, *, dedup: bool,
+            seed: int = 0) -> dict:
+  """Fresh model, args.warmup + args.steps steps over the leading pairs; same keys as tfrs_side.
+
+  With dedup the distinct ids are found on the host inside the timed loop; the step compiles once
+  per padded (users, items) shape, and compilations after the warm-up are timed too (counted in
+  `shapes`).
+  """
   model = JaxTwoTower(args.buckets, args.dim, args.hidden, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   optimizer = optax.adam(args.lr, eps=ADAM_EPS)
   opt_state = optimizer.init(params)
   impl = {} if args.loss_impl == "dense" else {"impl": args.loss_impl,
                                                "block_size": args.block_size}
-  step = make_train_step(graphdef, optimizer, args.temperature, **impl)
-  losses, t0 = [], time.perf_counter()
+  step = make_train_step(graphdef, optimizer, args.temperature, dedup=dedup, **impl)
+  losses, shapes, distinct, t0 = [], set(), [], time.perf_counter()
   for i in range(args.warmup + args.steps):
     if i == args.warmup:
       jax.block_until_ready(params)
       t_start = time.perf_counter()
     rows = slice(i * batch, (i + 1) * batch)
-    batch_u, batch_i = jax.device_put(users[rows]), jax.device_put(items[rows])
-    params, opt_state, loss = step(params, opt_state, batch_u, batch_i)
+    if dedup:   # host side: distinct users and items (padded), each pair's indices
+      d = dedup_rows(users[rows], items[rows], pad_multiple=args.pad_multiple)
+      host = (d.query_keys, d.cand_keys, d.row_query, d.row_cand, d.cand_count)
+      shapes.add((len(d.query_keys), len(d.cand_keys)))
+      distinct.append((d.num_queries, d.num_cands))
+    else:
+      host = (users[rows], items[rows])
+    params, opt_state, loss = step(params, opt_state, *map(jax.device_put, host))
     losses.append(loss)
   jax.block_until_ready(params)
   measured_s = time.perf_counter() - t_start
-  return {"side": "omnisage", "examples_per_s": args.steps * batch / measured_s,
-          "step_ms": 1000 * measured_s / args.steps, "warmup_s": t_start - t0,
-          "losses": [float(x) for x in losses]}
+  out = {"side": "omnisage" if dedup else "omnisage_rows",
+         "examples_per_s": args.steps * batch / measured_s,
+         "step_ms": 1000 * measured_s / args.steps, "warmup_s": t_start - t0,
+         "losses": [float(x) for x in losses]}
+  if dedup:
+    out.update(shapes=sorted(shapes),
+               mean_distinct_users=float(np.mean([g for g, _ in distinct])),
+               mean_distinct_items=float(np.mean([u for _, u in distinct])))
+  return out
 
 
 def run_tfrs(data_dir: str, args, batch: int, *, jit_compile: bool) -> dict:
@@ -206,6 +250,10 @@ def main():
   parser.add_argument("--loss-impl", default="dense",
                       help="sampled_softmax_loss impl (omnisage.train.losses.LSE_IMPLS)")
   parser.add_argument("--block-size", type=int, default=512, help="columns per block (blockwise)")
+  parser.add_argument("--pad-multiple", type=int, default=256,
+                      help="distinct users/items padded to a multiple of this (dedup step shapes)")
+  parser.add_argument("--no-rows", action="store_true",
+                      help="skip omnisage's [B, B] step (the side without deduplication)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-jit-peer", action="store_true", help="skip TFRS with jit_compile")
@@ -223,23 +271,24 @@ def main():
     sys.exit("error: --host-malloc reuse needs glibc's mallopt; pass --host-malloc default")
   batches = [int(b) for b in args.batches.split(",")]
   peers = ["tfrs"] + ([] if args.no_jit_peer else ["tfrs_jit"])
+  mine = ["omnisage"] + ([] if args.no_rows else ["omnisage_rows"])
 
   results = {}
   with tempfile.TemporaryDirectory(prefix="vs_tfrs_") as data_dir:
     users, items = make_pairs(num_pairs=(args.warmup + args.steps) * max(batches), seed=args.seed)
     save_pairs(data_dir, users, items)
-    print(f"{'batch':>6} {'round':>5} {'side':<9} {'examples/s':>11} {'step ms':>8} "
+    print(f"{'batch':>6} {'round':>5} {'side':<13} {'examples/s':>11} {'step ms':>8} "
           f"{'warm-up s':>9} {'loss first':>10} {'loss last':>9}", flush=True)
     for batch in batches:
-      runs = {name: [] for name in ["omnisage"] + peers}
+      runs = {name: [] for name in mine + peers}
       for r in range(args.rounds):
         for name in runs:   # alternate: every side sees the same machine load
-          if name == "omnisage":
-            out = run_jax(users, items, args, batch, seed=args.seed)
+          if name in mine:
+            out = run_jax(users, items, args, batch, dedup=name == "omnisage", seed=args.seed)
           else:
             out = run_tfrs(data_dir, args, batch, jit_compile=name == "tfrs_jit")
           runs[name].append(out)
-          print(f"{batch:>6} {r + 1:>5} {name:<9} {out['examples_per_s']:>11.0f} "
+          print(f"{batch:>6} {r + 1:>5} {name:<13} {out['examples_per_s']:>11.0f} "
                 f"{out['step_ms']:>8.1f} {out['warmup_s']:>9.1f} {out['losses'][0]:>10.3f} "
                 f"{out['losses'][-1]:>9.3f}", flush=True)
       # Best of the rounds: the machine is shared, and interference only ever slows a run down.
@@ -252,6 +301,11 @@ def main():
         "tfrs_examples_per_s": round(rate[best_peer]),
         "tfrs_setting": best_peer,
         "ratio": round(rate["omnisage"] / rate[best_peer], 2),
+        "ratio_without_dedup": (round(rate["omnisage_rows"] / rate[best_peer], 2)
+                                if "omnisage_rows" in rate else None),
+        "distinct_users_items_per_batch": [runs["omnisage"][0]["mean_distinct_users"],
+                                           runs["omnisage"][0]["mean_distinct_items"]],
+        "dedup_shapes": runs["omnisage"][0]["shapes"],
         "per_side_examples_per_s": {name: round(v) for name, v in rate.items()},
         "per_side_median_examples_per_s": median,
         "learning": learning_check({name: outs[0]["losses"] for name, outs in runs.items()}),
@@ -259,21 +313,24 @@ def main():
       }
 
   print()
-  print(f"{'batch':>6} {'omnisage ex/s':>14} {'TFRS ex/s':>10} {'TFRS+XLA ex/s':>14} {'ratio':>6} "
-        f"{'learning ok':>11}")
+  print(f"{'batch':>6} {'omnisage ex/s':>14} {'rows ex/s':>10} {'TFRS ex/s':>10} "
+        f"{'TFRS+XLA ex/s':>14} {'ratio':>6} {'rows ratio':>10} {'learning ok':>11}")
   for batch, res in results.items():
     per = res["per_side_examples_per_s"]
-    print(f"{batch:>6} {per['omnisage']:>14} {per['tfrs']:>10} {per.get('tfrs_jit', '-'):>14} "
-          f"{res['ratio']:>6} {str(res['learning']['ok']):>11}")
+    print(f"{batch:>6} {per['omnisage']:>14} {per.get('omnisage_rows', '-'):>10} "
+          f"{per['tfrs']:>10} {per.get('tfrs_jit', '-'):>14} {res['ratio']:>6} "
+          f"{str(res['ratio_without_dedup']):>10} {str(res['learning']['ok']):>11}")
   head = results[batches[-1]]
   print(json.dumps({"vs_tfrs": {
     "omnisage_examples_per_s": head["omnisage_examples_per_s"],
     "tfrs_examples_per_s": head["tfrs_examples_per_s"], "ratio": head["ratio"],
+    "ratio_without_dedup": head["ratio_without_dedup"],
     "batch": batches[-1], "tfrs_setting": head["tfrs_setting"],
     "by_batch": {str(b): r for b, r in results.items()},
     "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
     "buckets": args.buckets, "dim": args.dim, "hidden": args.hidden,
     "temperature": args.temperature, "lr": args.lr, "loss_impl": args.loss_impl,
+    "pad_multiple": args.pad_multiple,
     "host_malloc": args.host_malloc,
     "jax": jax.__version__,
     "backend": jax.default_backend()}}))

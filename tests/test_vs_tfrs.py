@@ -17,7 +17,8 @@ from benchmarks import vs_tfrs
 from benchmarks.peers.twotower_data import hash_buckets, load_pairs, make_pairs, save_pairs
 
 TINY = types.SimpleNamespace(buckets=1000, dim=8, hidden=16, temperature=0.1, lr=1e-2, warmup=1,
-                             steps=12, loss_impl="dense", block_size=16, seed=0)
+                             steps=12, loss_impl="dense", block_size=16, seed=0,
+                             pad_multiple=16)
 
 
 def test_pairs_are_seeded_zipf_and_taste_matched(tmp_path):
@@ -74,10 +75,23 @@ def test_jax_loss_is_tfrs_retrieval_loss():
   assert got == pytest.approx(reference_retrieval_loss(q, p, items, TINY.temperature), rel=1e-5)
 
 
-def test_jax_side_learns():
+def test_dedup_loss_is_the_same_loss():
+  """The headline side's loss over distinct users and items equals the [B, B] one."""
+  users, items = make_pairs(num_pairs=256, seed=5, num_users=640, num_items=128)
+  model = vs_tfrs.JaxTwoTower(TINY.buckets, TINY.dim, TINY.hidden, rngs=nnx.Rngs(0))
+  rows = vs_tfrs.jax_loss(model, jnp.asarray(users), jnp.asarray(items), TINY.temperature)
+  d = vs_tfrs.dedup_rows(users, items, pad_multiple=16)
+  assert d.num_queries < 200 and d.num_cands < 200   # duplicates are exercised
+  dedup = vs_tfrs.jax_dedup_loss(model, *map(jnp.asarray, (
+    d.query_keys, d.cand_keys, d.row_query, d.row_cand, d.cand_count)), TINY.temperature)
+  assert float(dedup) == pytest.approx(float(rows), rel=1e-5)
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_jax_side_learns(dedup):
   users, items = make_pairs(num_pairs=(TINY.warmup + TINY.steps) * 128, seed=2, num_users=640,
                             num_items=640)
-  out = vs_tfrs.run_jax(users, items, TINY, 128)
+  out = vs_tfrs.run_jax(users, items, TINY, 128, dedup=dedup)
   assert len(out["losses"]) == TINY.warmup + TINY.steps and out["examples_per_s"] > 0
   assert np.mean(out["losses"][-3:]) < 0.9 * out["losses"][0], out["losses"]
   summary = vs_tfrs.learning_check({"omnisage": out["losses"], "peer": out["losses"]})
@@ -101,5 +115,15 @@ def test_tfrs_side_runs_and_learns(tmp_path):
   assert out["versions"]["tensorflow"].startswith("2.20")
   assert len(out["losses"]) == TINY.warmup + TINY.steps
   # Same data, same model and loss: the curves of both sides agree within a few percent.
-  jax_losses = vs_tfrs.run_jax(users, items, TINY, batch)["losses"]
+  jax_losses = vs_tfrs.run_jax(users, items, TINY, batch, dedup=True)["losses"]
   assert vs_tfrs.learning_check({"omnisage": jax_losses, "tfrs": out["losses"]})["ok"]
+
+
+def test_dedup_and_rows_steps_train_alike():
+  """Same init, same batches: the two omnisage steps give the same loss curve."""
+  users, items = make_pairs(num_pairs=(TINY.warmup + TINY.steps) * 128, seed=6, num_users=640,
+                            num_items=640)
+  dedup = vs_tfrs.run_jax(users, items, TINY, 128, dedup=True)
+  rows = vs_tfrs.run_jax(users, items, TINY, 128, dedup=False)
+  np.testing.assert_allclose(dedup["losses"], rows["losses"], rtol=1e-4)
+  assert dedup["shapes"] and all(g % 16 == 0 and u % 16 == 0 for g, u in dedup["shapes"])

@@ -210,7 +210,7 @@ class SentenceEncoder:
     # Every text has >= 2 tokens ([CLS] [SEP]), so a batch never holds more than this many.
     num_slots = per_batch * width // 2
     pending = []
-    for n, start in enumerate(range(0, len(rows), per_batch)):
+    for batch_index, start in enumerate(range(0, len(rows), per_batch)):
       batch = np.zeros((3, per_batch, width), np.int32)   # tokens, segments, positions
       slots = np.full((per_batch, width), num_slots, np.int32)
       ids = []
@@ -226,7 +226,7 @@ class SentenceEncoder:
           at += n
       # Dispatch is asynchronous: the next batch is packed while this one computes, and the
       # devices take batches in turn (jit runs where its committed inputs are).
-      device = n % len(self.devices)
+      device = batch_index % len(self.devices)
       inputs = jax.device_put((*batch, slots.reshape(-1)), self.devices[device])
       pending.append((ids, self._fn(self._params_on[device], *inputs, num_slots=num_slots,
                                     **self._static)))

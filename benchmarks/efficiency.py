@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import jax  # noqa: E402
 from omnisage_synthetic import get_config  # noqa: E402
 
+from benchmarks.machine import cpu_summary  # noqa: E402
 from omnisage.data import synthetic  # noqa: E402
 from omnisage.data.pipeline import TrainData, load_stores, task_batch_sizes  # noqa: E402
 from omnisage.train import flops as flops_lib  # noqa: E402
@@ -221,6 +222,7 @@ def main():
       "benchmark": "efficiency", "config": "tiny" if args.tiny else "synthetic",
       "host_malloc": args.host_malloc,
       "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+      "cpu": cpu_summary(),
       "matmul_peak_gflops": round(peak["flops_per_second"] / 1e9, 2),
       "train_step_gflops": round(achieved / 1e9, 2) if achieved else None,
       "train_step_fraction_of_peak": round(achieved / peak_total, 4) if achieved else None,

@@ -234,6 +234,8 @@ def main(argv=None):
   print(f"speedup {speedup:.2f}x (target {TARGET_SPEEDUP}x); cosine min {cos.min():.6f} "
         f"mean {cos.mean():.6f} (target >= {TARGET_COSINE}); {len(texts)} texts, "
         f"{args.threads} threads")
+  from benchmarks.machine import cpu_summary
+  summary["cpu"] = cpu_summary()
   print(json.dumps({"vs_sentence_transformers": summary}))
   return summary
 

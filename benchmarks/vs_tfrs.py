@@ -75,6 +75,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.machine import cpu_summary  # noqa: E402
 from benchmarks.peers.twotower_data import HASH_MULTIPLIER, make_pairs, save_pairs  # noqa: E402
 from omnisage.models.compat import l2_normalize  # noqa: E402
 from omnisage.train.dedup_softmax import dedup_inbatch_softmax_loss, dedup_rows  # noqa: E402
@@ -333,7 +334,7 @@ def main():
     "pad_multiple": args.pad_multiple,
     "host_malloc": args.host_malloc,
     "jax": jax.__version__,
-    "backend": jax.default_backend()}}))
+    "backend": jax.default_backend(), "cpu": cpu_summary()}}))
 
 
 if __name__ == "__main__":

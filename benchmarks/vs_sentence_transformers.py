@@ -119,22 +119,12 @@ def matmul_peak() -> dict:
   device running its own matmul at the same time (FLOP/s summed), as the encoder's batches do.
   """
   import jax
-  import jax.numpy as jnp
+
+  from omnisage.train.flops import measure_concurrent_matmul_flops
 
   def best_flops(m, k, n):
-    return max(concurrent_flops(m, k, n, jax.local_devices()[:1]),
-               concurrent_flops(m, k, n, jax.local_devices()))
-
-  def concurrent_flops(m, k, n, devices):
-    f = jax.jit(lambda a, b: a @ b)
-    args = [jax.device_put((jnp.ones((m, k)), jnp.ones((k, n))), d) for d in devices]
-    jax.block_until_ready([f(*a) for a in args])
-    best = float("inf")
-    for _ in range(10):
-      t0 = time.perf_counter()
-      jax.block_until_ready([f(*a) for a in args])
-      best = min(best, time.perf_counter() - t0)
-    return len(args) * 2 * m * k * n / best
+    return max(measure_concurrent_matmul_flops(m, k, n, jax.local_devices()[:1]),
+               measure_concurrent_matmul_flops(m, k, n, jax.local_devices()))
 
   return {"square_2048": best_flops(2048, 2048, 2048), "ffn_shape": best_flops(4096, 384, 1536)}
 

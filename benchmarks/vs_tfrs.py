@@ -142,13 +142,13 @@ def jax_dedup_loss(model: JaxTwoTower, users: jax.Array, items: jax.Array, row_u
   return dedup_inbatch_softmax_loss(
     model.user_tower(users), model.item_tower(items), scale=jnp.float32(1.0 / temperature),
     col_bias=jnp.zeros(items.shape, jnp.float32), row_query=row_user, row_cand=row_item,
-    cand_count=item_count, pair_count=jnp.ones(row_user.shape, jnp.int32))
+    cand_count=item_count)
 
 
 def make_train_step(graphdef, optimizer, temperature: float, *, dedup: bool = False, **impl):
   """jit(params, opt_state, *batch) -> (params, opt_state, loss), state buffers donated.
 
-  batch: (users, items) of the pairs, or with dedup the arrays of `dedup_batch`.
+  batch: (users, items) of the pairs, or with dedup `jax_dedup_loss`'s arrays (from `dedup_rows`).
   """
 
   def step(params, opt_state, *batch):

@@ -119,3 +119,12 @@ def test_equals_a_numpy_loop_with_a_dominant_repeated_item():
   assert float(dedup_loss(q[:8], c[:8], jnp.zeros(8), alone, jnp.float32(math.log(scale)),
                           False)) == pytest.approx(0.0, abs=2e-7)
   assert all(np.isfinite(np.asarray(x)).all() for x in grads)
+
+
+def test_same_query_masking_needs_pair_counts():
+  rows = dedup_rows(np.array([0, 0, 1]), np.array([1, 2, 1]), pad_multiple=4)
+  q, c = jnp.ones((4, 2)), jnp.ones((4, 2))
+  with pytest.raises(ValueError, match="pair_count"):
+    dedup_inbatch_softmax_loss(q, c, scale=1.0, col_bias=jnp.zeros(4), row_query=rows.row_query,
+                               row_cand=rows.row_cand, cand_count=rows.cand_count,
+                               mask_same_query=True)

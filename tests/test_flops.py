@@ -53,3 +53,8 @@ def test_known_peaks():
 def test_measured_matmul_peak_is_positive():
   peak = flops.measure_matmul_peak(n=128, repeats=2)
   assert peak["flops_per_second"] > 0 and peak["n"] == 128
+
+
+def test_concurrent_matmul_flops_is_positive():
+  one = flops.measure_concurrent_matmul_flops(64, 32, 16, jax.devices()[:1], repeats=2)
+  assert 0 < one < float("inf")

@@ -34,8 +34,8 @@ Usage:
   d = dedup_rows(users, items, pad_multiple=256)                       # host, per batch
   q = user_tower(d.query_keys); c = item_tower(d.cand_keys)            # towers on distinct ids
   loss = dedup_inbatch_softmax_loss(q, c, scale=20.0, col_bias=zeros, row_query=d.row_query,
-                                    row_cand=d.row_cand, cand_count=d.cand_count,
-                                    pair_count=d.pair_count)
+                                    row_cand=d.row_cand, cand_count=d.cand_count)
+  # with mask_same_query=True, also pair_count=d.pair_count
 """
 
 import dataclasses
@@ -101,8 +101,8 @@ def dedup_rows(query_keys: np.ndarray, cand_keys: np.ndarray, *,
 
 def dedup_inbatch_ce(
   q: jax.Array, cands: jax.Array, *, scale: jax.Array, col_bias: jax.Array,
-  row_query: jax.Array, row_cand: jax.Array, cand_count: jax.Array, pair_count: jax.Array,
-  mask_same_query: bool = False,
+  row_query: jax.Array, row_cand: jax.Array, cand_count: jax.Array,
+  pair_count: jax.Array | None = None, mask_same_query: bool = False,
 ) -> jax.Array:
   """Per-row in-batch cross-entropy [B] from distinct queries and candidates (module docstring).
 
@@ -113,8 +113,8 @@ def dedup_inbatch_ce(
     col_bias: [U] float32 subtracted from the candidate's logits, positive included (log Q).
     row_query, row_cand: [B] int indices of each row's query and positive.
     cand_count: [U] rows per candidate, 0 for padding (such columns take no part).
-    pair_count: [B] rows sharing this row's (query, positive) pair (only read with
-      mask_same_query).
+    pair_count: [B] rows sharing this row's (query, positive) pair (required with
+      mask_same_query, unused without).
     mask_same_query: also drop the columns of rows with the same query
       (`losses.sampled_softmax_rows`'s rule); False is TFRS's Retrieval.
   """
@@ -135,6 +135,8 @@ def dedup_inbatch_ce(
   pos_weight = jnp.exp(pos_logit - row_max[row_query])
   own = count[row_cand]
   if mask_same_query:
+    if pair_count is None:
+      raise ValueError("pair_count (DedupRows.pair_count) is required with mask_same_query")
     # Every row k of query g removes one copy of its candidate's column from g's sum.
     sums = sums - jax.ops.segment_sum(pos_weight, row_query, num_segments=q.shape[0])
     own = own - jnp.asarray(pair_count, jnp.float32)

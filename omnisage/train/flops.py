@@ -13,7 +13,8 @@ Three sources of a FLOP figure, so each can check the others:
                              rule). Embedding gathers count 0.
   measure_matmul_peak(...)   achieved FLOP/s of a large jitted matmul on a device: the practical
                              ceiling that MFU-style ratios are taken against, next to the vendor's
-                             datasheet peak (KNOWN_PEAKS) where the device is known.
+                             datasheet peak (KNOWN_PEAKS) where the device is known;
+                             measure_concurrent_matmul_flops: several devices at once, any shape.
 
 Usage:
   peak = measure_matmul_peak(jax.devices()[0], n=2048)        # {"flops_per_second": ..., ...}
@@ -71,16 +72,34 @@ def measure_matmul_peak(device=None, n: int = 2048, dtype=jnp.float32, repeats: 
   a = jax.device_put(jax.random.normal(keys[0], (n, n), dtype), device)
   b = jax.device_put(jax.random.normal(keys[1], (n, n), dtype), device)
   f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
-  f(a, b).block_until_ready()   # compile and warm up
-  times = []
+  seconds = _best_seconds(f, [(a, b)], repeats)
+  return {"n": n, "dtype": jnp.dtype(dtype).name, "precision": precision or "default",
+          "device": str(device.device_kind), "seconds": seconds,
+          "flops_per_second": 2.0 * n ** 3 / seconds}
+
+
+def measure_concurrent_matmul_flops(m: int, k: int, n: int, devices=None,
+                                    repeats: int = 10) -> float:
+  """Summed f32 FLOP/s of every device in `devices` running its own [m, k] @ [k, n] at once.
+
+  For work dealt to several devices in turn (text_encoder.SentenceEncoder on N CPU devices), the
+  ceiling is what the devices achieve together, not one device alone.
+  """
+  devices = devices or jax.devices()[:1]
+  f = jax.jit(jnp.matmul)
+  args = [jax.device_put((jnp.ones((m, k)), jnp.ones((k, n))), d) for d in devices]
+  return len(args) * 2.0 * m * k * n / _best_seconds(f, args, repeats)
+
+
+def _best_seconds(f, args_per_call: list[tuple], repeats: int) -> float:
+  """Fastest of `repeats` rounds of f(*args) for every args at once (compiled and warmed first)."""
+  jax.block_until_ready([f(*args) for args in args_per_call])
+  best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  flops = 2.0 * n ** 3
-  return {"n": n, "dtype": jnp.dtype(dtype).name, "precision": precision or "default",
-          "device": str(device.device_kind), "seconds": min(times),
-          "flops_per_second": flops / min(times)}
+    jax.block_until_ready([f(*args) for args in args_per_call])
+    best = min(best, time.perf_counter() - t0)
+  return best
 
 
 def transformer_forward_flops(layers: int, hidden: int, intermediate: int, seq: int) -> float:

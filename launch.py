@@ -65,7 +65,7 @@ COMMANDS = ("prepare", "train", "eval", "demo", "export", "embed", "index", "ben
 CONFIG_COMMANDS = ("prepare", "train", "eval", "demo", "export")
 # Systems besides OmniSearchSage (SPEC §2-4): a config's `system` field names the module that
 # implements its prepare/train/evaluate/export(config, workdir[, out]) -> dict.
-SYSTEMS = {"twotower": "omnisage.train.twotower", "pintext": "omnisage.train.pintext"}
+SYSTEMS = {"twotower": "omnisage.train.twotower.trainer", "pintext": "omnisage.train.pintext.trainer"}
 BENCHES = ("retrieval",)
 
 FLAGS = flags.FLAGS
@@ -102,7 +102,7 @@ flags.DEFINE_string("item_embeddings", None, "pinnersage: item embeddings (a dir
 flags.DEFINE_string("actions", None, "pinnersage: Parquet of user actions (user_id, item_id, "
                     "timestamp in unix seconds).")
 flags.DEFINE_float("alpha", None, "pinnersage: Ward cut height in embedding units (default: "
-                   "omnisage.serving.pinnersage.DEFAULTS, tuned for unit-norm embeddings).")
+                   "omnisage.serving.pinnersage.service.DEFAULTS, tuned for unit-norm embeddings).")
 flags.DEFINE_float("lambda_decay", 0.01, "pinnersage: importance decay per day, "
                    "exp(-lambda * age_days) (SPEC §4).")
 flags.DEFINE_float("window_days", 90.0, "pinnersage: days of history clustered (SPEC §4).")
@@ -173,8 +173,8 @@ def system_module(config):
 def cmd_prepare(config, workdir: str) -> dict:
   if (system := system_module(config)) is not None:
     return {"prepare": system.prepare(config, workdir)}
-  from omnisage.data import prepare as prepare_lib
-  from omnisage.data import synthetic
+  from omnisage.data.omnisearchsage import prepare as prepare_lib
+  from omnisage.data.omnisearchsage import synthetic
   raw_dir = config.data.raw_dir
   t0 = time.time()
   generated = None
@@ -206,14 +206,14 @@ def print_bad_rows(bad_rows: dict):
 def cmd_train(config, workdir: str) -> dict:
   if (system := system_module(config)) is not None:
     return {"train": system.train(config, workdir)}
-  from omnisage.train.trainer import train_and_evaluate
+  from omnisage.train.omnisearchsage.trainer import train_and_evaluate
   return {"train": train_and_evaluate(config, workdir)}
 
 
 def cmd_eval(config, workdir: str) -> dict:
   if (system := system_module(config)) is not None:
     return {"eval": system.evaluate(config, workdir)}
-  from omnisage.train.trainer import evaluate_checkpoint
+  from omnisage.train.omnisearchsage.trainer import evaluate_checkpoint
   result = evaluate_checkpoint(config, workdir)
   print_recall_table(result["recall@10"])
   return {"eval": result}
@@ -249,9 +249,9 @@ def cmd_demo(config, workdir: str) -> dict:
 
 def demo_serving(config, workdir: str) -> dict:
   """The serving half of the demo: export -> embed -> index -> example searches."""
-  from omnisage.serving.embed import KINDS, embed_entities
-  from omnisage.serving.export import export_bundle
-  from omnisage.serving.index import build_index
+  from omnisage.serving.index.embed import KINDS, embed_entities
+  from omnisage.serving.index.scann_index import build_index
+  from omnisage.serving.omnisearchsage.export import export_bundle
   bundle = os.path.join(workdir, "bundle")
   embeddings = os.path.join(workdir, "embeddings")
   index = os.path.join(workdir, "index")
@@ -287,9 +287,9 @@ def print_retrieval_table(kinds: dict):
 
 def print_example_searches(bundle_path: str, index_path: str, top: int = 3):
   """Three real queries (spread over the query table) through tokenizer -> bundle -> index."""
-  from omnisage.serving.bundle import load_bundle
-  from omnisage.serving.index import load_index
-  from omnisage.serving.tokenizer import WordPieceTokenizer
+  from omnisage.data.tokenizer import WordPieceTokenizer
+  from omnisage.serving.bundle.loader import load_bundle
+  from omnisage.serving.index.scann_index import load_index
   bundle = load_bundle(bundle_path)
   tokenizer = WordPieceTokenizer.from_bundle(bundle)
   indexes = load_index(index_path)
@@ -309,14 +309,14 @@ def print_example_searches(bundle_path: str, index_path: str, top: int = 3):
 def cmd_export(config, workdir: str) -> dict:
   if (system := system_module(config)) is not None:
     return {"export": system.export(config, workdir, FLAGS.out)}
-  from omnisage.serving.export import export_bundle
+  from omnisage.serving.omnisearchsage.export import export_bundle
   return {"export": export_bundle(config, workdir, FLAGS.out)}
 
 
 def cmd_embed(config, workdir: str) -> dict:
-  from omnisage.serving.bundle import BundleError
-  from omnisage.serving.embed import embed_entities
-  from omnisage.serving.twotower_bundle import embed_items, is_twotower_bundle
+  from omnisage.serving.bundle.loader import BundleError
+  from omnisage.serving.index.embed import embed_entities
+  from omnisage.serving.twotower.bundle import embed_items, is_twotower_bundle
   try:
     if is_twotower_bundle(FLAGS.bundle):   # SPEC §3: --entities is the bundle's items.parquet
       return {"embed": embed_items(FLAGS.bundle, FLAGS.entities, FLAGS.out,
@@ -328,27 +328,28 @@ def cmd_embed(config, workdir: str) -> dict:
 
 
 def cmd_index(config, workdir: str) -> dict:
-  from omnisage.serving.index import build_index
+  from omnisage.serving.index.scann_index import build_index
   return {"index": build_index(FLAGS.embeddings, FLAGS.out, target_recall=FLAGS.target_recall)}
 
 
 def cmd_bench(config, workdir: str, which: str) -> dict:
-  from omnisage.serving.retrieval_bench import run_retrieval_bench
+  from benchmarks.retrieval import run_retrieval_bench
   return {"bench": {which: run_retrieval_bench(FLAGS.embeddings, FLAGS.out,
                                                 synthetic_rows=FLAGS.bench_size)}}
 
 
 def cmd_serve(config, workdir: str) -> dict:
-  from omnisage.serving.bundle import BundleError
-  from omnisage.serving.server import serve
-  from omnisage.serving.twotower_bundle import is_twotower_bundle
+  from omnisage.serving.bundle.loader import BundleError
+  from omnisage.serving.omnisearchsage.service import serve
+  from omnisage.serving.twotower.bundle import is_twotower_bundle
   try:
     if is_twotower_bundle(FLAGS.bundle):   # SPEC §3 home feed: POST /v1/recommend
-      from omnisage.serving.recommend import serve_recommend
+      from omnisage.serving.twotower.service import serve_recommend
       index, routers = FLAGS.index, ()
       if FLAGS.pinnersage:   # SPEC §4 on the same item index: /v1/pinnersage/{update,recommend}
-        from omnisage.serving.index import load_index
-        from omnisage.serving.pinnersage import PinnerSageService, pinnersage_router
+        from omnisage.serving.pinnersage.service.service import PinnerSageService, pinnersage_router
+
+        from omnisage.serving.index.scann_index import load_index
         if not FLAGS.item_embeddings:
           raise UserError("serve --pinnersage needs --item-embeddings (the embeddings it used)")
         index = load_index(FLAGS.index)
@@ -367,7 +368,7 @@ def cmd_serve(config, workdir: str) -> dict:
 
 def cmd_pinnersage(config, workdir: str) -> dict:
   """PinnerSage batch job (SPEC §4): per-user Ward clusters -> medoids + importances (Parquet)."""
-  from omnisage.serving.pinnersage import DEFAULTS, run_batch
+  from omnisage.serving.pinnersage.service.service import DEFAULTS, run_batch
   alpha = DEFAULTS["alpha"] if FLAGS.alpha is None else FLAGS.alpha
   return {"pinnersage": run_batch(FLAGS.item_embeddings, FLAGS.actions, FLAGS.out, alpha=alpha,
                                   lam=FLAGS.lambda_decay, window_days=FLAGS.window_days,
@@ -378,7 +379,7 @@ def cmd_compile(config, workdir: str) -> dict:
   """AOT-compiles the train step for a target mesh without running it (issue 6 item 5)."""
   import jax
 
-  from omnisage.train.aot import parse_mesh
+  from omnisage.train.omnisearchsage.aot import parse_mesh
   data, model = parse_mesh(FLAGS.mesh)
   # A mesh larger than the machine compiles for simulated CPU devices; their number can only be
   # set before JAX starts its backends (nothing has run yet: init_distributed only imports jax).
@@ -387,7 +388,7 @@ def cmd_compile(config, workdir: str) -> dict:
       jax.config.update("jax_num_cpu_devices", max(data * model, 1))
     except RuntimeError as error:   # backends already up: aot.pick_devices explains what to set
       logging.getLogger("omnisage").info("simulated devices not set: %s", error)
-  from omnisage.train.aot import compile_report, print_report
+  from omnisage.train.omnisearchsage.aot import compile_report, print_report
   report = compile_report(config, FLAGS.mesh)
   print_report(report)
   return {"compile": report}

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from efficiency import measure_train_step  # noqa: E402
 from omnisage_synthetic import get_config  # noqa: E402
 
-from omnisage.data.pipeline import load_stores  # noqa: E402
+from omnisage.data.omnisearchsage.pipeline import load_stores
 from omnisage.train import flops as flops_lib  # noqa: E402
 
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")

@@ -8,10 +8,10 @@ sku catalogue (437 named skus) for every distinct eval query.
 Protocol: an eval query is a normalised query (omnisage.data.text.normalize, as prepare does) with
 at least one click in the eval window; its positives are the skus it clicked there. Queries never
 seen in training are kept (reported as `eval_queries_unseen`). Metrics are those of
-omnisage/train/retrieval_metrics.py: recall@10 per query (|top10 ∩ pos| / min(|pos|, 10)) and
+omnisage/train/evaluators/corpus.py: recall@10 per query (|top10 ∩ pos| / min(|pos|, 10)) and
 pair_recall@10 per (query, positive) pair. Rows:
   popularity   the skus most clicked in the train window, the same list for every query
-  bm25         bm25s over the sku names (omnisage/serving/bm25.py: Snowball stemmer, stopwords)
+  bm25         bm25s over the sku names (omnisage/baselines/bm25.py: Snowball stemmer, stopwords)
   omnisage     the trained towers: query tower on the WordPiece tokens, entity tower on the
                product features (title + train-window engaged queries), dot product
 
@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 from omnisage.data import text  # noqa: E402
 from omnisage.data.sources import bestbuy  # noqa: E402
-from omnisage.train.retrieval_metrics import corpus_metrics  # noqa: E402
+from omnisage.train.evaluators.corpus import corpus_metrics
 
 DATASET = "bestbuy-acm-small"
 CONFIG = os.path.join(ROOT, "configs", "omnisage_bestbuy.py")
@@ -91,16 +91,16 @@ def _fresh_run(workdir: str) -> None:
 
 def trained_embeddings(config, workdir: str, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
   """(query [n, D], product [N, D]) embeddings of the newest checkpoint in workdir."""
-  from omnisage.train.corpus_eval import TrainedTowers
+  from omnisage.train.omnisearchsage.towers import TrainedTowers
   towers = TrainedTowers(config, workdir, batch_size=config.eval.batch_size)
   return towers.query_texts(queries), towers.entities("products")
 
 
 def run(dataset_dir: str, workdir: str, config) -> dict:
   """Loads, writes raw tables, prepares, trains, evaluates; returns the summary."""
-  from omnisage.data import prepare as prepare_lib
-  from omnisage.serving.bm25 import BM25Index
-  from omnisage.train.trainer import train_and_evaluate
+  from omnisage.baselines.bm25 import BM25Index
+  from omnisage.data.omnisearchsage import prepare as prepare_lib
+  from omnisage.train.omnisearchsage.trainer import train_and_evaluate
 
   clock = time.perf_counter()
   bb = bestbuy.load(dataset_dir)

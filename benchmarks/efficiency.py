@@ -9,7 +9,7 @@ Rows of the table:
                positive's title + description), the rate a streaming featuriser would reach.
   grain read   omnisage/data/pipeline.TrainData's iterator (ArrayRecord -> shuffle -> decode ->
                batch -> entity-feature gather + shared random negatives): pairs per second.
-  train step   the real jitted train step (omnisage/train/step.py, trainer.py's shardings) on the
+  train step   the real jitted train step (omnisage/train/omnisearchsage/step.py, trainer.py's shardings) on the
                synthetic config: pairs per second consumed.
 Headroom = producer pairs/s / train-step pairs/s; the pipeline is no bottleneck at >= 3x. Each
 stage is timed alone (they share the CPU cores when training, so the in-loop margin is smaller).
@@ -42,18 +42,18 @@ import jax  # noqa: E402
 from omnisage_synthetic import get_config  # noqa: E402
 
 from benchmarks.machine import cpu_summary  # noqa: E402
-from omnisage.data import synthetic  # noqa: E402
-from omnisage.data.pipeline import TrainData, load_stores, task_batch_sizes  # noqa: E402
+from omnisage.data.omnisearchsage import synthetic
+from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
 from omnisage.train import flops as flops_lib  # noqa: E402
 from omnisage.train import sharding  # noqa: E402
 from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
+from omnisage.train.omnisearchsage.step import train_step
+from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
 from omnisage.train.state import create_train_state, make_optimizer, state_shardings  # noqa: E402
-from omnisage.train.step import train_step  # noqa: E402
-from omnisage.train.trainer import vocab_sizes_of  # noqa: E402
 
 
 def measure_prepare(config, workdir: str) -> tuple[str, dict]:
-  from omnisage.data import prepare as prepare_lib  # imports TensorFlow (tokenisation) lazily
+  from omnisage.data.omnisearchsage import prepare as prepare_lib
   raw, prepared = os.path.join(workdir, "raw"), os.path.join(workdir, "prepared")
   if not os.path.exists(os.path.join(raw, "queries_log.parquet")):
     synthetic.generate(config.synthetic, config.seed, raw)

@@ -3,7 +3,7 @@
 Exactly the protocol of ../shared/datasets/README.md (omnisage/data/sources/homedepot.py): latin-1
 train.csv.gz, positives relevance >= 2.67, test queries crc32 % 5 == 0 (1,914 queries, 6,803
 pairs), corpus = all 54,667 products, recall@10 and pair_recall@10 over the full corpus
-(omnisage/train/retrieval_metrics.py). Test queries never reach training; about 1 in 10 training
+(omnisage/train/evaluators/corpus.py). Test queries never reach training; about 1 in 10 training
 queries is held out as the VALIDATION split used for model selection (config choices were made on
 it, never on test), and its recall@10 is reported next to the test figures. The checkpoint of
 each run that scores best on validation is the one measured on test (early stopping).
@@ -71,7 +71,7 @@ def _digest(*parts) -> str:
 
 def minilm_embeddings(texts: list[str], cache_dir: str, name: str) -> np.ndarray:
   """MiniLM vectors of `texts`, cached on disk by checkpoint + texts (the encode is minutes)."""
-  from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
+  from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
   checkpoint = minilm_dir()
   with open(os.path.join(checkpoint, "model.safetensors"), "rb") as f:
     weights = hashlib.sha256(f.read()).digest()
@@ -95,7 +95,7 @@ def pca_rotation(x: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
 
 
 def evaluate_dense(queries: np.ndarray, corpus: np.ndarray, positives: list[list[int]]) -> dict:
-  from omnisage.train.retrieval_metrics import corpus_metrics
+  from omnisage.train.evaluators.corpus import corpus_metrics
   return corpus_metrics(lambda rows: queries[rows] @ corpus.T, positives)
 
 
@@ -114,12 +114,12 @@ def main(argv=None) -> dict:
   import launch
   launch.configure_logging()  # the trainer's progress lines; bm25s/Orbax chatter stays quiet
   from configs import omnisage_homedepot
-  from omnisage.data.prepare import prepare
+  from omnisage.baselines.bm25 import BM25Index
+  from omnisage.data.omnisearchsage.prepare import prepare
   from omnisage.data.sources import homedepot
-  from omnisage.serving.bm25 import BM25Index
-  from omnisage.train.corpus_eval import TrainedTowers
-  from omnisage.train.retrieval_metrics import corpus_metrics
-  from omnisage.train.trainer import train_and_evaluate
+  from omnisage.train.evaluators.corpus import corpus_metrics
+  from omnisage.train.omnisearchsage.towers import TrainedTowers
+  from omnisage.train.omnisearchsage.trainer import train_and_evaluate
 
   t_start = time.time()
   hd = homedepot.load(os.path.join(args.datasets, "homedepot-search-relevance"))

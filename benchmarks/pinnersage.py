@@ -52,7 +52,7 @@ sys.path.insert(0, ROOT)
 
 from omnisage.data.sources import movielens  # noqa: E402
 from omnisage.models import pinnersage as model  # noqa: E402
-from omnisage.serving import pinnersage as ps  # noqa: E402
+from omnisage.serving.pinnersage import service as ps
 
 DAY = model.DAY_S
 ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8)

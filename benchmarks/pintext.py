@@ -61,7 +61,7 @@ def fresh(workdir: str):
 
 def run_pintext(variant: str, args, prepared: str | None = None, **loss) -> dict:
   """prepare (unless `prepared` is given) -> train -> export; returns the summaries."""
-  from omnisage.train import pintext
+  from omnisage.train.pintext import trainer as pintext
   config = config_of(variant, args)
   for key, value in loss.items():
     config.loss[key] = value
@@ -77,7 +77,7 @@ def run_pintext(variant: str, args, prepared: str | None = None, **loss) -> dict
 
 
 def tune(args) -> dict:
-  from omnisage.train import pintext
+  from omnisage.train.pintext import trainer as pintext
   base = config_of("multitask", args)
   prepared = os.path.join(args.workdir, "multitask", "prepared")
   pintext.prepare(base, os.path.join(args.workdir, "multitask"))
@@ -98,8 +98,8 @@ def tune(args) -> dict:
 
 
 def minilm_row(queries: list[str], classes: list[str]) -> dict:
-  from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
-  from omnisage.train.pintext import knn_loo_precision_at_1
+  from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
+  from omnisage.train.pintext.trainer import knn_loo_precision_at_1
   enc = SentenceEncoder(minilm_dir())
   t0 = time.time()
   vectors = enc.encode(queries)
@@ -112,9 +112,9 @@ def minilm_row(queries: list[str], classes: list[str]) -> dict:
 
 
 def compare(args) -> dict:
-  from omnisage.data import pintext_pairs
+  from omnisage.data.pintext import pairs as pintext_pairs
   from omnisage.models.pintext import TextEmbedder
-  from omnisage.train import pintext
+  from omnisage.train.pintext import trainer as pintext
   rows, train_seconds = {}, {}
   summaries = {}
   for variant in VARIANTS:

@@ -2,7 +2,7 @@
 Zipfian query frequencies keep hot).
 
 N concurrent client coroutines (httpx.AsyncClient, HTTP/1.1 keep-alive) drive the HTTP API of
-omnisage/serving/server.py in three phases, each of --requests requests, one query per request:
+omnisage/serving/omnisearchsage/service.py in three phases, each of --requests requests, one query per request:
   uncached   every request a query the server has never seen (real queries glued in pairs, checked
              distinct after tokenisation, since the server caches by token ids): the model path
   zipf       queries drawn Zipf(--zipf-a) over the demo query vocabulary: repeats hit the cache
@@ -101,7 +101,7 @@ def token_keys(args):
   """text -> the server's cache key (token ids cropped to query_len), when the bundle is here;
   else the text itself (distinct texts may then collide in the server's cache)."""
   try:
-    from omnisage.serving.tokenizer import WordPieceTokenizer
+    from omnisage.data.tokenizer import WordPieceTokenizer
     with open(os.path.join(args.bundle, "manifest.json"), encoding="utf-8") as f:
       length = json.load(f)["dims"]["query_len"]
     tokenizer = WordPieceTokenizer.from_bundle(args.bundle)

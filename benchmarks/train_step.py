@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import jax  # noqa: E402
 from omnisage_synthetic import get_config  # noqa: E402
 
-from omnisage.data.pipeline import TrainData, load_stores, task_batch_sizes  # noqa: E402
+from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
 from omnisage.train import sharding  # noqa: E402
+from omnisage.train.omnisearchsage.step import train_step
+from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
 from omnisage.train.state import create_train_state, make_optimizer, state_shardings  # noqa: E402
-from omnisage.train.step import train_step  # noqa: E402
-from omnisage.train.trainer import vocab_sizes_of  # noqa: E402
 
 # name -> config overrides (dotted keys). The first row is the demo config as shipped.
 VARIANTS = {

@@ -1,6 +1,6 @@
 """Home-feed two-tower (SPEC §3) vs popularity and item-item co-occurrence on MovieLens.
 
-Protocol (omnisage/train/twotower_eval.py): global time split at the 80% quantile of rating
+Protocol (omnisage/train/evaluators/twotower.py): global time split at the 80% quantile of rating
 times; every model sees pre-cut data only; for each user with ratings on both sides, all 9,742
 movies are ranked with the user's pre-cut movies excluded; Recall@50 / Recall@100 against the
 movies rated after the cut. All rows are measured in the same run on the same users.
@@ -38,8 +38,9 @@ def main():
 
   import twotower_movielens
 
-  from omnisage.data import movielens_examples as mlx
-  from omnisage.train import twotower, twotower_eval
+  from omnisage.data.twotower import examples as mlx
+  from omnisage.train.evaluators import twotower as twotower_eval
+  from omnisage.train.twotower import trainer as twotower
   config = twotower_movielens.get_config()
   if args.movielens:
     config.data.movielens_dir = args.movielens

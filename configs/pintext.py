@@ -33,13 +33,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      f"(multitask, tiny, {', '.join(TASKS)})")
   tiny = arg == "tiny"
   c = ml_collections.ConfigDict()
-  c.system = "pintext"   # launch.py dispatches to omnisage/train/pintext.py
+  c.system = "pintext"   # launch.py dispatches to omnisage/train/pintext/trainer.py
   c.variant = arg
   c.seed = 0             # init, shuffling and negative sampling
   # Tasks trained together; their objectives are summed (SPEC §2 "Multitask objective").
   c.tasks = TASKS if arg in ("multitask", "tiny") else (arg,)
 
-  # --- prepare (omnisage/data/pintext_pairs.py) -------------------------------------------------
+  # --- prepare (omnisage/data/pintext/pairs.py) -------------------------------------------------
   d = c.data = ml_collections.ConfigDict()
   d.datasets = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
   d.synthetic = tiny        # True: the tiny synthetic topic world instead of the datasets
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.negatives = 5       # rho, random catalogue items per positive
   s.radius = 1.0        # gamma; word vectors are projected back into ||v|| <= gamma
 
-  # --- training (omnisage/train/pintext.py) ----------------------------------------------------
+  # --- training (omnisage/train/pintext/trainer.py) ----------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
   # Pairs per task per step. Equal counts: each task weighs the same in the summed objective,
   # whatever its size (Home Depot has ~25k train pairs, Best Buy ~6.5k, MovieLens ~3.2k).

@@ -19,10 +19,10 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = arg == "tiny"
   c = ml_collections.ConfigDict()
-  c.system = "twotower"      # launch.py dispatches to omnisage/train/twotower.py
+  c.system = "twotower"      # launch.py dispatches to omnisage/train/twotower/trainer.py
   c.seed = 0                 # init, shuffling
 
-  # --- prepare (omnisage/data/movielens_examples.py) -------------------------------------------
+  # --- prepare (omnisage/data/twotower/examples.py) -------------------------------------------
   d = c.data = ml_collections.ConfigDict()
   # The MovieLens folder; empty: $OMNISAGE_DATASETS/movielens-latest-small, else the repo's
   # ../shared/datasets/movielens-latest-small.
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.title_tokens = 12        # title words per item (titles are short: ~3 words on average)
   d.num_shards = 2 if tiny else 4      # Parquet example shards
 
-  # --- model (omnisage/models/two_tower.py) ------------------------------------------------------
+  # --- model (omnisage/models/twotower.py) ------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()
   m.embed_dim = 64           # SPEC: 64-d vectors, dot product
   m.id_dim = 32 if tiny else 64        # hashed item-id embedding width (both towers)

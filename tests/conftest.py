@@ -21,7 +21,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory):
   """(config, prepared_dir) of the tiny synthetic world."""
-  from omnisage.data import prepare, synthetic
+  from omnisage.data.omnisearchsage import prepare, synthetic
   config = tiny_config()
   root = tmp_path_factory.mktemp("tiny_world")
   raw = str(root / "raw")

@@ -7,8 +7,8 @@ import socket
 import threading
 import time
 
-from omnisage.serving.embed import KINDS, embed_entities
-from omnisage.serving.index import build_index
+from omnisage.serving.index.embed import KINDS, embed_entities
+from omnisage.serving.index.scann_index import build_index
 
 
 def build_tiny_index(tiny_bundle, out_root) -> tuple[str, str, str]:

@@ -1,4 +1,4 @@
-"""Compile-only check (omnisage/train/aot.py, `launch.py compile`).
+"""Compile-only check (omnisage/train/omnisearchsage/aot.py, `launch.py compile`).
 
 The abstract batch and state must be what training really feeds the step (else the memory report
 describes another program), so both are compared with the real ones of the tiny config; the
@@ -16,8 +16,8 @@ def _shapes(tree):
 
 
 def test_abstract_batch_matches_the_pipeline(tiny_prepared):
-  from omnisage.data.pipeline import TrainData
-  from omnisage.train.aot import abstract_batch
+  from omnisage.data.omnisearchsage.pipeline import TrainData
+  from omnisage.train.omnisearchsage.aot import abstract_batch
   config, prepared = tiny_prepared
   real = next(TrainData(config, prepared).iterator())
   assert _shapes(abstract_batch(config)) == _shapes(real)
@@ -25,7 +25,7 @@ def test_abstract_batch_matches_the_pipeline(tiny_prepared):
 
 def test_abstract_state_matches_create_train_state():
   from omnisage.train import sharding
-  from omnisage.train.aot import abstract_train_state, config_vocab_sizes
+  from omnisage.train.omnisearchsage.aot import abstract_train_state, config_vocab_sizes
   from omnisage.train.state import create_train_state
   config = tiny_config()
   config.mesh.data = 1
@@ -40,7 +40,7 @@ def test_abstract_state_matches_create_train_state():
 
 
 def test_parse_mesh():
-  from omnisage.train.aot import parse_mesh
+  from omnisage.train.omnisearchsage.aot import parse_mesh
   assert parse_mesh("8x1") == (8, 1) and parse_mesh("4X2") == (4, 2)
   for bad in ("8", "8x", "0x1", "ax1", "8x1x1", ""):
     with pytest.raises(ValueError, match="--mesh"):

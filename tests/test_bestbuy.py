@@ -16,7 +16,7 @@ import pytest
 
 from omnisage.data import text
 from omnisage.data.sources import bestbuy
-from omnisage.train.retrieval_metrics import reference_metrics
+from omnisage.train.evaluators.corpus import reference_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
@@ -184,7 +184,7 @@ def load_config(variant):
 
 
 def test_raw_tables_through_prepare(tmp_path):
-  from omnisage.data import prepare
+  from omnisage.data.omnisearchsage import prepare
   bb = bestbuy.load(generated_world(tmp_path / "bb"))
   raw = str(tmp_path / "raw")
   written = bestbuy.to_raw_tables(bb, raw)

@@ -128,10 +128,10 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, "configs")
 from omnisage_synthetic import get_config
-from omnisage.data.pipeline import TrainData
+from omnisage.data.omnisearchsage.pipeline import TrainData
 from omnisage.train import losses, sharding, step as step_lib
 from omnisage.train.state import create_train_state
-from omnisage.train.trainer import vocab_sizes_of
+from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
 
 out = {}
 b, d = 512, 16

@@ -32,9 +32,9 @@ def read_shards(kind_dir) -> dict:
 
 def test_embeddings_match_the_bundle_and_reruns_only_redo_missing_shards(bundle_and_pins,
                                                                           tmp_path):
-  from omnisage.data.entity_store import EntityStore
-  from omnisage.serving.bundle import load_bundle
-  from omnisage.serving.embed import embed_entities
+  from omnisage.data.omnisearchsage.entity_store import EntityStore
+  from omnisage.serving.bundle.loader import load_bundle
+  from omnisage.serving.index.embed import embed_entities
   prepared, bundle_dir, pins = bundle_and_pins
   table = pq.read_table(pins)
   groups = pq.ParquetFile(pins).num_row_groups
@@ -110,9 +110,9 @@ def test_launch_embed_with_a_missing_table_is_a_clear_error(bundle_and_pins, tmp
 
 
 def test_queries_are_embedded_with_the_query_tower(bundle_and_pins, tmp_path):
-  from omnisage.data.entity_store import EntityStore
-  from omnisage.serving.bundle import load_bundle
-  from omnisage.serving.embed import embed_entities
+  from omnisage.data.omnisearchsage.entity_store import EntityStore
+  from omnisage.serving.bundle.loader import load_bundle
+  from omnisage.serving.index.embed import embed_entities
   prepared, bundle_dir, _ = bundle_and_pins
   summary = embed_entities(bundle_dir, os.path.join(prepared, "entities", "queries.parquet"),
                            str(tmp_path), batch_size=BATCH)

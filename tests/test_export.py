@@ -21,7 +21,7 @@ ENTITY_WIDTH = {1: 192, 3: 100, 17: 200}
 SERVE = """
 import json, sys
 import numpy as np
-from omnisage.serving.bundle import load_bundle
+from omnisage.serving.bundle.loader import load_bundle
 bundle_dir, inputs, outputs = sys.argv[1:4]
 bundle = load_bundle(bundle_dir)
 data = np.load(inputs)
@@ -71,8 +71,8 @@ def reference_outputs(config, prepared, workdir, inputs) -> dict:
   """The model's own embeddings from the same checkpoint, computed with the training code."""
   from omnisage.train import sharding
   from omnisage.train.checkpoint import Checkpointer
+  from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
   from omnisage.train.state import abstract_state, create_train_state
-  from omnisage.train.trainer import vocab_sizes_of
   state, statics = create_train_state(config, vocab_sizes_of(prepared),
                                       sharding.make_mesh(config.mesh))
   step, trained, _ = Checkpointer(workdir).restore_latest(abstract_state(state))
@@ -138,7 +138,7 @@ def edit_manifest(bundle, edit):
 
 
 def test_a_changed_byte_in_the_weights_is_refused(copy_of_bundle):
-  from omnisage.serving.bundle import BundleError, load_bundle
+  from omnisage.serving.bundle.loader import BundleError, load_bundle
   path = os.path.join(copy_of_bundle, "params.safetensors")
   with open(path, "r+b") as f:
     f.seek(os.path.getsize(path) // 2)   # inside the tensor data, past the JSON header
@@ -150,7 +150,7 @@ def test_a_changed_byte_in_the_weights_is_refused(copy_of_bundle):
 
 
 def test_a_newer_format_version_is_refused(copy_of_bundle):
-  from omnisage.serving.bundle import BundleError, load_bundle
+  from omnisage.serving.bundle.loader import BundleError, load_bundle
   edit_manifest(copy_of_bundle, lambda m: m.update(format_version=2))
   with pytest.raises(BundleError, match=r"format_version 2 is not supported.*format_version 1"):
     load_bundle(copy_of_bundle)
@@ -159,7 +159,7 @@ def test_a_newer_format_version_is_refused(copy_of_bundle):
 @pytest.mark.parametrize("dim", ["query_len", "entity_tokens", "continuous_dim", "embed_dim",
                                  "num_fields"])
 def test_a_manifest_dim_that_disagrees_with_the_programs_is_refused(copy_of_bundle, dim):
-  from omnisage.serving.bundle import BundleError, load_bundle
+  from omnisage.serving.bundle.loader import BundleError, load_bundle
   # The manifest is not in its own checksum list, so every file still verifies: only the dim
   # is wrong, and the error must name it.
   edit_manifest(copy_of_bundle, lambda m: m["dims"].update({dim: m["dims"][dim] + 1}))

@@ -1,11 +1,11 @@
-"""omnisage.data.features: board-title ranking, engaged queries (full, incremental), pair caps."""
+"""omnisage.data.omnisearchsage.features: board-title ranking, engaged queries (full, incremental), pair caps."""
 
 import collections
 import math
 
 import numpy as np
 
-from omnisage.data import features
+from omnisage.data.omnisearchsage import features
 
 
 def test_board_titles_hand_example():
@@ -155,7 +155,7 @@ def test_cap_pairs_counts_determinism_and_uniformity():
 def test_prepare_windowed_refresh_equals_full_recompute_where_certified():
   """prepare's n-day refresh path: every list not reported as uncertain equals the full
   recompute; with one window (refresh period longer than the log) nothing is uncertain."""
-  from omnisage.data.prepare import DAY, _engaged_queries
+  from omnisage.data.omnisearchsage.prepare import DAY, _engaged_queries
   rng = np.random.default_rng(3)
   for n, top in ((3_000, 20), (20_000, 5)):   # sparse lists (mostly certified), dense lists
     log = {"entity": rng.integers(0, 40, n), "engagement": rng.integers(0, 2, n).astype(str),

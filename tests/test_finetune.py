@@ -107,8 +107,8 @@ def test_legacy_skip_starts_at_the_legacy_vector():
 
 
 def test_projection_init_maps_the_sentence_space(tmp_path):
+  from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
   from omnisage.models.hf_import import query_tower_from_config
-  from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
   try:
     checkpoint = minilm_dir()
   except Exception:  # noqa: BLE001

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, subprocess_env
 
-from omnisage.data import schema
-from omnisage.data.pipeline import read_pairs
+from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.pipeline import read_pairs
 from omnisage.data.sources import homedepot
 
 DATASETS = os.path.abspath(os.path.join(ROOT, os.environ.get("OMNISAGE_DATASETS",
@@ -44,7 +44,7 @@ def test_protocol_split_is_crc32_mod_5():
 
 def test_world_keeps_test_queries_out_and_splits_validation(tmp_path):
   from configs import omnisage_homedepot
-  from omnisage.data.prepare import prepare
+  from omnisage.data.omnisearchsage.prepare import prepare
   qs = _queries_by_split(4)
   lines = ['"id","product_uid","product_title","search_term","relevance"']
   rid = 1
@@ -117,8 +117,8 @@ def test_benchmark_end_to_end_on_a_slice(tmp_path):
       assert 0.0 <= r[split]["recall@10"] <= 1.0 and r[split]["pairs"] > 0, (method, split)
   assert out["results"]["multi_inbatch_only"]["train"]["steps"] == 6
 
-  from omnisage.serving.bm25 import BM25Index
-  from omnisage.train.retrieval_metrics import corpus_metrics
+  from omnisage.baselines.bm25 import BM25Index
+  from omnisage.train.evaluators.corpus import corpus_metrics
   hd = homedepot.load(str(dst))
   titles = hd.products["title"].to_pylist()
   row = {p: i for i, p in enumerate(hd.products["product_id"].to_pylist())}

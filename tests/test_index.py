@@ -10,18 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import last_json, run_launch
 
-from omnisage.serving import ann
-from omnisage.serving.index import (
+from benchmarks.synthetic_embeddings import clustered_embeddings
+from omnisage.serving.index import ann
+from omnisage.serving.index.ann import exact_topk
+from omnisage.serving.index.scann_index import (
   BUNDLE_KEY,
   IndexError_,
   build_index,
-  exact_topk,
   load_index,
   read_embeddings,
   tuning_queries,
   write_kind_index,
 )
-from omnisage.serving.synthetic_embeddings import clustered_embeddings
 
 DIM = 32
 

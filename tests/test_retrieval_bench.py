@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from test_index import write_embeddings_dir
 
-from omnisage.serving.ann import exact_topk
-from omnisage.serving.retrieval_bench import numpy_topk, run_retrieval_bench
-from omnisage.serving.synthetic_embeddings import clustered_embeddings
+from benchmarks.retrieval import numpy_topk, run_retrieval_bench
+from benchmarks.synthetic_embeddings import clustered_embeddings
+from omnisage.serving.index.ann import exact_topk
 
 
 def test_numpy_topk_matches_jax():

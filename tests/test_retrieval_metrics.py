@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from omnisage.train.retrieval_metrics import corpus_metrics, reference_metrics
+from omnisage.train.evaluators.corpus import corpus_metrics, reference_metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -46,7 +46,7 @@ def test_queries_without_positives_are_refused():
 
 
 def test_bm25_ranks_the_matching_title_first():
-  from omnisage.serving.bm25 import BM25Index
+  from omnisage.baselines.bm25 import BM25Index
   titles = ["cordless drill with battery", "angle bracket steel", "ceiling fan white",
             "drill bits set", "garden hose 50 ft"]
   bm25 = BM25Index(titles)

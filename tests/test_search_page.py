@@ -8,7 +8,7 @@ import httpx
 import pytest
 from serving_helpers import build_tiny_index, running
 
-from omnisage.serving.server import create_app
+from omnisage.serving.omnisearchsage.service import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

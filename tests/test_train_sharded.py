@@ -18,10 +18,10 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, "configs")
 from omnisage_synthetic import get_config
-from omnisage.data.pipeline import TrainData
+from omnisage.data.omnisearchsage.pipeline import TrainData
 from omnisage.train import sharding, step as step_lib
 from omnisage.train.state import create_train_state
-from omnisage.train.trainer import vocab_sizes_of
+from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
 
 prepared = sys.argv[1]
 config = get_config("tiny")

@@ -18,10 +18,11 @@ from serving_helpers import running
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import twotower_movielens  # noqa: E402
 
-from omnisage.data import movielens_examples as mlx  # noqa: E402
 from omnisage.data.sources import movielens  # noqa: E402
-from omnisage.models.two_tower import ITEM_INPUTS, USER_INPUTS  # noqa: E402
-from omnisage.train import twotower, twotower_eval  # noqa: E402
+from omnisage.data.twotower import examples as mlx
+from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS
+from omnisage.train.evaluators import twotower as twotower_eval
+from omnisage.train.twotower import trainer as twotower
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
 JSON = {"content-type": "application/json"}
@@ -169,9 +170,9 @@ def test_end_to_end_recommend(trained, built, tmp_path):
   assert [f.name for f in schema] == ["entity_index", "id", "title", "embedding"]
   assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[64]"
 
-  from omnisage.serving.index import build_index, read_embeddings
-  from omnisage.serving.recommend import create_recommend_app
-  from omnisage.serving.twotower_bundle import load_twotower_bundle
+  from omnisage.serving.index.scann_index import build_index, read_embeddings
+  from omnisage.serving.twotower.bundle import load_twotower_bundle
+  from omnisage.serving.twotower.service import create_recommend_app
   build_index(embeddings, index, qps_seconds=0.05)
   tt = load_twotower_bundle(bundle)
   items = read_embeddings(os.path.join(embeddings, "items"))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnisage.data.schema import LEGACY_DIM, VISUAL_DIM
+from omnisage.data.omnisearchsage.schema import LEGACY_DIM, VISUAL_DIM
 from omnisage.models.compat import l2_normalize
 from omnisage.models.hash_embedding import HashEmbedding
 

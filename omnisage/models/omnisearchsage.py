@@ -15,7 +15,7 @@ Usage:
 import jax.numpy as jnp
 from flax import nnx
 
-from omnisage.data.schema import FIELDS
+from omnisage.data.omnisearchsage.schema import FIELDS
 from omnisage.models.entity_tower import CONTINUOUS_DIM, EntityTower
 from omnisage.models.hf_import import query_tower_from_config
 from omnisage.models.query_tower import QueryTower

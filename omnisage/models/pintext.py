@@ -8,7 +8,7 @@ Two halves with the same arithmetic:
                    ids (0 = padding, so out-of-vocabulary words, already dropped, cost nothing).
   TextEmbedder     the serving side: a bundle written by `launch.py export` (vocab.txt +
                    vectors.npy + manifest.json with sha256s) that embeds ANY text with NumPy only:
-                   tokenise (omnisage.data.pintext_pairs.tokenize), drop unknown words, average.
+                   tokenise (omnisage.data.pintext.pairs.tokenize), drop unknown words, average.
 An entity with no known word is the zero vector (cosine 0 against everything).
 
 Usage:
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnisage.data.pintext_pairs import tokenize
+from omnisage.data.pintext.pairs import tokenize
 
 BUNDLE_FORMAT = "pintext"
 BUNDLE_VERSION = 1

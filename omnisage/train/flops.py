@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from omnisage.data import schema
+from omnisage.data.omnisearchsage import schema
 from omnisage.models.entity_tower import CONTINUOUS_DIM
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s, by a substring of jax's `device_kind`.

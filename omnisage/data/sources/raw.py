@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from omnisage.data import schema
+from omnisage.data.omnisearchsage import schema
 
 _VECTOR = pa.list_(pa.float32())
 TYPES = {

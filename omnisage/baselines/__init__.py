@@ -1,0 +1,2 @@
+"""Baselines that benchmarks and evaluation compare against: BM25 (bm25.py), the off-the-shelf
+MiniLM sentence encoder (text_encoder.py), popularity and item co-occurrence (popularity.py)."""

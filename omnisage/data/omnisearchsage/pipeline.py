@@ -1,0 +1,177 @@
+"""Grain input pipeline: ArrayRecord pair shards -> multi-task batches with entity features.
+
+One global batch holds a fixed number of pairs per task (the task mix sets task influence, SPEC §1:
+the official code splits each batch 8:4:2:2). Per task:
+
+  ArrayRecord shards -> shuffle (reseeded every epoch) -> repeat -> decode -> batch(pairs per host)
+  -> this host's batches
+
+The per-task streams are zipped, then one random map gathers entity features from the in-memory
+`EntityStore` and draws the shared random negatives (SPEC "Mixed negatives", Yang et al. 2020).
+Every random choice derives from (seed, element index), and the element index is the Grain iterator
+state saved in each checkpoint, so a resumed run sees exactly the batches it would have seen.
+
+Several hosts (processes): the shuffle is global (every host computes the same permutation of
+record indices, without reading records), and global batch k is the host batches k*H .. k*H+H-1,
+of which host h takes batch k*H+h. A host therefore reads (and decodes) only its own rows of each
+global batch, and the hosts' rows, in host order, are exactly the batch one host would read alone;
+likewise every host draws the same global random negatives and gathers only its slice. So the
+global batch does not depend on the number of hosts (tests/test_multihost.py).
+
+Usage:
+  data = TrainData(config, prepared_dir)
+  it = data.iterator()   # a grain DatasetIterator: next(it), it.get_state(), it.set_state()
+"""
+
+import glob
+import os
+
+import grain
+import jax
+import numpy as np
+from grain.experimental import ZipMapDataset
+
+from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.entity_store import EntityStore
+
+STEPS_LIMIT = 1 << 40  # batches per task stream; far beyond any run
+
+
+def shard_paths(prepared_dir: str, split: str, task: str) -> list[str]:
+  paths = sorted(glob.glob(os.path.join(prepared_dir, split, task, "*.array_record")))
+  if not paths:
+    raise FileNotFoundError(
+        f"no {split} shards for task {task} under {prepared_dir}/{split}/{task}")
+  return paths
+
+
+class DecodePair(grain.transforms.Map):
+  """Record bytes -> fixed-shape arrays (query tokens padded with 0 to max_len)."""
+
+  def __init__(self, max_len: int):
+    self.max_len = max_len
+
+  def map(self, record: bytes) -> dict:
+    pair = schema.decode_pair(record)
+    tokens = np.zeros(self.max_len, np.int32)
+    n = min(len(pair["query_tokens"]), self.max_len)
+    tokens[:n] = pair["query_tokens"][:n]
+    return {"query_tokens": tokens,
+            "query_ids": np.int32(pair["query_index"]),
+            "pos_ids": np.int32(pair["entity_index"])}
+
+
+def load_stores(prepared_dir: str, data_config) -> dict[str, EntityStore]:
+  """Entity stores keyed by entity kind (pins, products, queries)."""
+  return {
+      "pins": EntityStore.load(prepared_dir, "pins", data_config.max_entity_tokens),
+      "products": EntityStore.load(prepared_dir, "products", data_config.max_entity_tokens),
+      "queries": EntityStore.load(prepared_dir, "queries", data_config.batch_query_len),
+  }
+
+
+def task_batch_sizes(config) -> dict[str, int]:
+  return {task: int(config.tasks[task]) for task in schema.TASK_ENTITY if config.tasks[task] > 0}
+
+
+class AddFeaturesAndNegatives(grain.transforms.RandomMap):
+  """Gathers positive/negative entity features and samples shared random negatives.
+
+  Random negatives are drawn uniformly from the task's catalogue; `neg_log_q` is the log of the
+  expected number of draws of an item, log(n * 1/N), the same quantity the in-batch correction
+  uses for batch items (SPEC: log Q = log count - log total + log B). Compatibility negatives are
+  drawn from the entities that HAVE a legacy vector, i.e. from the old index.
+  """
+
+  def __init__(self, stores, tasks: list[str], negatives: int, compat: bool,
+               rows: slice = slice(None)):
+    self.stores = stores
+    self.tasks = tasks
+    self.n = negatives   # global count: every host draws all of them and keeps `rows`
+    self.rows = rows
+    self.compat = compat
+    self.with_legacy = {kind: np.flatnonzero(s.has_legacy) for kind, s in stores.items()
+                        if s.has_legacy is not None}
+
+  def random_map(self, per_task: tuple, rng: np.random.Generator) -> dict:
+    out = {}
+    for task, pairs in zip(self.tasks, per_task):
+      store = self.stores[schema.TASK_ENTITY[task]]
+      batch = dict(pairs)
+      batch.update(store.gather(pairs["pos_ids"], "pos"))
+      neg_ids = rng.integers(0, store.size, self.n).astype(np.int32)[self.rows]
+      batch["neg_ids"] = neg_ids
+      batch["neg_log_q"] = np.full(len(neg_ids), np.log(self.n / store.size), np.float32)
+      neg = store.gather(neg_ids, "neg")
+      # The legacy vectors of random negatives are not used: compat tasks have their own.
+      neg.pop("neg_legacy", None)
+      neg.pop("neg_has_legacy", None)
+      batch.update(neg)
+      if self.compat and store.has_legacy is not None:
+        pool = self.with_legacy[store.kind]
+        compat_ids = pool[rng.integers(0, len(pool), self.n)[self.rows]].astype(np.int32)
+        batch["compat_neg_ids"] = compat_ids
+        batch["compat_neg_legacy"] = store.legacy[compat_ids]
+        batch["compat_neg_log_q"] = np.full(len(compat_ids), np.log(self.n / len(pool)),
+                                            np.float32)
+      out[task] = batch
+    return out
+
+
+class TrainData:
+  """The training input pipeline of one host (process)."""
+
+  def __init__(self, config, prepared_dir: str, stores=None, process_index: int | None = None,
+               process_count: int | None = None):
+    self.config = config
+    self.prepared_dir = prepared_dir
+    self.stores = stores if stores is not None else load_stores(prepared_dir, config.data)
+    self.tasks = list(task_batch_sizes(config))
+    # Default: this JAX process; explicit values let a test build every host's pipeline in one.
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+
+  def _per_host(self, global_count: int, what: str) -> int:
+    if global_count % self.process_count:
+      raise ValueError(f"{what}={global_count} is not divisible by {self.process_count} hosts")
+    return global_count // self.process_count
+
+  def dataset(self) -> grain.MapDataset:
+    cfg = self.config
+    per_task = []
+    for i, task in enumerate(self.tasks):
+      source = grain.sources.ArrayRecordDataSource(shard_paths(self.prepared_dir, "train", task))
+      ds = grain.MapDataset.source(source)
+      ds = (ds.seed(cfg.seed + 1000 * i).shuffle().repeat()
+            .map(DecodePair(cfg.data.batch_query_len))
+            .batch(self._per_host(cfg.tasks[task], f"tasks.{task}"), drop_remainder=True))
+      # This host's rows of every global batch (MapDatasets are lazy: other rows are never read).
+      ds = ds[self.process_index::self.process_count]
+      # Repeated streams are "infinite" with a length that depends on the batch size; the zip
+      # needs equal lengths, so all are cut to the same (practically endless) number of steps.
+      per_task.append(ds[:STEPS_LIMIT])
+    negatives = self._per_host(cfg.loss.random_negatives, "loss.random_negatives")
+    rows = slice(self.process_index * negatives, (self.process_index + 1) * negatives)
+    features = AddFeaturesAndNegatives(self.stores, self.tasks, cfg.loss.random_negatives,
+                                       cfg.tasks.compat, rows)
+    # One seed for all hosts: they draw the same global negatives and each keeps its rows.
+    return ZipMapDataset(parents=per_task).random_map(features, seed=cfg.seed + 7919)
+
+  def iterator(self) -> grain.DatasetIterator:
+    ds = self.dataset().to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if self.config.data.worker_count > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.config.data.worker_count))
+    return iter(ds)
+
+
+def read_pairs(prepared_dir: str, split: str, task: str, max_pairs: int, seed: int,
+               max_len: int) -> dict[str, np.ndarray]:
+  """All (or a seeded random `max_pairs` subset of) a split's pairs of one task, as arrays."""
+  source = grain.sources.ArrayRecordDataSource(shard_paths(prepared_dir, split, task))
+  n = len(source)
+  order = np.random.default_rng(seed).permutation(n)[:max_pairs] if max_pairs < n else np.arange(n)
+  decode = DecodePair(max_len)
+  rows = [decode.map(source[int(i)]) for i in np.sort(order)]
+  if not rows:
+    raise ValueError(f"{split}/{task} has no pairs under {prepared_dir}")
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

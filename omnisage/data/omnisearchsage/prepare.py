@@ -1,0 +1,438 @@
+"""`launch.py prepare`: raw Parquet tables -> the prepared directory of schema.py (SPEC §1).
+
+Steps, in order:
+  1. Validate every raw row. A bad row is dropped AND counted by reason (`REASONS`, first listed
+     reason wins when a row has several defects); nothing crashes on bad data and nothing is silent.
+  2. Split the logs by time: eval = the last `eval_days` whole UTC days, the `gap_days` before them
+     are dropped (SPEC §1 evaluation: a time gap between train and eval), train = all before.
+  3. Features from TRAIN-window logs only (no leakage into eval): board titles (top 10 per pin) and
+     engaged queries (top 20 per entity and engagement type), SPEC "Features that enrich entities".
+     List fields (board titles, engaged queries) are encoded item by item and concatenated, so no
+     bigram spans two items; each field is capped at `field_max_tokens`, the entity at
+     `max_entity_tokens`.
+  4. Vocabularies: WordPiece for queries (learned from train queries unless `data.query_vocab_file`)
+     and the trigram/unigram/bigram vocabularies of the entity tower, from entity field texts.
+  5. Entity tables (pins, products, queries) and pair shards per task and split (ArrayRecord,
+     `schema.encode_pair`), train pairs capped per entity; then meta.json.
+
+TensorFlow is imported lazily (step 4, via `wordpiece`), so importing this module stays light.
+
+Usage:
+  summary = prepare(get_config(), "/tmp/raw", "/tmp/prepared")
+"""
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from omnisage.data import text
+from omnisage.data.omnisearchsage import features, schema
+
+DAY = 86_400
+# Bad-row reasons in precedence order (a row with several defects counts once, under the first).
+REASONS = ("missing_field", "undecodable_text", "absurd_length", "empty_text", "invalid_value",
+           "nan_vector", "bad_vector", "duplicate_id", "unknown_entity")
+ALLOWED = {"pins": ("save", "long_click"), "products": ("save", "long_click", "add_to_cart",
+           "checkout"), "queries": ("click",)}
+VISUAL_BYTES = schema.VISUAL_DIM // 8
+# Values of the optional queries_log column `split` -> split code (0 train, 2 eval; 1 is the time
+# gap, which an explicit split does not have).
+SPLITS = {"train": 0, "eval": 2}
+
+
+class _Rows:
+  """Per-row reason codes of one table (0 = good); the higher-precedence reason wins."""
+
+  def __init__(self, n: int):
+    self.code = np.zeros(n, np.int8)
+
+  def flag(self, mask, reason: str) -> None:
+    r = REASONS.index(reason) + 1
+    self.code[np.asarray(mask) & ((self.code == 0) | (self.code > r))] = r
+
+  @property
+  def good(self) -> np.ndarray:
+    return self.code == 0
+
+  def counts(self) -> dict:
+    c = np.bincount(self.code, minlength=len(REASONS) + 1)[1:]
+    return {r: int(n) for r, n in zip(REASONS, c) if n}
+
+
+def _member(values: np.ndarray, known) -> np.ndarray:
+  # A set lookup per row: np.isin on object arrays can degrade to comparing every pair.
+  return np.fromiter((v in known for v in values), bool, len(values))
+
+
+def _chunk(col) -> pa.Array:
+  return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _texts(col, rows: _Rows, max_chars: int, required: bool) -> np.ndarray:
+  """Normalised texts (object array, None where null) of a string or binary column.
+
+  Flags missing (if `required`), undecodable UTF-8, over-long and (if required) empty-after-
+  normalisation rows. Works on distinct values: logs repeat the same query many times.
+  """
+  enc = _chunk(col).dictionary_encode()
+  idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+  uniq = enc.dictionary.to_pylist()
+  norm = np.empty(len(uniq) + 1, object)  # last slot: null rows (idx -1)
+  reason = np.zeros(len(uniq) + 1, np.int8)
+  for i, v in enumerate(uniq):
+    if isinstance(v, bytes):
+      try:
+        v = v.decode("utf-8")
+      except UnicodeDecodeError:
+        reason[i] = 1
+        continue
+    if len(v) > max_chars:
+      reason[i] = 2
+      continue
+    norm[i] = text.normalize(v)
+    reason[i] = 3 if required and not norm[i] else 0
+  rows.flag(reason[idx] == 1, "undecodable_text")
+  rows.flag(reason[idx] == 2, "absurd_length")
+  rows.flag(reason[idx] == 3, "empty_text")
+  if required:
+    rows.flag(idx < 0, "missing_field")
+  return norm[idx]
+
+
+def _vectors(col, rows: _Rows, dim: int) -> None:
+  """Flags non-null list<float> rows of the wrong length or with non-finite values."""
+  arr = _chunk(col)
+  present = arr.is_valid().to_numpy(zero_copy_only=False)
+  offsets = arr.offsets.to_numpy()
+  values = arr.values.to_numpy(zero_copy_only=False).astype(np.float64)
+  bad = np.r_[0, np.cumsum(~np.isfinite(values))]  # null floats became NaN: also bad
+  rows.flag(present & (np.diff(offsets) != dim), "bad_vector")
+  rows.flag(present & (bad[offsets[1:]] - bad[offsets[:-1]] > 0), "nan_vector")
+
+
+def _bits(values: pa.Array) -> np.ndarray:
+  """Binary values of VISUAL_BYTES each -> [n, VISUAL_DIM] uint8 of 0/1."""
+  data = b"".join(values.to_pylist())
+  return np.unpackbits(np.frombuffer(data, np.uint8).reshape(-1, VISUAL_BYTES), axis=1)
+
+
+def _float_lists(x: np.ndarray, present: np.ndarray) -> pa.Array:
+  """[n_present, d] rows scattered into a nullable list<float32> column of len(present) rows."""
+  d = x.shape[1] if x.ndim == 2 else 0
+  offsets = np.r_[0, np.cumsum(present * d)].astype(np.int32)
+  return pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.reshape(-1), pa.float32()),
+                                  mask=pa.array(~present))
+
+
+def _entities(table: pa.Table, kind: str, d, bad: dict) -> dict:
+  """Valid rows of the pins or products table: ids, normalised texts, legacy and visual columns."""
+  rows = _Rows(table.num_rows)
+  ids = table["id"].to_numpy(zero_copy_only=False)
+  rows.flag(np.fromiter((not i for i in ids), bool, len(ids)), "missing_field")
+  texts = {f: _texts(table[f], rows, d.max_text_chars, required=False)
+           for f in ("title", "description", "caption") if f in table.column_names}
+  legacy_col = "pinsage" if kind == "pins" else "itemsage"
+  _vectors(table[legacy_col], rows, schema.LEGACY_DIM)
+  if kind == "pins":
+    vis = _chunk(table["visual_bits"])
+    lengths = pc.binary_length(vis).fill_null(VISUAL_BYTES).to_numpy(zero_copy_only=False)
+    rows.flag(lengths != VISUAL_BYTES, "bad_vector")
+  else:
+    vis = _chunk(table["image_bits"])
+    img_len = pc.binary_length(vis.values).fill_null(-1).to_numpy(zero_copy_only=False)
+    wrong = np.r_[0, np.cumsum(img_len != VISUAL_BYTES)]
+    off = vis.offsets.to_numpy()
+    rows.flag(wrong[off[1:]] - wrong[off[:-1]] > 0, "bad_vector")
+  first = {}
+  for i in np.flatnonzero(rows.good):  # duplicate ids: the first valid row wins
+    first.setdefault(ids[i], i)
+  dup = rows.good.copy()
+  dup[list(first.values())] = False
+  rows.flag(dup, "duplicate_id")
+  bad[kind] = rows.counts()
+
+  keep = np.flatnonzero(rows.good)
+  out = dict(ids=ids[keep], **{f: t[keep] for f, t in texts.items()})
+  out["legacy"] = _chunk(table[legacy_col]).take(pa.array(keep)).cast(pa.list_(pa.float32()))
+  vis = vis.take(pa.array(keep))
+  present = vis.is_valid().to_numpy(zero_copy_only=False)
+  if kind == "pins":
+    bits = _bits(vis.drop_null()) if present.any() else np.zeros((0, schema.VISUAL_DIM))
+    out["visual"] = _float_lists(bits.astype(np.float32), present)
+  else:  # a product's visual feature is the mean of its images' bits (SPEC §1)
+    n_img = vis.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    present &= n_img > 0
+    flat = vis.flatten()
+    bits = _bits(flat) if len(flat) else np.zeros((0, schema.VISUAL_DIM), np.uint8)
+    starts = np.cumsum(n_img) - n_img
+    sums = np.zeros((len(keep), schema.VISUAL_DIM), np.float32)
+    # Add the j-th image of every product that has one: total work = number of images, and far
+    # faster than a segmented sum along axis 0.
+    for j in range(int(n_img.max(initial=0))):
+      has = np.flatnonzero(n_img > j)
+      sums[has] += bits[starts[has] + j]
+    out["visual"] = _float_lists(sums[present] / n_img[present, None], present)
+  return out
+
+
+def _log(table: pa.Table, entity_ids: dict, d, bad: dict) -> dict:
+  """Valid log rows: normalised query and target, kind, engagement code, timestamp."""
+  rows = _Rows(table.num_rows)
+  query = _texts(table["query"], rows, d.max_text_chars, required=True)
+  target = _texts(table["entity_id"], rows, d.max_text_chars, required=True)
+  kind = table["entity_kind"].to_numpy(zero_copy_only=False)
+  eng = table["engagement"].to_numpy(zero_copy_only=False)
+  ts = table["timestamp"]
+  rows.flag((kind == None) | (eng == None) | ts.is_null().to_numpy(  # noqa: E711
+      zero_copy_only=False), "missing_field")
+  allowed = {(k, e) for k, es in ALLOWED.items() for e in es}
+  rows.flag(np.fromiter(((k, e) not in allowed for k, e in zip(kind, eng)), bool, len(kind)),
+            "invalid_value")
+  has_split = "split" in table.column_names
+  if has_split:  # an explicit split (datasets without time) overrides the time split
+    split = table["split"].to_numpy(zero_copy_only=False)
+    rows.flag(np.fromiter((s not in SPLITS for s in split), bool, len(split)), "invalid_value")
+  raw_ids = table["entity_id"].to_numpy(zero_copy_only=False)
+  for k in ("pins", "products"):
+    sel = (kind == k) & rows.good
+    rows.flag(sel & ~_member(raw_ids, entity_ids[k]), "unknown_entity")
+  bad["queries_log"] = rows.counts()
+  keep = rows.good
+  eidx = np.array([entity_ids[k][r] if k != "queries" else -1
+                   for k, r in zip(kind[keep], raw_ids[keep])], np.int64)
+  out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx,
+             engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
+             timestamp=ts.fill_null(0).to_numpy()[keep].astype(np.int64))
+  if has_split:
+    out["split"] = np.array([SPLITS[s] for s in split[keep]], np.int64)
+  return out
+
+
+def _saves(table: pa.Table, pin_ids: dict, d, bad: dict) -> dict:
+  rows = _Rows(table.num_rows)
+  title = _texts(table["board_title"], rows, d.max_text_chars, required=True)
+  pins = table["pin_id"].to_numpy(zero_copy_only=False)
+  rows.flag((pins == None) | table["timestamp"].is_null().to_numpy(  # noqa: E711
+      zero_copy_only=False), "missing_field")
+  rows.flag(~_member(pins, pin_ids), "unknown_entity")
+  bad["board_saves"] = rows.counts()
+  keep = rows.good
+  return dict(pin=np.array([pin_ids[p] for p in pins[keep]], np.int64), title=title[keep],
+              timestamp=table["timestamp"].fill_null(0).to_numpy()[keep])
+
+
+def _field_items(ent: dict, boards: dict, engaged: dict) -> list[list[list[str]]]:
+  """Per entity, per schema.FIELDS entry, the list of texts encoded one after another."""
+  out = []
+  for i in range(len(ent["ids"])):
+    per_field = []
+    for name in schema.FIELDS:
+      if name == "board_titles":
+        per_field.append(boards.get(i, []))
+      elif name.startswith("engaged_queries_"):
+        code = schema.ENGAGEMENT_INDEX[name[len("engaged_queries_"):]]
+        per_field.append([q for q, _ in engaged.get((i, code), [])])
+      else:  # a plain text column (products have no caption)
+        value = ent[name][i] if name in ent else None
+        per_field.append([value] if value else [])
+    out.append(per_field)
+  return out
+
+
+def _encode_entities(items, vocab: text.NgramVocab, d, desc: str) -> tuple[pa.Array, pa.Array]:
+  """Stacked n-gram tokens and their field ids, capped per field and in total."""
+  toks, flds, lengths = [], [], []
+  for per_field in tqdm(items, desc=desc, mininterval=2, leave=False):
+    n = 0
+    for f, texts in enumerate(per_field):
+      if not texts or n >= d.max_entity_tokens:
+        continue
+      ids = vocab.encode(texts[0]) if len(texts) == 1 else np.concatenate(
+          [vocab.encode(t) for t in texts])
+      ids = ids[:min(d.field_max_tokens, d.max_entity_tokens - n)]
+      toks.append(ids)
+      flds.append(np.full(len(ids), f, np.int8))
+      n += len(ids)
+    lengths.append(n)
+  offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+  cat = lambda xs, t: np.concatenate(xs) if xs else np.zeros(0, t)
+  return (pa.ListArray.from_arrays(offsets, pa.array(cat(toks, np.int32), pa.int32())),
+          pa.ListArray.from_arrays(offsets, pa.array(cat(flds, np.int8), pa.int8())))
+
+
+def _write_shards(records: list[bytes], directory: str, num_shards: int, rng) -> None:
+  if os.path.isdir(directory):  # stale shards of an earlier run (maybe another shard count)
+    shutil.rmtree(directory)
+  os.makedirs(directory)
+  order = rng.permutation(len(records))  # shuffled before sharding: shards are exchangeable
+  for s, part in enumerate(np.array_split(order, num_shards)):
+    writer = ArrayRecordWriter(os.path.join(directory, schema.shard_name(s, num_shards)),
+                               "group_size:1")
+    for i in part:
+      writer.write(records[i])
+    writer.close()
+
+
+def _engaged_queries(log: dict, sel: np.ndarray, top: int, refresh_days: int):
+  """Top engaged queries per (entity, engagement) over the rows `sel` of the log.
+
+  refresh_days == 0: one full recompute. Otherwise the production refresh (SPEC): the logs are cut
+  into windows of `refresh_days` days and each window is merged into the stored top lists
+  (`features.merge_engaged_queries`); lists whose merge is not certified equal to a full recompute
+  are returned (`features.uncertain_merge_keys`) and their count is reported, not hidden.
+  """
+  def counts(rows):
+    return features.count_engaged_queries(
+        zip(log["entity"][rows].tolist(), log["engagement"][rows].tolist()),
+        log["query"][rows].tolist())
+  if not refresh_days:
+    return features.top_engaged_queries(counts(sel), top), set()
+  window = log["timestamp"] // (refresh_days * DAY)
+  current, uncertain = {}, set()
+  for w in np.unique(window[sel]):
+    new = counts(sel & (window == w))
+    uncertain |= features.uncertain_merge_keys(current, new, top)
+    current = features.merge_engaged_queries(current, new, top)
+  return current, uncertain
+
+
+def prepare(config, raw_dir: str, out_dir: str) -> dict:
+  """Builds `out_dir` from the raw tables in `raw_dir`; returns the summary also in meta.json."""
+  d, clock, seconds = config.data, time.perf_counter(), {}
+  raw = {}
+  for name, cols in schema.RAW_TABLES.items():
+    path = os.path.join(raw_dir, f"{name}.parquet")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: prepare needs the tables "
+                              f"{', '.join(schema.RAW_TABLES)} (see omnisage/data/omnisearchsage/schema.py)")
+    raw[name] = pq.read_table(path)
+    missing = [c for c in cols if c not in raw[name].column_names]
+    if missing:  # a whole column missing is a loader bug, not a bad row
+      raise ValueError(f"{raw_dir}/{name}.parquet lacks columns {missing}")
+  bad: dict = {}
+  ents = {k: _entities(raw[k], k, d, bad) for k in ("pins", "products")}
+  index = {k: {i: n for n, i in enumerate(e["ids"])} for k, e in ents.items()}
+  log = _log(raw["queries_log"], index, d, bad)
+  saves = _saves(raw["board_saves"], index["pins"], d, bad)
+  seconds["validate"] = time.perf_counter() - clock
+
+  # --- time split (whole UTC days) ---
+  if not len(log["timestamp"]):
+    raise ValueError(f"no valid rows in {raw_dir}/queries_log.parquet; bad rows: {bad}")
+  last_day = int(log["timestamp"].max()) // DAY
+  eval_start = (last_day - d.eval_days + 1) * DAY
+  train_end = eval_start - d.gap_days * DAY
+  if "split" in log:  # explicit split: the time bounds do not apply
+    split, train_end, eval_start = log["split"], None, None
+  else:
+    split = np.where(log["timestamp"] >= eval_start, 2,
+                     np.where(log["timestamp"] < train_end, 0, 1))
+  train = split == 0
+
+  # --- queries: every distinct normalised query of the logs, both sides of query->query ---
+  is_q = log["kind"] == "queries"
+  q_texts = sorted(set(log["query"].tolist()) | set(log["target"][is_q].tolist()))
+  q_index = {q: i for i, q in enumerate(q_texts)}
+  qi = np.array([q_index[q] for q in log["query"]], np.int64)
+  log["entity"][is_q] = [q_index[q] for q in log["target"][is_q]]
+
+  from omnisage.data import wordpiece  # the only TensorFlow user, imported only here
+  os.makedirs(out_dir, exist_ok=True)
+  vocab_path = os.path.join(out_dir, "query_vocab.txt")
+  if d.query_vocab_file:
+    shutil.copyfile(d.query_vocab_file, vocab_path)
+  else:
+    train_q = log["query"][train].tolist() + log["target"][train & is_q].tolist()
+    wordpiece.write_vocab(wordpiece.learn_vocab(train_q, d.query_vocab_size, d.query_lower_case),
+                          vocab_path)
+  tokenizer = wordpiece.QueryTokenizer(vocab_path, d.query_lower_case, d.query_max_len)
+  q_tokens = tokenizer.tokenize(q_texts)
+  seconds["query_vocab"] = time.perf_counter() - clock - sum(seconds.values())
+
+  # --- features from the train window only ---
+  # With an explicit split board saves have no train window to respect: all are history.
+  in_train = (saves["timestamp"] < train_end if train_end is not None
+              else np.ones(len(saves["timestamp"]), bool))
+  boards = features.board_titles_per_pin(saves["pin"][in_train], saves["title"][in_train].tolist(),
+                                         d.board_titles_top)
+  engaged, uncertain = {}, {}
+  for k in ("pins", "products"):
+    engaged[k], uncertain[k] = _engaged_queries(log, train & (log["kind"] == k),
+                                                d.engaged_queries_top, d.engaged_refresh_days)
+  items = {k: _field_items(ents[k], boards if k == "pins" else {}, engaged[k]) for k in ents}
+  vocab = text.NgramVocab.build((t for k in items for per in items[k] for f in per for t in f),
+                                d.trigram_vocab, d.unigram_vocab, d.bigram_vocab)
+  vocab.save(os.path.join(out_dir, "ngram_vocab"))
+  seconds["features"] = time.perf_counter() - clock - sum(seconds.values())
+
+  # --- entity tables ---
+  os.makedirs(os.path.join(out_dir, "entities"), exist_ok=True)
+  for k, e in ents.items():
+    tokens, fields = _encode_entities(items[k], vocab, d, f"encode {k}")
+    pq.write_table(pa.table(dict(
+        entity_index=pa.array(np.arange(len(e["ids"]), dtype=np.int32)),
+        id=pa.array(e["ids"], pa.string()), tokens=tokens, fields=fields,
+        legacy=e["legacy"], visual=e["visual"], title=pa.array(e["title"], pa.string()))),
+        os.path.join(out_dir, "entities", f"{k}.parquet"))
+  q_offsets = np.r_[0, np.cumsum([len(t) for t in q_tokens])].astype(np.int32)
+  pq.write_table(pa.table(dict(
+      entity_index=pa.array(np.arange(len(q_texts), dtype=np.int32)),
+      text=pa.array(q_texts, pa.string()),
+      tokens=pa.ListArray.from_arrays(pa.array(q_offsets), pa.array(
+          np.concatenate(q_tokens) if q_tokens else np.zeros(0, np.int32), pa.int32())))),
+      os.path.join(out_dir, "entities", "queries.parquet"))
+  seconds["entities"] = time.perf_counter() - clock - sum(seconds.values())
+
+  # --- pairs ---
+  caps = {"q2pin": d.pin_pair_cap, "q2product": d.product_pair_cap, "q2query": None}
+  pairs, dropped = {"train": {}, "eval": {}}, {"q2query_self_click": 0}
+  for t, task in enumerate(tqdm(schema.TASK_ENTITY, desc="pairs", leave=False)):
+    rng = np.random.default_rng([config.seed, t])  # per task, independent of the other tasks
+    sel = log["kind"] == schema.TASK_ENTITY[task]
+    if task == "q2query":  # a query "clicking" itself teaches nothing
+      self_click = sel & (qi == log["entity"])
+      dropped["q2query_self_click"] = int(self_click.sum())
+      sel &= ~self_click
+    for name, s in (("train", sel & train), ("eval", sel & (split == 2))):
+      rows = np.flatnonzero(s)
+      if name == "train" and caps[task]:
+        rows = rows[features.cap_pairs(log["entity"][rows], caps[task], rng)]
+      records = [schema.encode_pair(a, b, c, e, q_tokens[a]) for a, b, c, e in zip(
+          qi[rows].tolist(), log["entity"][rows].tolist(), log["engagement"][rows].tolist(),
+          log["timestamp"][rows].tolist())]
+      _write_shards(records, os.path.join(out_dir, name, task), d.num_shards, rng)
+      pairs[name][task] = len(records)
+  seconds["pairs"] = time.perf_counter() - clock - sum(seconds.values())
+
+  summary = dict(
+      vocab=dict(query=tokenizer.vocab_size, trigram=len(vocab.trigrams),
+                 unigram=len(vocab.unigrams), bigram=len(vocab.bigrams), V=vocab.size),
+      query_vocab_source=d.query_vocab_file or "learned",
+      entities=dict(pins=len(ents["pins"]["ids"]), products=len(ents["products"]["ids"]),
+                    queries=len(q_texts)),
+      pairs=pairs, dropped_pairs=dropped, bad_rows=bad,
+      raw_rows={name: t.num_rows for name, t in raw.items()},
+      split=dict(kind="column" if "split" in log else "time", train_end=train_end,
+                 eval_start=eval_start,
+                 eval_end=None if train_end is None else (last_day + 1) * DAY,
+                 log_rows=dict(train=int(train.sum()), gap=int((split == 1).sum()),
+                               eval=int((split == 2).sum())),
+                 board_saves_train=int(in_train.sum())),
+      features=dict(pins_with_board_titles=len(boards),
+                    engaged_refresh_days=d.engaged_refresh_days,
+                    engaged_lists_not_certified_exact={k: len(v) for k, v in uncertain.items()},
+                    entities_with_engaged_queries={k: len({e for e, _ in engaged[k]})
+                                                   for k in engaged}),
+      seconds={k: round(v, 2) for k, v in seconds.items()},
+      config=json.loads(config.to_json_best_effort()))
+  with open(os.path.join(out_dir, "meta.json"), "w") as f:
+    json.dump(summary, f, indent=1, sort_keys=True)
+  return summary

@@ -1,0 +1,167 @@
+"""Batch inference: embed a prepared entity table with a serving bundle (SPEC §1 "Serving").
+
+Production recomputes every pin and product embedding in a daily offline batch and loads them into
+the retrieval index; this is that job. It reads `entities/{pins,products,queries}.parquet` one
+record batch at a time (memory is bounded by `batch_size`, never the table), runs the bundle's
+tower (no model code: `omnisage.serving.bundle.loader` only) and writes one output shard per input row
+group:
+
+  <out>/<kind>/shard-00000.parquet   entity_index int32, id string (when the table has one),
+                                     title string (pins/products: title, queries: the text; what
+                                     a search result shows), embedding
+                                     fixed_size_list<float32>[embed_dim]
+
+Row group i is embedded by process `i % jax.process_count()`, so hosts split the work without
+talking to each other. A shard is written under a temporary name and renamed when complete, so an
+existing shard is a finished one: a re-run (after a crash or pre-emption) skips it, unless it was
+made by a different bundle or no longer matches its row group's length.
+
+Usage: `summary = embed_entities("runs/demo/bundle", "runs/demo/prepared/entities/pins.parquet",
+"runs/demo/embeddings")`.
+"""
+
+import os
+import time
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.entity_store import (
+  _fixed_vectors,
+  continuous_vectors,
+  pad_list_column,
+)
+from omnisage.serving.bundle.loader import PARAMS_FILE, load_bundle
+
+KINDS = ("pins", "products", "queries")
+# Written into each shard's schema metadata: a shard made by another bundle is not "done".
+BUNDLE_KEY = b"omnisage.bundle_params_sha256"
+
+
+def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_size: int = 1024,
+                   kind: str | None = None) -> dict:
+  """Embeds every row of `entities_parquet` into `out_dir/<kind>/`; returns a summary.
+
+  kind: "pins", "products" or "queries"; by default the table's file name (pins.parquet, ...).
+  """
+  t0 = time.time()
+  kind = kind or os.path.splitext(os.path.basename(entities_parquet))[0]
+  if kind not in KINDS:
+    raise ValueError(f"cannot tell the entity kind of {entities_parquet}: pass kind= one of "
+                     f"{KINDS}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not os.path.isfile(entities_parquet):
+    raise FileNotFoundError(f"{entities_parquet} not found (a prepared entities/*.parquet table)")
+  bundle = load_bundle(bundle_path)
+  source = pq.ParquetFile(entities_parquet)
+  names = set(source.schema_arrow.names)
+  needed = ["entity_index", "tokens"] + ([] if kind == "queries" else ["fields", "legacy",
+                                                                        "visual"])
+  missing = [c for c in needed if c not in names]
+  if missing:
+    raise ValueError(f"{entities_parquet}: no column(s) {missing} for kind {kind!r}")
+  # The display text travels with the vectors, so an index needs no second join to show results.
+  title_column = "text" if kind == "queries" else "title"
+  has_title = title_column in names
+  columns = needed + (["id"] if "id" in names else []) + ([title_column] if has_title else [])
+
+  embed_dim = int(bundle.dims["embed_dim"])
+  bundle_id = bundle.manifest["files"][PARAMS_FILE]["sha256"].encode()
+  out_schema = pa.schema(
+      [pa.field("entity_index", pa.int32())]
+      + ([pa.field("id", pa.string())] if "id" in names else [])
+      + ([pa.field("title", pa.string())] if has_title else [])
+      + [pa.field("embedding", pa.list_(pa.float32(), embed_dim))],
+      metadata={BUNDLE_KEY: bundle_id})
+
+  kind_dir = os.path.join(out_dir, kind)
+  os.makedirs(kind_dir, exist_ok=True)
+  groups = source.num_row_groups
+  mine = [i for i in range(groups) if i % jax.process_count() == jax.process_index()]
+  group_rows = {i: source.metadata.row_group(i).num_rows for i in mine}
+
+  written = skipped = embedded = 0
+  with tqdm(total=sum(group_rows.values()), unit="row", desc=f"embed {kind}",
+            disable=jax.process_index() != 0) as bar:
+    for i in mine:
+      path = os.path.join(kind_dir, f"shard-{i:05d}.parquet")
+      if _is_complete(path, group_rows[i], bundle_id):
+        skipped += 1
+        bar.update(group_rows[i])
+        continue
+      tmp = f"{path}.tmp-{os.getpid()}"
+      try:
+        with pq.ParquetWriter(tmp, out_schema) as writer:
+          for batch in source.iter_batches(batch_size=batch_size, row_groups=[i],
+                                           columns=columns):
+            vectors = _embed_batch(bundle, kind, batch, batch_size)
+            writer.write_batch(_output_batch(batch, vectors, out_schema, title_column))
+            embedded += batch.num_rows
+            bar.update(batch.num_rows)
+        os.replace(tmp, path)   # atomic: the final name only ever holds a complete shard
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+      written += 1
+
+  seconds = time.time() - t0
+  return {"kind": kind, "bundle": bundle_path, "entities": entities_parquet, "out": kind_dir,
+          "embed_dim": embed_dim, "rows": sum(group_rows.values()), "rows_embedded": embedded,
+          "shards": groups, "shards_this_process": len(mine), "shards_written": written,
+          "shards_skipped": skipped, "seconds": round(seconds, 2),
+          "rows_per_second": round(embedded / seconds, 1) if seconds > 0 else 0.0}
+
+
+def _is_complete(path: str, rows: int, bundle_id: bytes) -> bool:
+  """True when `path` is a readable shard of `rows` rows made by this bundle."""
+  if not os.path.exists(path):
+    return False
+  try:
+    meta = pq.read_metadata(path)
+    made_by = pq.read_schema(path).metadata or {}
+  except (OSError, pa.ArrowException):   # unreadable: recompute rather than trust it
+    return False
+  return meta.num_rows == rows and made_by.get(BUNDLE_KEY) == bundle_id
+
+
+def _embed_batch(bundle, kind: str, batch: pa.RecordBatch, batch_size: int) -> np.ndarray:
+  """The tower inputs of one record batch, laid out exactly as EntityStore does for training."""
+  n = batch.num_rows
+  # The bundle compiles once per batch shape: pad to a power of two (capped at batch_size) so a
+  # run sees at most log2(batch_size) shapes, however its row groups happen to be cut.
+  padded = min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+  def pad(x):
+    return np.pad(x, ((0, padded - n),) + ((0, 0),) * (x.ndim - 1))
+
+  if kind == "queries":
+    tokens = pad_list_column(batch.column("tokens"), bundle.dims["query_len"], np.int32)
+    return bundle.embed_queries(pad(tokens))[:n]
+  width = bundle.dims["entity_tokens"]
+  tokens = pad_list_column(batch.column("tokens"), width, np.int32)
+  fields = pad_list_column(batch.column("fields"), width, np.int32)
+  legacy, _ = _fixed_vectors(pa.chunked_array([batch.column("legacy")]), schema.LEGACY_DIM)
+  visual, _ = _fixed_vectors(pa.chunked_array([batch.column("visual")]), schema.VISUAL_DIM)
+  # EntityStore keeps visual features as float16; round the same way so serving sees the inputs
+  # training saw.
+  visual = visual.astype(np.float16).astype(np.float32)
+  continuous = continuous_vectors(kind, legacy, visual)
+  return bundle.embed_entities(pad(tokens), pad(fields), pad(continuous))[:n]
+
+
+def _output_batch(batch: pa.RecordBatch, vectors: np.ndarray, out_schema: pa.Schema,
+                  title_column: str):
+  dim = vectors.shape[1]
+  arrays = [batch.column("entity_index").cast(pa.int32())]
+  if "id" in out_schema.names:
+    arrays.append(batch.column("id").cast(pa.string()))
+  if "title" in out_schema.names:
+    arrays.append(batch.column(title_column).cast(pa.string()))
+  flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1))
+  arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
+  return pa.RecordBatch.from_arrays(arrays, schema=out_schema)

@@ -1,0 +1,1 @@
+"""Evaluators: one small API each (big_vision's evaluators/), built from `config.evals`."""

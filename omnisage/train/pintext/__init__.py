@@ -1,0 +1,1 @@
+"""PinText training (SPEC §2): state, step and trainer."""

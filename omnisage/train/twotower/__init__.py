@@ -1,0 +1,1 @@
+"""Home-feed two-tower training (SPEC §3): state, step and trainer."""

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Runs on the devices the machine has (one CPU device here: a (1,1) mesh, the same explicitly
-# sharded step). Simulated devices split the same 2 cores and halve the speed (see README).
+# sharded step). Simulated devices split the same 2 cores and halve the speed (see docs/multihost.md).
 demo: $(STAMP)
 	$(PY) launch.py demo --config=configs/omnisage_synthetic.py --workdir=$(DEMO_DIR)
 

@@ -1,1 +1,4 @@
-"""Benchmarks: each prints a table and ends with one JSON line (run as `python benchmarks/<name>.py`)."""
+"""Benchmarks: each prints a table and ends with one JSON line.
+
+Run as `python benchmarks/<name>.py` from the repo root.
+"""

@@ -1,4 +1,4 @@
-"""Accelerator path (issue 6 item 6): train-step pairs/s and model FLOP utilisation (MFU) at the
+"""Accelerator path: train-step pairs/s and model FLOP utilisation (MFU) at the
 largest global batch that fits one accelerator. Driven by benchmarks/accelerator.sh.
 
 Reads pre-tokenised shards (a `launch.py prepare` directory made on a CPU box and carried over), so
@@ -25,18 +25,13 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from efficiency import measure_train_step  # noqa: E402
-from omnisage_synthetic import get_config  # noqa: E402
-
+from benchmarks.efficiency import measure_train_step
+from configs.omnisage_synthetic import get_config
 from omnisage.data.omnisearchsage.pipeline import load_stores
-from omnisage.train import flops as flops_lib  # noqa: E402
+from omnisage.train import flops as flops_lib
 
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 

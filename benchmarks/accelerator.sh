@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accelerator path (issue 6 item 6): train-step pairs/s and MFU at the largest batch that fits.
+# Accelerator path: train-step pairs/s and MFU at the largest batch that fits.
 #
 # Two sides. On a CPU box with the full environment (TensorFlow tokenises), make the shards:
 #   benchmarks/accelerator.sh --prepare-only            # -> runs/accelerator/synthetic/prepared
@@ -13,6 +13,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+# The repo root importable (omnisage, configs, benchmarks) also for a $PYTHON without the editable
+# install, e.g. a CUDA environment on the GPU box.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 dry_run=0 prepare_only=0 args=()
 for arg in "$@"; do

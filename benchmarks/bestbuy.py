@@ -1,6 +1,6 @@
 """Best Buy query -> item Recall@10 on a time split: OmniSearchSage next to BM25 and popularity.
 
-One run does everything (issue 4, part 5): load the click logs (omnisage/data/sources/bestbuy.py),
+One run does everything: load the click logs (omnisage/data/sources/bestbuy.py),
 write the raw tables, `prepare` them (time split of configs/omnisage_bestbuy.py: eval = the last
 two weeks, Oct 18-31 2011, after a one-day gap), train in-process from scratch, then rank the WHOLE
 sku catalogue (437 named skus) for every distinct eval query.
@@ -24,7 +24,6 @@ Prints a table and ends with one JSON line {"bestbuy": {...}}; bad input exits 2
 
 import argparse
 import collections
-import importlib.util
 import json
 import logging
 import os
@@ -35,15 +34,13 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from omnisage.data import text  # noqa: E402
-from omnisage.data.sources import bestbuy  # noqa: E402
+from configs import omnisage_bestbuy
+from omnisage.data import text
+from omnisage.data.sources import bestbuy
 from omnisage.train.evaluators.corpus import corpus_metrics
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET = "bestbuy-acm-small"
-CONFIG = os.path.join(ROOT, "configs", "omnisage_bestbuy.py")
 K = 10
 # Outputs of an earlier training run in the workdir: removed so every benchmark trains afresh
 # (train_and_evaluate would otherwise resume from the last checkpoint).
@@ -52,10 +49,7 @@ TRAIN_OUTPUTS = ("checkpoints", "tensorboard", "train_metrics.jsonl", "eval_trai
 
 
 def load_config(variant: str = ""):
-  spec = importlib.util.spec_from_file_location("omnisage_bestbuy", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant or None)
+  return omnisage_bestbuy.get_config(variant or None)
 
 
 def eval_set(bb: bestbuy.BestBuy, start: int, end: int, sku_row: dict

@@ -1,4 +1,4 @@
-"""Efficiency against the limit (issue 6 item 4): train-step FLOP/s vs a measured matmul peak, and
+"""Efficiency against the limit: train-step FLOP/s vs a measured matmul peak, and
 input-pipeline throughput vs what the train step consumes, all measured in ONE run.
 
 Rows of the table:
@@ -9,8 +9,8 @@ Rows of the table:
                positive's title + description), the rate a streaming featuriser would reach.
   grain read   omnisage/data/pipeline.TrainData's iterator (ArrayRecord -> shuffle -> decode ->
                batch -> entity-feature gather + shared random negatives): pairs per second.
-  train step   the real jitted train step (omnisage/train/omnisearchsage/step.py, trainer.py's shardings) on the
-               synthetic config: pairs per second consumed.
+  train step   the real jitted train step (omnisage/train/omnisearchsage/step.py, trainer.py's
+               shardings) on the synthetic config: pairs per second consumed.
 Headroom = producer pairs/s / train-step pairs/s; the pipeline is no bottleneck at >= 3x. Each
 stage is timed alone (they share the CPU cores when training, so the in-loop margin is smaller).
 
@@ -34,22 +34,21 @@ import shutil
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+import jax
 
-import jax  # noqa: E402
-from omnisage_synthetic import get_config  # noqa: E402
-
-from benchmarks.machine import cpu_summary  # noqa: E402
+from benchmarks.machine import cpu_summary
+from configs.omnisage_synthetic import get_config
 from omnisage.data.omnisearchsage import synthetic
 from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
-from omnisage.train import flops as flops_lib  # noqa: E402
-from omnisage.train import sharding  # noqa: E402
-from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
+from omnisage.train import flops as flops_lib
+from omnisage.train import sharding
+from omnisage.train.host_memory import reuse_freed_host_memory
+from omnisage.train.omnisearchsage.state import create_train_state
 from omnisage.train.omnisearchsage.step import train_step
-from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
-from omnisage.train.state import create_train_state, make_optimizer, state_shardings  # noqa: E402
+from omnisage.train.state import make_optimizer, shardings_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure_prepare(config, workdir: str) -> tuple[str, dict]:
@@ -121,7 +120,7 @@ def measure_train_step(config, prepared: str, stores, steps: int) -> dict:
   # Two distinct batches on the device, reused in turn: the step is timed without Grain's host time
   # and without holding `steps` batches in device memory (large batches on one accelerator).
   batches = [sharding.shard_batch(mesh, next(iterator)) for _ in range(2)]
-  shardings = state_shardings(state)
+  shardings = shardings_of(state)
   optimizer = make_optimizer(config.train, config.model)
   step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer),
                  in_shardings=(None, shardings, sharding.batch_sharding(mesh)),

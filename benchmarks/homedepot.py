@@ -30,14 +30,14 @@ Prints a table and ends with one JSON line {"homedepot": {...}}.
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import logging as absl_logging
 
 VARIANTS = {
     "omnisage_single": {"tasks.q2query": 0, "tasks.compat": False},
@@ -109,10 +109,22 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
+def configure_logging():
+  """The trainer's progress lines at INFO on stderr (as launch.py logs them); bm25s, Orbax and absl
+  chatter only at WARNING and above. launch.py is not a package, so this is not imported from it."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = logging.getLogger("omnisage")
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  import launch
-  launch.configure_logging()  # the trainer's progress lines; bm25s/Orbax chatter stays quiet
+  configure_logging()
   from configs import omnisage_homedepot
   from omnisage.baselines.bm25 import BM25Index
   from omnisage.data.omnisearchsage.prepare import prepare

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
 
 
@@ -55,7 +54,6 @@ def _peak_rss_bytes() -> int:
 
 def child(spec: dict) -> dict:
   """One configuration, in this (child) process: compile, maybe run, measure."""
-  sys.path.insert(0, ROOT)
   import jax
   import jax.numpy as jnp
   import numpy as np

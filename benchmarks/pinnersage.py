@@ -47,19 +47,18 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from omnisage.data.sources import movielens  # noqa: E402
-from omnisage.models import pinnersage as model  # noqa: E402
+from omnisage.data.sources import movielens
+from omnisage.models import pinnersage as model
+from omnisage.serving.pinnersage import batch as ps_batch
 from omnisage.serving.pinnersage import service as ps
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = model.DAY_S
 ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8)
 LAMBDAS = (0.0, 0.01, 0.1)
 
 
-def ppmi_svd(users, movies, dim: int, min_count: int, seed: int) -> ps.Items:
+def ppmi_svd(users, movies, dim: int, min_count: int, seed: int) -> ps_batch.Items:
   """Rank-`dim` SVD of the positive PMI of item-item co-occurrence in users' rating sets."""
   ids, counts = np.unique(movies, return_counts=True)
   ids = ids[counts >= min_count]
@@ -85,7 +84,7 @@ def ppmi_svd(users, movies, dim: int, min_count: int, seed: int) -> ps.Items:
   u_small, s, _ = np.linalg.svd(q.T @ ppmi, full_matrices=False)
   emb = (q @ u_small[:, :dim]) * np.sqrt(s[:dim])[None, :]
   emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-  return ps.Items.create([str(m) for m in ids], emb)
+  return ps_batch.Items.create([str(m) for m in ids], emb)
 
 
 def kmeans(x: np.ndarray, k: int, rng, steps: int = 25) -> np.ndarray:
@@ -173,7 +172,7 @@ def ward(task, alpha, lam):
       task.items.vectors, [task.histories[u][0] for u in task.users],
       [(task.nows[u] - task.histories[u][1]) / DAY for u in task.users], alpha, lam)
   seconds = time.perf_counter() - t0
-  states = {u: ps.UserState(*task.histories[u], c, task.nows[u])
+  states = {u: ps_batch.UserState(*task.histories[u], c, task.nows[u])
             for u, c in zip(task.users, found)}
   return states, seconds
 
@@ -306,7 +305,7 @@ def main():
   t0 = time.time()
   try:
     ml = movielens.load(os.path.join(args.datasets, "movielens-latest-small"))
-    external = ps.read_items(args.item_embeddings) if args.item_embeddings else None
+    external = ps_batch.read_items(args.item_embeddings) if args.item_embeddings else None
   except (FileNotFoundError, ValueError) as error:
     print(json.dumps({"pinnersage": {"error": str(error)}}))
     sys.exit(2)

@@ -34,8 +34,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 VARIANTS = ("multitask", "homedepot", "bestbuy", "movielens")
 GRID = [(0.1, 5, 1.0), (0.2, 5, 1.0), (0.4, 5, 1.0), (0.2, 10, 1.0), (0.2, 5, 0.0)]
 

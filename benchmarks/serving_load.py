@@ -2,7 +2,8 @@
 Zipfian query frequencies keep hot).
 
 N concurrent client coroutines (httpx.AsyncClient, HTTP/1.1 keep-alive) drive the HTTP API of
-omnisage/serving/omnisearchsage/service.py in three phases, each of --requests requests, one query per request:
+omnisage/serving/omnisearchsage/service.py in three phases, each of --requests requests, one query
+per request:
   uncached   every request a query the server has never seen (real queries glued in pairs, checked
              distinct after tokenisation, since the server caches by token ids): the model path
   zipf       queries drawn Zipf(--zipf-a) over the demo query vocabulary: repeats hit the cache
@@ -43,7 +44,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TARGETS_MS = {"p50": 3.0, "p90": 20.0}   # SPEC §1 "Serving"
 MAX_QUERY_CHARS, MAX_QUERIES = 256, 64   # the server's defaults (contract 3)

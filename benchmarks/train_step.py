@@ -18,18 +18,17 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+import jax
 
-import jax  # noqa: E402
-from omnisage_synthetic import get_config  # noqa: E402
-
+from configs.omnisage_synthetic import get_config
 from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
-from omnisage.train import sharding  # noqa: E402
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
+from omnisage.train import sharding
+from omnisage.train.omnisearchsage.state import create_train_state
 from omnisage.train.omnisearchsage.step import train_step
-from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
-from omnisage.train.state import create_train_state, make_optimizer, state_shardings  # noqa: E402
+from omnisage.train.state import make_optimizer, shardings_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> config overrides (dotted keys). The first row is the demo config as shipped.
 VARIANTS = {
@@ -59,7 +58,7 @@ def measure(config, prepared: str, stores, steps: int) -> dict:
   t0 = time.perf_counter()
   batches = [next(iterator) for _ in range(steps + 1)]
   data_s = (time.perf_counter() - t0) / (steps + 1)
-  shardings = state_shardings(state)
+  shardings = shardings_of(state)
   optimizer = make_optimizer(config.train, config.model)
   step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer),
                  in_shardings=(None, shardings, sharding.batch_sharding(mesh)),

@@ -16,12 +16,9 @@ Prints the table, then ONE JSON line.
 import argparse
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
 def main():
@@ -36,8 +33,7 @@ def main():
 
   import shutil
 
-  import twotower_movielens
-
+  from configs import twotower_movielens
   from omnisage.data.twotower import examples as mlx
   from omnisage.train.evaluators import twotower as twotower_eval
   from omnisage.train.twotower import trainer as twotower

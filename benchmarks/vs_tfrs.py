@@ -66,22 +66,20 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.machine import cpu_summary
+from benchmarks.peers.twotower_data import HASH_MULTIPLIER, make_pairs, save_pairs
+from omnisage.models.compat import l2_normalize
+from omnisage.train.dedup_softmax import dedup_inbatch_softmax_loss, dedup_rows
+from omnisage.train.host_memory import reuse_freed_host_memory
+from omnisage.train.losses import sampled_softmax_loss
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks.machine import cpu_summary  # noqa: E402
-from benchmarks.peers.twotower_data import HASH_MULTIPLIER, make_pairs, save_pairs  # noqa: E402
-from omnisage.models.compat import l2_normalize  # noqa: E402
-from omnisage.train.dedup_softmax import dedup_inbatch_softmax_loss, dedup_rows  # noqa: E402
-from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
-from omnisage.train.losses import sampled_softmax_loss  # noqa: E402
-
 PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "peers", "tfrs_side.py")
 PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 KERAS_EMBED_INIT = 0.05    # Keras Embedding's default RandomUniform(-0.05, 0.05)
@@ -216,8 +214,11 @@ def run_tfrs(data_dir: str, args, batch: int, *, jit_compile: bool) -> dict:
          f"--lr={args.lr}", f"--threads={args.threads}", f"--seed={args.seed}",
          f"--host-malloc={args.host_malloc}"]
   cmd += ["--jit-compile"] if jit_compile else []
+  # PYTHONPATH: the repo root, so that tfrs_side.py can import omnisage.train.host_memory (for
+  # --host-malloc=reuse) although the peers virtualenv does not install omnisage.
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
-             CUDA_VISIBLE_DEVICES="")
+             CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
   result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
   if result.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")

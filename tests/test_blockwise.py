@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
-from test_losses import T_MAX, _unit, make_case, ref_grads, ref_loss
 
 from omnisage.train import losses
+from tests.helpers import ROOT, subprocess_env
+from tests.test_losses import T_MAX, _unit, make_case, ref_grads, ref_loss
 
 WRT = ("q", "p", "neg", "t", "pos_log_q", "neg_log_q")
 
@@ -126,12 +126,12 @@ import json, sys, time
 start = time.time()
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-sys.path.insert(0, "configs")
-from omnisage_synthetic import get_config
+from configs.omnisage_synthetic import get_config
 from omnisage.data.omnisearchsage.pipeline import TrainData
-from omnisage.train import losses, sharding, step as step_lib
-from omnisage.train.state import create_train_state
-from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
+from omnisage.train import losses, sharding
+from omnisage.train.omnisearchsage import step as step_lib
+from omnisage.train.omnisearchsage.state import create_train_state
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 
 out = {}
 b, d = 512, 16

@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_CONFIG, last_json
-from conftest import run_launch as launch
+
+from tests.helpers import TINY_CONFIG, last_json
+from tests.helpers import run_launch as launch
 
 ROW_GROUP = 100   # several input row groups, so several output shards
 BATCH = 64        # smaller than a row group: several (padded) tower calls per shard

@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, common_flags, last_json, run_launch, subprocess_env
+
+from tests.helpers import ROOT, common_flags, last_json, run_launch, subprocess_env
 
 BATCHES = (1, 3, 17)
 # Input widths per batch size: exactly the bundle's length, shorter (padded) and longer (cropped).
@@ -69,10 +70,11 @@ def make_inputs(config, prepared, seed=0) -> dict:
 
 def reference_outputs(config, prepared, workdir, inputs) -> dict:
   """The model's own embeddings from the same checkpoint, computed with the training code."""
+  from omnisage.data.omnisearchsage.schema import vocab_sizes_of
   from omnisage.train import sharding
   from omnisage.train.checkpoint import Checkpointer
-  from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
-  from omnisage.train.state import abstract_state, create_train_state
+  from omnisage.train.omnisearchsage.state import create_train_state
+  from omnisage.train.state import abstract_state
   state, statics = create_train_state(config, vocab_sizes_of(prepared),
                                       sharding.make_mesh(config.mesh))
   step, trained, _ = Checkpointer(workdir).restore_latest(abstract_state(state))

@@ -1,4 +1,5 @@
-"""omnisage.data.omnisearchsage.features: board-title ranking, engaged queries (full, incremental), pair caps."""
+"""omnisage.data.omnisearchsage.features: board-title ranking, engaged queries (full, incremental),
+pair caps."""
 
 import collections
 import math

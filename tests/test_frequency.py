@@ -6,7 +6,6 @@ a time, with the batch rule stated in `frequency.update`: a slot already updated
 updated again at step t.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from omnisage.train import frequency
+from tests.helpers import ROOT, subprocess_env
 
 # One compiled update for the tests (alpha static; task, ids, step traced).
 _update = jax.jit(frequency.update, static_argnums=(4,))
@@ -253,10 +253,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_update_and_loss_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root,
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=subprocess_env(8), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
   assert "SHARDED_OK" in out.stdout, out.stdout

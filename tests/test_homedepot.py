@@ -10,11 +10,11 @@ import zlib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, subprocess_env
 
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.pipeline import read_pairs
 from omnisage.data.sources import homedepot
+from tests.helpers import ROOT, subprocess_env
 
 DATASETS = os.path.abspath(os.path.join(ROOT, os.environ.get("OMNISAGE_DATASETS",
                                                              os.path.join("..", "shared",

@@ -5,7 +5,6 @@ before the threads that allocate exist. Page faults are counted with getrusage(r
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -13,15 +12,14 @@ import sys
 import pytest
 
 from omnisage.train import host_memory
+from tests.helpers import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc's mallopt")
 
 # A 64 MiB block malloc'd, written and freed by a worker thread, three times; prints the minor
 # page faults of each round. 64 MiB is 16,384 pages of 4 KiB.
 THREAD_ALLOC = """
-import ctypes, json, resource, sys, threading
-sys.path.insert(0, {root!r})
+import ctypes, json, resource, threading
 from omnisage.train.host_memory import reuse_freed_host_memory
 if {reuse}:
   assert reuse_freed_host_memory() is True
@@ -44,8 +42,7 @@ print(json.dumps(faults))
 # A jitted softmax gradient over a 4096 x 4096 logits temporary (64 MiB), run 10 times; prints the
 # minor page faults of each run after the first (compilation).
 JAX_STEP = """
-import json, resource, sys
-sys.path.insert(0, {root!r})
+import json, resource
 from omnisage.train.host_memory import reuse_freed_host_memory
 if {reuse}:
   assert reuse_freed_host_memory()
@@ -67,9 +64,9 @@ PAGES_64MIB = (64 << 20) // 4096
 
 
 def run_faults(script: str, reuse: bool) -> list[int]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()   # the repo on PYTHONPATH, JAX on the CPU
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, "-c", script.format(root=ROOT, reuse=reuse)], env=env,
+  out = subprocess.run([sys.executable, "-c", script.format(reuse=reuse)], env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import last_json, run_launch
 
 from benchmarks.synthetic_embeddings import clustered_embeddings
 from omnisage.serving.index import ann
@@ -22,6 +21,7 @@ from omnisage.serving.index.scann_index import (
   tuning_queries,
   write_kind_index,
 )
+from tests.helpers import last_json, run_launch
 
 DIM = 32
 

@@ -1,12 +1,11 @@
 """launch.py end to end on the tiny config: prepare -> train -> eval, each closing with a JSON line;
 user mistakes get a one-line error, not a stack trace; training never imports TensorFlow."""
 
-import json
 import os
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_CONFIG, subprocess_env
+from tests.helpers import ROOT, TINY_CONFIG, last_json, subprocess_env
 
 TASKS = {"q2pin", "q2product", "q2query", "q2pinsage", "q2itemsage"}
 
@@ -15,10 +14,6 @@ def launch(*args, devices=None):
   cmd = [sys.executable, "launch.py", *args]
   return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(devices), capture_output=True, text=True,
                         timeout=900)
-
-
-def last_json(result) -> dict:
-  return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_prepare_train_eval(tmp_path):
@@ -65,7 +60,8 @@ def test_unknown_subcommand_is_a_usage_error(tmp_path):
 
 
 def test_training_code_does_not_import_tensorflow():
-  code = ("import sys, launch, omnisage.train.omnisearchsage.trainer, omnisage.train.omnisearchsage.step, omnisage.models, "
+  code = ("import sys, launch, omnisage.train.omnisearchsage.trainer, "
+          "omnisage.train.omnisearchsage.step, omnisage.models, "
           "omnisage.data.omnisearchsage.pipeline, omnisage.data.omnisearchsage.prepare; "
           "print('tensorflow' in sys.modules)")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
@@ -76,9 +72,9 @@ def test_training_code_does_not_import_tensorflow():
 
 def test_prepare_names_the_file_and_column_of_a_broken_input(tmp_path):
   import pyarrow.parquet as pq
-  from conftest import tiny_config
 
   from omnisage.data.omnisearchsage import synthetic
+  from tests.helpers import tiny_config
   config = tiny_config()
   raw = tmp_path / "raw"
   synthetic.generate(config.synthetic, config.seed, str(raw))

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
 
 from omnisage.train.microbatch import map_in_chunks
+from tests.helpers import ROOT, subprocess_env
 
 
 def _row_fn(w):
@@ -70,12 +70,12 @@ def test_mismatched_rows_are_an_error():
 _CHILD = r"""
 import functools, json, sys
 import jax, numpy as np
-sys.path.insert(0, "configs")
-from omnisage_synthetic import get_config
+from configs.omnisage_synthetic import get_config
 from omnisage.data.omnisearchsage.pipeline import TrainData
-from omnisage.train import sharding, step as step_lib
-from omnisage.train.state import create_train_state
-from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
+from omnisage.train import sharding
+from omnisage.train.omnisearchsage import step as step_lib
+from omnisage.train.omnisearchsage.state import create_train_state
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 
 prepared = sys.argv[1]
 config = get_config("tiny")

@@ -1,6 +1,5 @@
 """Tests of omnisage.models: hash embedding vs a NumPy reference of SPEC §1, towers, sharding."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,8 +24,8 @@ from omnisage.models import (
   legacy_embedding,
 )
 from omnisage.models.hash_embedding import HASH_PRIME, hash_coefficients, hash_index_table
+from tests.helpers import ROOT, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDED = {"table", "token_weights", "hash_indices"}
 
 
@@ -177,9 +176,8 @@ _MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_model_on_8_device_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  res = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=subprocess_env(8),
+                       capture_output=True, text=True, timeout=300)
   assert "MESH_OK" in res.stdout, res.stdout + res.stderr
 
 

@@ -18,9 +18,9 @@ import time
 import grain
 import numpy as np
 import pytest
-from conftest import ROOT, common_flags, subprocess_env
 
 from omnisage.data.omnisearchsage import pipeline
+from tests.helpers import ROOT, common_flags, subprocess_env
 
 STEPS = 6
 
@@ -75,7 +75,7 @@ def test_each_host_reads_only_its_rows_of_the_global_batch(tiny_prepared, monkey
 _CHILD = r"""
 import atexit, json, runpy, sys
 import grain
-from test_multihost import RecordingSource
+from tests.test_multihost import RecordingSource
 out, sys.argv = sys.argv[1], ["launch.py", *sys.argv[2:]]
 grain.sources.ArrayRecordDataSource = RecordingSource
 
@@ -95,8 +95,7 @@ def free_port() -> int:
 
 
 def start(workdir, prepared, name, devices, *extra):
-  env = subprocess_env(devices)
-  env["PYTHONPATH"] = os.path.join(ROOT, "tests") + os.pathsep + env["PYTHONPATH"]
+  env = subprocess_env(devices)   # the repo root on PYTHONPATH: for tests.test_multihost
   args = [*common_flags(workdir, prepared), f"--config.train.steps={STEPS}",
           "--config.train.log_every=1", "--config.train.checkpoint_every=3", *extra]
   with open(os.path.join(workdir, f"{name}.log"), "w") as log:   # the child keeps its own copy

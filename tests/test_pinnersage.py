@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import last_json, run_launch
 from scipy.cluster.hierarchy import fcluster, linkage
-from serving_helpers import running
 
 from omnisage.models import pinnersage as model
 from omnisage.serving.index.scann_index import build_index, load_index
+from omnisage.serving.pinnersage import batch as ps_batch
 from omnisage.serving.pinnersage import service as ps
+from tests.helpers import last_json, run_launch, running
 
 JSON = {"content-type": "application/json"}
 DAY = 86_400
@@ -169,7 +169,7 @@ def test_online_then_reconcile_equals_batch(tmp_path):
   write_actions(tmp_path / "old.parquet", old)
   write_actions(tmp_path / "all.parquet", old + today)
   alpha = 0.9
-  ps.run_batch(items_path, str(tmp_path / "old.parquet"), str(tmp_path / "b0"), alpha=alpha,
+  ps_batch.run_batch(items_path, str(tmp_path / "old.parquet"), str(tmp_path / "b0"), alpha=alpha,
                now=T0)
   service = ps.PinnerSageService.load(str(tmp_path / "b0"), items_path)
   before = {u: s.clusters.labels.copy() for u, s in service.states.items()}
@@ -188,7 +188,7 @@ def test_online_then_reconcile_equals_batch(tmp_path):
                                np.bincount(expect, np.exp(-0.01 * ages)), rtol=1e-12)
     assert reply["added"] == len(acts) and reply["clusters"] == len(s.clusters.importance)
   service.reconcile(now=T0 + 2 * DAY)
-  ps.run_batch(items_path, str(tmp_path / "all.parquet"), str(tmp_path / "b1"), alpha=alpha,
+  ps_batch.run_batch(items_path, str(tmp_path / "all.parquet"), str(tmp_path / "b1"), alpha=alpha,
                now=T0 + 2 * DAY)
   batch = medoid_table(tmp_path / "b1")
   online = {(u, c): (items.ids[s.rows[m]], w, n) for u, s in service.states.items()
@@ -237,14 +237,14 @@ def test_bad_inputs(tmp_path):
   items_path = str(tmp_path / "items.parquet")
   write_items(items_path, rng, n=20)
   with pytest.raises(FileNotFoundError, match="missing.parquet"):
-    ps.run_batch(items_path, str(tmp_path / "missing.parquet"), str(tmp_path / "o"))
+    ps_batch.run_batch(items_path, str(tmp_path / "missing.parquet"), str(tmp_path / "o"))
   pq.write_table(pa.table({"user_id": ["u", None], "item_id": ["item1", "item2"],
                            "timestamp": pa.array([1, 2], pa.int64())}), tmp_path / "n.parquet")
   with pytest.raises(ValueError, match="'user_id' has 1 nulls"):
-    ps.run_batch(items_path, str(tmp_path / "n.parquet"), str(tmp_path / "o"))
+    ps_batch.run_batch(items_path, str(tmp_path / "n.parquet"), str(tmp_path / "o"))
   pq.write_table(pa.table({"id": ["a"]}), tmp_path / "e.parquet")
   with pytest.raises(ValueError, match=r"e.parquet: no column\(s\) \['embedding'\]"):
-    ps.read_items(str(tmp_path / "e.parquet"))
+    ps_batch.read_items(str(tmp_path / "e.parquet"))
 
 
 def test_http_update_and_recommend(tmp_path):
@@ -258,7 +258,7 @@ def test_http_update_and_recommend(tmp_path):
                  tmp_path / "emb" / "pins" / "shard-00000.parquet")
   build_index(str(tmp_path / "emb"), str(tmp_path / "index"), qps_seconds=0.02,
               tune_queries_per_split=50)
-  items = ps.read_items(str(tmp_path / "emb"))
+  items = ps_batch.read_items(str(tmp_path / "emb"))
   service = ps.PinnerSageService(items, load_index(str(tmp_path / "index"))["pins"],
                                  alpha=0.8, clock=lambda: T0)
   with running(ps.create_app(service)) as url, httpx.Client(base_url=url, timeout=30) as client:

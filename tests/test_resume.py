@@ -9,7 +9,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_CONFIG, subprocess_env
+
+from tests.helpers import ROOT, TINY_CONFIG, subprocess_env
 
 STEPS = 24
 

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from test_index import write_embeddings_dir
 
 from benchmarks.retrieval import numpy_topk, run_retrieval_bench
 from benchmarks.synthetic_embeddings import clustered_embeddings
 from omnisage.serving.index.ann import exact_topk
+from tests.test_index import write_embeddings_dir
 
 
 def test_numpy_topk_matches_jax():

@@ -6,9 +6,9 @@ import os
 
 import httpx
 import pytest
-from serving_helpers import build_tiny_index, running
 
 from omnisage.serving.omnisearchsage.service import create_app
+from tests.helpers import build_tiny_index, running
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -1,5 +1,6 @@
-"""The query service (omnisage/serving/omnisearchsage/service.py) over real HTTP on loopback: results against the
-bundle and exact search, caching, micro-batching, overload, validation, metrics, launch.py serve.
+"""The query service (omnisage/serving/omnisearchsage/service.py) over real HTTP on loopback:
+results against the bundle and exact search, caching, micro-batching, overload, validation, metrics,
+launch.py serve.
 """
 
 import json
@@ -16,9 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, last_json, run_launch, subprocess_env
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import build_tiny_index, free_port, running
 
 from omnisage.data.tokenizer import WordPieceTokenizer
 from omnisage.serving.bundle.loader import load_bundle
@@ -26,6 +25,15 @@ from omnisage.serving.index.scann_index import load_index, read_embeddings
 from omnisage.serving.omnisearchsage.service import create_app
 from omnisage.serving.service.batcher import bucket_sizes
 from omnisage.serving.service.cache import TTLCache
+from tests.helpers import (
+  ROOT,
+  build_tiny_index,
+  free_port,
+  last_json,
+  run_launch,
+  running,
+  subprocess_env,
+)
 
 JSON = {"content-type": "application/json"}
 

@@ -9,9 +9,9 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import ROOT
 
 from omnisage.data.sources import homedepot, movielens, wands
+from tests.helpers import ROOT
 
 DATASETS = os.path.join(ROOT, os.environ.get("OMNISAGE_DATASETS",
                                              os.path.join("..", "shared", "datasets")))

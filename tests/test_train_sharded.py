@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_CONFIG, subprocess_env
+from tests.helpers import ROOT, TINY_CONFIG, subprocess_env
 
 # Computes loss and gradients of ONE fixed batch on meshes (1,1), (8,1) and (4,2), and compares
 # every gradient leaf with the 1-device result. If in-batch negatives were device-local (not over
@@ -16,12 +16,12 @@ from conftest import ROOT, TINY_CONFIG, subprocess_env
 _CHILD = r"""
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, "configs")
-from omnisage_synthetic import get_config
+from configs.omnisage_synthetic import get_config
 from omnisage.data.omnisearchsage.pipeline import TrainData
-from omnisage.train import sharding, step as step_lib
-from omnisage.train.state import create_train_state
-from omnisage.train.omnisearchsage.trainer import vocab_sizes_of
+from omnisage.train import sharding
+from omnisage.train.omnisearchsage import step as step_lib
+from omnisage.train.omnisearchsage.state import create_train_state
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 
 prepared = sys.argv[1]
 config = get_config("tiny")

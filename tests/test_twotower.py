@@ -12,17 +12,14 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, last_json, run_launch, subprocess_env
-from serving_helpers import running
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import twotower_movielens  # noqa: E402
-
-from omnisage.data.sources import movielens  # noqa: E402
+from configs import twotower_movielens
+from omnisage.data.sources import movielens
 from omnisage.data.twotower import examples as mlx
 from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS
 from omnisage.train.evaluators import twotower as twotower_eval
 from omnisage.train.twotower import trainer as twotower
+from tests.helpers import ROOT, last_json, run_launch, running, subprocess_env
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
 JSON = {"content-type": "application/json"}
@@ -244,9 +241,8 @@ def test_resume_reproduces_the_run_exactly(trained, built, tmp_path):
 _SHARDED = r"""
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, "configs")
-from twotower_movielens import get_config
-from omnisage.data import movielens_examples as mlx
+from configs.twotower_movielens import get_config
+from omnisage.data.twotower import examples as mlx
 from omnisage.train import frequency, sharding, twotower
 config = get_config("tiny")
 prepared = sys.argv[1]

@@ -9,9 +9,11 @@ softmax, its default), trained by Keras `model.fit` on a `tf.data` pipeline (fro
 batch -> prefetch). Steps are timed by a callback at the end of every batch; the first `--warmup`
 steps (tracing, graph optimisation, XLA compilation) are excluded.
 
-Usage (what vs_tfrs.py runs):
-  TF_USE_LEGACY_KERAS=1 .venv-peers/bin/python benchmarks/peers/tfrs_side.py --data DIR \
-      --batch 4096 --steps 20 --warmup 3 [--jit-compile] --threads 2 [--host-malloc=reuse]
+Usage (what vs_tfrs.py runs; PYTHONPATH is the repo root, for omnisage.train.host_memory, which the
+peers virtualenv does not install):
+  PYTHONPATH=. TF_USE_LEGACY_KERAS=1 .venv-peers/bin/python benchmarks/peers/tfrs_side.py \
+      --data DIR --batch 4096 --steps 20 --warmup 3 [--jit-compile] --threads 2 \
+      [--host-malloc=reuse]
 Prints one JSON line: {"examples_per_s", "step_ms", "losses", ...}.
 """
 
@@ -26,10 +28,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # CPU, like the JAX side
 
 # --host-malloc reuse: the same glibc malloc settings as the JAX side, set before TensorFlow starts
-# its thread pools (omnisage.train.host_memory is plain Python: no JAX needed).
+# its thread pools (omnisage.train.host_memory is plain Python: no JAX needed; the repo root comes
+# on PYTHONPATH from vs_tfrs.py).
 if "--host-malloc=reuse" in sys.argv:
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from omnisage.train.host_memory import reuse_freed_host_memory  # noqa: E402
+  from omnisage.train.host_memory import reuse_freed_host_memory
   if not reuse_freed_host_memory():
     sys.exit("error: --host-malloc=reuse needs glibc's mallopt")
 

@@ -11,9 +11,8 @@ The tokenizer runs in its normalization="huggingface" mode: sentence-transformer
 HuggingFace's BertTokenizerFast (the checkpoint's tokenizer.json), not with tf-text, and the two
 disagree on real text (control characters such as U+0089 are deleted rather than word breaks, 'ª'
 and 'ﬁ' are not folded, the 100 limit counts characters, not bytes). With tf-text's
-normalisation 18 of the 54,667 Home Depot titles got other ids and embeddings with a cosine down
-to 0.889; with this mode the ids are those of sentence-transformers for every title and query
-(tests/test_tokenizer.py).
+normalisation some Home Depot titles got other ids and embeddings; with this mode the ids are
+those of sentence-transformers for every title and query (tests/test_tokenizer.py).
 
 Built for corpora (55k titles in benchmarks/vs_sentence_transformers.py), where the time goes into
 the transformer's matmuls, so the work is cut to the real tokens and to one compilation:
@@ -21,17 +20,16 @@ the transformer's matmuls, so the work is cut to the real tokens and to one comp
   - texts are packed, several to a row of fixed width W (best-fit decreasing), each with its own
     positions 0.. and a block-diagonal attention mask, so a row's texts never see each other and
     the result is each text's own embedding (tests/test_text_encoder_speed.py: equal to the
-    unpacked tower within 1e-5). Padding falls from ~17% (length buckets) to ~1%, and every batch
-    has the same shape [rows, W]: one XLA compilation per corpus instead of one per length bucket
-    (each costs seconds on a small CPU);
+    unpacked tower within 1e-5). Padding nearly vanishes, and every batch has the same shape
+    [rows, W]: one XLA compilation per corpus instead of one per length bucket;
   - the attention projections run as one fused [H, 3H] matmul;
   - the layers are one `lax.scan` over stacked weights (see packed_forward);
   - batches are small (128 token slots by default), so each layer's activations stay in cache;
   - batches are dealt round-robin over the local devices, each with its own copy of the weights.
     On a CPU host started with --xla_force_host_platform_device_count=N (N cores), that is N
     independent streams of small matmuls, which keep the cores busier than one stream whose
-    matmuls are split N ways (~20% faster on 2 cores, benchmarks/vs_sentence_transformers.py
-    --cpu-devices); on a multi-GPU host it is data parallelism.
+    matmuls are split N ways (benchmarks/vs_sentence_transformers.py --cpu-devices); on a
+    multi-GPU host it is data parallelism.
 Arithmetic stays float32 throughout.
 
 Usage:
@@ -114,7 +112,7 @@ def packed_forward(p, tokens, segments, positions, slots, *, heads, eps, num_slo
   The layers run as a `lax.scan` over the stacked weights: the residual stream is then written
   out once per layer. Unrolled, XLA's CPU fusion re-derived it inside every later layer norm
   from all earlier layers' matmul outputs (one fusion of ~75 inputs per layer norm), which cost
-  more than the matmuls' epilogues (~8% of the encoder's time on 2 cores).
+  more than the matmuls' epilogues.
   """
   r, w = tokens.shape
   hidden = p["words"].shape[1]
@@ -167,8 +165,7 @@ class SentenceEncoder:
                devices: list[jax.Device] | None = None):
     """batch_size: texts per batch for texts of ~16 tokens; a batch is batch_size * 16 token
     slots (rows of the packed width), so longer texts make fewer texts per batch. Small batches
-    are fastest on CPU: a layer's activations stay in cache (128 slots beat 4096 by ~1.5x on
-    the 2-core box, benchmarks/vs_sentence_transformers.py).
+    are fastest on CPU: a layer's activations stay in cache.
     devices: where batches run, in turn (default: jax.local_devices())."""
     lower, default_len = _checkpoint_settings(checkpoint_dir)
     self.max_len = max_len or default_len

@@ -24,10 +24,10 @@ class matters are patched from the tables below, which were read off FastBertTok
 "huggingface". sentence-transformers checkpoints (all-MiniLM-L6-v2, used by
 omnisage.baselines.text_encoder) are tokenised by HuggingFace tokenizers' BertTokenizerFast, whose
 normalisation differs from tf-text's on real text: mojibake in Home Depot titles such as U+0089 or
-'ª' gave other ids in 18 of 54,667 titles, and those embeddings a cosine of 0.889 with
-sentence-transformers'. This mode reproduces tokenizer.json's BertNormalizer(clean_text,
-handle_chinese_chars, strip_accents=None, lowercase) + BertPreTokenizer + WordPiece +
-"[CLS] $A [SEP]" (tests/test_tokenizer.py compares it with the real library):
+'ª' gave other ids, and those titles other embeddings than sentence-transformers'. This mode
+reproduces tokenizer.json's BertNormalizer(clean_text, handle_chinese_chars, strip_accents=None,
+lowercase) + BertPreTokenizer + WordPiece + "[CLS] $A [SEP]" (tests/test_tokenizer.py compares it
+with the real library):
 
 1. Split off the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] where the raw text spells them
    (case-sensitive; they are added tokens that are not normalised): each is its own id.
@@ -158,7 +158,7 @@ def normalize_char(ch: str, lower_case: bool) -> str:
 @functools.cache
 def _punctuation() -> re.Pattern:
   """FastWordpieceTokenizer's IsPunctuationOrChineseChar as a character class (ICU u_ispunct is
-  the P* categories). Built once per process, in about 0.3 s."""
+  the P* categories). Built once per process."""
   ranges = [*_ASCII_PUNCT, *_CJK, *_NEW_PUNCT_RANGES]
   start = None
   for cp in range(0x110001):

@@ -57,29 +57,9 @@ def padded_rows(vocab_size: int, multiple: int = 64) -> int:
   return -(-vocab_size // multiple) * multiple
 
 
-def _sha256(path: str) -> str:
+def sha256_of(path: str) -> str:
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
-
-
-def write_bundle(out: str, vocab: list[str], vectors: np.ndarray, manifest: dict) -> dict:
-  """vocab.txt + vectors.npy (float32 [len(vocab), d]) + manifest.json (with sha256s)."""
-  if vectors.shape[0] != len(vocab):
-    raise ValueError(f"{len(vocab)} words but {vectors.shape[0]} vectors")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, VOCAB_FILE), "w", encoding="utf-8") as f:
-    f.write("\n".join(vocab) + "\n")
-  np.save(os.path.join(out, VECTORS_FILE), np.asarray(vectors, np.float32))
-  manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION,
-              "vocab_size": len(vocab), "dim": int(vectors.shape[1]),
-              "tokenizer": {"kind": "lowercase_words", "normalize": "NFKC+casefold",
-                            "regex": r"\w+", "padding_id": 0},
-              **manifest,
-              "files": {name: _sha256(os.path.join(out, name))
-                        for name in (VOCAB_FILE, VECTORS_FILE)}}
-  with open(os.path.join(out, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  return manifest
 
 
 class TextEmbedder:
@@ -102,7 +82,7 @@ class TextEmbedder:
                        f"{manifest.get('format_version')!r}, expected {BUNDLE_FORMAT!r} "
                        f"{BUNDLE_VERSION}")
     for name, digest in manifest["files"].items():
-      if _sha256(os.path.join(path, name)) != digest:
+      if sha256_of(os.path.join(path, name)) != digest:
         raise ValueError(f"{os.path.join(path, name)}: sha256 differs from {file}")
     with open(os.path.join(path, VOCAB_FILE), encoding="utf-8") as f:
       vocab = f.read().splitlines()

@@ -1,11 +1,12 @@
 """The in-batch softmax over DISTINCT queries and candidates: the same loss, fewer logits.
 
-In recommendation logs popular users and items repeat within a batch (Zipf): at B = 6000 pairs of
-benchmarks/vs_tfrs.py's data only ~2,400 users and ~3,400 items are distinct. The in-batch softmax
-with accidental hits removed (TFRS `Retrieval(remove_accidental_hits=True)`, and
-`losses.sampled_softmax_rows`) depends on a row only through its query's embedding and its
-positive's, so it can be computed exactly from the [G, U] logits of the G distinct queries and U
-distinct candidates instead of the [B, B] logits of the rows:
+In recommendation logs popular users and items repeat within a batch (Zipf), so a batch holds far
+fewer distinct users and items than rows (counts for benchmarks/vs_tfrs.py's data in
+docs/performance.md). The in-batch softmax with accidental hits removed (TFRS
+`Retrieval(remove_accidental_hits=True)`, and `losses.sampled_softmax_rows`) depends on a row only
+through its query's embedding and its positive's, so it can be computed exactly from the [G, U]
+logits of the G distinct queries and U distinct candidates instead of the [B, B] logits of the
+rows:
 
   L[g, u]   = s * cos(Q_g, C_u) - b_u                       b_u: log Q of the candidate (logQ)
   row i     = (query g_i, positive u_i); column j of row i is dropped when u_j == u_i (accidental

@@ -1,5 +1,5 @@
 """FLOP counting and peak measurement, shared by benchmarks/efficiency.py, train/aot.py and
-benchmarks/accelerator.py (issue 6 items 4-6).
+benchmarks/accelerator.py.
 
 Three sources of a FLOP figure, so each can check the others:
   compiled_flops(compiled)   XLA's own count for a compiled executable (`cost_analysis()["flops"]`).

@@ -4,8 +4,8 @@ Why: on the CPU backend every jitted step allocates its temporaries (the B x B l
 in-batch softmax are 144 MB at B = 6000) with malloc and frees them at the end of the step. glibc
 serves blocks that big with a fresh mmap and returns them with munmap, and XLA's worker threads
 allocate from per-thread arenas that fall back to mmap whatever the mmap limit says. So each step
-the kernel maps, zeroes and faults in every temporary page again: 35,500 minor faults and 50-70 ms
-of a 215 ms softmax step on this project's 2-core machine (benchmarks/vs_tfrs.py, batch 6000).
+the kernel maps, zeroes and faults in every temporary page again (benchmarks/vs_tfrs.py measures
+the cost; figures in docs/performance.md).
 
 `reuse_freed_host_memory()` sets three glibc malloc options (mallopt(3)), the in-process
 equivalent of running under tcmalloc/jemalloc, which TensorFlow and JAX users often LD_PRELOAD

@@ -134,9 +134,9 @@ def masked_logsumexp_dense(
   The whole [B, C] logit matrix at once, with a hand-written VJP: the backward pass reads the
   logits kept from the forward pass once to form the softmax weights, then two matmuls give every
   gradient (q; candidates together with the bias). Plain autodiff kept the logits AND their exp
-  and made four more elementwise passes over [B, C]; this is ~8% of a two-tower train step at
-  B = 6000 on CPU (benchmarks/vs_tfrs.py) and half the [B, C] residual memory. Same values and
-  gradients (tests/test_losses.py against a NumPy reference with finite differences).
+  (twice the [B, C] residual memory) and made four more elementwise passes over [B, C]
+  (benchmarks/vs_tfrs.py times the step). Same values and gradients (tests/test_losses.py against
+  a NumPy reference with finite differences).
 
   Args:
     q: [B, D] row embeddings.

@@ -3,13 +3,13 @@
 Why: the loss needs every embedding of the global batch at once (in-batch negatives span all of
 it), but a tower's activations need not all exist at once. At production size (SPEC §1: a
 DistilBERT query tower over ~20k queries per device, 384 hashed n-grams per entity over ~29k
-entities per device) the towers' saved activations are hundreds of GiB per device while the
-embeddings are tens of MiB. This is GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning
-Batch Size under Memory Limited Setup") written as one JAX program: `lax.map` walks the chunks
-and `jax.checkpoint` on its body keeps only each chunk's inputs, so the backward pass re-runs one
-chunk's forward at a time and its activations are freed before the next. Peak activation memory is
-then one chunk's, at the cost of one extra forward pass of the towers (~1/3 more tower FLOPs).
-Loss and gradients are unchanged (tests/test_microbatch.py).
+entities per device) the towers' saved activations far exceed a device's memory while the
+embeddings are small (docs/performance.md, the compile-only check). This is GradCache (Gao et al.
+2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup") written as one
+JAX program: `lax.map` walks the chunks and `jax.checkpoint` on its body keeps only each chunk's
+inputs, so the backward pass re-runs one chunk's forward at a time and its activations are freed
+before the next. Peak activation memory is then one chunk's, at the cost of one extra forward pass
+of the towers (~1/3 more tower FLOPs). Loss and gradients are unchanged (tests/test_microbatch.py).
 
 Sharding: the batch is split over the mesh axis `data` by contiguous row blocks, one per device.
 A chunk takes `chunk_rows` rows from EVERY device's block ([D, local] -> [chunks, D * chunk_rows])

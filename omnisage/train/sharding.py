@@ -74,7 +74,7 @@ def shard_batch(mesh, host_batch):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
 
 
-def state_shardings(mesh, state_specs):
+def named_shardings(mesh, state_specs):
   """NamedShardings for a pytree of PartitionSpecs (from `nnx.get_partition_spec`)."""
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs,
                       is_leaf=lambda x: isinstance(x, P))

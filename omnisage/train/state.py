@@ -3,14 +3,14 @@
   step       int32 scalar, the number of updates applied
   params     nnx.State of the trainable nnx.Params (the towers and the log temperature)
   opt_state  optax state
-  freq       streaming frequency-estimator arrays (Yi et al. 2019; SPEC §1) — logQ is part of
-             the model's training dynamics, so it is checkpointed with it
+  freq       streaming frequency-estimator arrays (Yi et al. 2019; SPEC §1): logQ is part of
+             the model's training dynamics, so it is checkpointed with it (None: no logQ)
   rng        uint32[2] PRNG key for device-side randomness
 
 Non-trainable constants (the hash-index table) are rebuilt from the config and passed beside it.
 The Grain iterator state is saved next to this pytree in the same Orbax checkpoint.
 
-Usage: `state, statics = create_train_state(config, vocab_sizes, mesh)`.
+Usage: `state, statics = create_state(lambda: Model(...), optimizer, mesh, seed, config.loss.freq)`.
 """
 
 import functools
@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from omnisage.models import build_model
 from omnisage.train import frequency
+from omnisage.train.sharding import named_shardings
 
 
 @flax.struct.dataclass
@@ -32,7 +31,7 @@ class TrainState:
   step: jax.Array
   params: nnx.State
   opt_state: optax.OptState
-  freq: frequency.FreqState
+  freq: frequency.FreqState | None
   rng: jax.Array
 
 
@@ -106,32 +105,31 @@ def make_optimizer(train_config, model_config=None) -> optax.GradientTransformat
   return optax.chain(*transforms)
 
 
-def create_train_state(config, vocab_sizes: dict, mesh) -> tuple[TrainState, Statics]:
-  """Builds the model under `mesh` and a sharded train state from `config.seed`."""
+def create_state(make_model, optimizer: optax.GradientTransformation, mesh, seed: int,
+                 freq_config=None) -> tuple[TrainState, Statics]:
+  """A fresh TrainState of `make_model()` built under `mesh`, and its Statics.
+
+  Every array is created inside jit with explicit out_shardings, so it is born where it lives:
+  tables keep the P("model", None) their model declared, and so do their optimiser slots.
+  `freq_config` (size, num_hashes) adds the streaming frequency estimator (logQ); None: none.
+  """
   with jax.set_mesh(mesh):
-    model = build_model(config, vocab_sizes)
-    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(config.train, config.model)
-    freq_cfg = config.loss.freq
+    graphdef, params, constants = nnx.split(make_model(), nnx.Param, ...)
+    shardings = named_shardings(mesh, train_state_specs(optimizer, params, freq_config))
 
-    state_specs = train_state_specs(optimizer, params, freq_cfg)
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs,
-                             is_leaf=lambda x: isinstance(x, P))
-
-    # Created inside jit with explicit out_shardings, so every array is born where it lives:
-    # the tables keep the P("model", None) that the model declared and so do their Adam slots.
     @functools.partial(jax.jit, out_shardings=shardings)
     def init(params):
-      return TrainState(
-          step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-          freq=frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes),
-          rng=jax.random.PRNGKey(config.seed + 1))
+      freq = None if freq_config is None else frequency.init_freq(freq_config.size,
+                                                                  freq_config.num_hashes)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=optimizer.init(params), freq=freq,
+                        rng=jax.random.PRNGKey(seed + 1))
 
     state = init(params)
   return state, Statics(graphdef, constants)
 
 
-def train_state_specs(optimizer, params, freq_cfg) -> TrainState:
+def train_state_specs(optimizer, params, freq_cfg=None) -> TrainState:
   """PartitionSpecs of every state leaf: parameters as the model declared them (see
   omnisage/train/sharding.py), optimiser slots like their parameter, the rest replicated."""
   is_spec = lambda x: isinstance(x, P)
@@ -139,12 +137,14 @@ def train_state_specs(optimizer, params, freq_cfg) -> TrainState:
   opt_specs = optax.tree_map_params(
       optimizer, lambda _, spec: spec, jax.eval_shape(optimizer.init, params), param_specs,
       transform_non_params=lambda _: P(), is_leaf=is_spec)
-  freq_shapes = jax.eval_shape(lambda: frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes))
-  freq_specs = jax.tree.map(lambda _: P(), freq_shapes)
+  freq_specs = None
+  if freq_cfg is not None:
+    freq_shapes = jax.eval_shape(lambda: frequency.init_freq(freq_cfg.size, freq_cfg.num_hashes))
+    freq_specs = jax.tree.map(lambda _: P(), freq_shapes)
   return TrainState(step=P(), params=param_specs, opt_state=opt_specs, freq=freq_specs, rng=P())
 
 
-def state_shardings(state: TrainState):
+def shardings_of(state: TrainState):
   """The sharding of every leaf, read off a live state (used as jit in/out shardings)."""
   return jax.tree.map(lambda x: x.sharding, state)
 
@@ -158,5 +158,5 @@ def param_count(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-__all__ = ["TrainState", "Statics", "create_train_state", "make_optimizer", "state_shardings",
+__all__ = ["TrainState", "Statics", "create_state", "make_optimizer", "shardings_of",
            "abstract_state", "param_count", "train_state_specs"]

@@ -436,3 +436,36 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   with open(os.path.join(out_dir, "meta.json"), "w") as f:
     json.dump(summary, f, indent=1, sort_keys=True)
   return summary
+
+
+def prepare_workdir(config, workdir: str) -> dict:
+  """`launch.py prepare` of OmniSearchSage: `config.data.raw_dir`, or a synthetic world generated
+  into <workdir>/raw when it is empty, -> prepared_dir_of(config, workdir). Prints the bad-row
+  table; returns the summary."""
+  from omnisage.data.omnisearchsage import synthetic
+  from omnisage.data.workdir import prepared_dir_of
+  t0 = time.time()
+  raw_dir, generated = config.data.raw_dir, False
+  if not raw_dir:
+    raw_dir = os.path.join(workdir, "raw")
+    synthetic.generate(config.synthetic, config.seed, raw_dir)
+    generated = True
+  out_dir = prepared_dir_of(config, workdir)
+  summary = prepare(config, raw_dir, out_dir)
+  print_bad_rows(summary.get("bad_rows", {}))
+  return {"raw_dir": raw_dir, "prepared_dir": out_dir, "synthetic": generated,
+          **{k: v for k, v in summary.items() if k != "config"},
+          "step_seconds": summary.get("seconds"), "seconds": round(time.time() - t0, 2)}
+
+
+def print_bad_rows(bad_rows: dict):
+  """The dropped rows, by table and reason (nothing is dropped silently)."""
+  if not bad_rows:
+    return
+  print("bad rows (dropped and counted):")
+  for table, reasons in bad_rows.items():
+    if isinstance(reasons, dict):
+      for reason, count in sorted(reasons.items()):
+        print(f"  {table:<14} {reason:<22} {count}")
+    else:
+      print(f"  {table:<14} {reasons}")

@@ -31,6 +31,8 @@ Stacked id space (SPEC §1): id 0 is padding; trigram ids 1..T; unigram ids T+1.
 T+U+1..T+U+B; V = 1 + T + U + B. Out-of-vocabulary tokens are dropped.
 """
 
+import json
+import os
 import struct
 
 import numpy as np
@@ -91,3 +93,13 @@ def decode_pair(record: bytes) -> dict:
 
 def shard_name(index: int, count: int) -> str:
   return f"shard-{index:05d}-of-{count:05d}.array_record"
+
+
+def vocab_sizes_of(prepared_dir: str) -> dict:
+  """{"query": WordPiece vocabulary size, "ngram": n-gram vocabulary size V} of a prepared dir."""
+  path = os.path.join(prepared_dir, "meta.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: run `launch.py prepare` first")
+  with open(path) as f:
+    meta = json.load(f)
+  return {"query": int(meta["vocab"]["query"]), "ngram": int(meta["vocab"]["V"])}

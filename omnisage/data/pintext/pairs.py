@@ -29,6 +29,7 @@ Usage: `summary = prepare_pairs(config, "runs/pintext/prepared")`.
 import collections
 import json
 import os
+import time
 import zlib
 
 import numpy as np
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omnisage.data import text
+from omnisage.data.workdir import prepared_dir_of
 
 TASKS = ("homedepot", "bestbuy", "movielens")
 PAD = "[PAD]"
@@ -259,3 +261,11 @@ def read_wands(prepared: str) -> tuple[list[str], list[str]]:
     raise FileNotFoundError(f"{path} not found: run `launch.py prepare` first")
   t = pq.read_table(path)
   return t["query"].to_pylist(), t["query_class"].to_pylist()
+
+
+def prepare(config, workdir: str) -> dict:
+  """`launch.py prepare` of PinText: word-id pairs per task -> prepared_dir_of(config, workdir)."""
+  t0 = time.time()
+  out = prepared_dir_of(config, workdir)
+  meta = prepare_pairs(config, out)
+  return {"prepared_dir": out, **meta, "seconds": round(time.time() - t0, 2)}

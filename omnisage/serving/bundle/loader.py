@@ -31,8 +31,9 @@ PARAMS_FILE = "params.safetensors"
 TOWERS = ("query_tower", "entity_tower")
 
 
-class BundleError(Exception):
-  """The bundle is damaged, of an unsupported format, or inconsistent with itself."""
+class BundleError(ValueError):
+  """The bundle is damaged, of an unsupported format, or inconsistent with itself (a ValueError:
+  a user's input, reported by launch.py without a traceback)."""
 
 
 @dataclasses.dataclass

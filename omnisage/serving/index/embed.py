@@ -42,6 +42,15 @@ KINDS = ("pins", "products", "queries")
 BUNDLE_KEY = b"omnisage.bundle_params_sha256"
 
 
+def embed_job(config, out_dir: str) -> dict:
+  """`launch.py embed` (configs/index.py): every row of `config.entities` through the bundle's
+  tower; a two-tower bundle embeds its catalogue (`config.entities` is its items.parquet)."""
+  from omnisage.serving.twotower.bundle import embed_items, is_twotower_bundle
+  if is_twotower_bundle(config.bundle):
+    return embed_items(config.bundle, config.entities, out_dir, batch_size=config.batch_size)
+  return embed_entities(config.bundle, config.entities, out_dir, batch_size=config.batch_size)
+
+
 def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_size: int = 1024,
                    kind: str | None = None) -> dict:
   """Embeds every row of `entities_parquet` into `out_dir/<kind>/`; returns a summary.

@@ -21,29 +21,24 @@ Bundle layout (`<out>/`):
 Usage: `summary = export_bundle(config, "runs/demo", "runs/demo/bundle")`.
 """
 
-import json
 import os
 import shutil
 
 import jax
 import numpy as np
-import safetensors.numpy
-from flax import nnx
 
 import omnisage
-from omnisage.data.omnisearchsage.schema import FIELDS
+from omnisage.data.omnisearchsage.schema import FIELDS, vocab_sizes_of
+from omnisage.data.workdir import prepared_dir_of
 from omnisage.models import CONTINUOUS_DIM
-from omnisage.serving.bundle.loader import sha256_of
+from omnisage.serving.bundle.writer import PLATFORMS, publish_bundle, start_bundle, write_towers
 from omnisage.train import sharding
 from omnisage.train.checkpoint import Checkpointer
-from omnisage.train.omnisearchsage.trainer import prepared_dir_of, vocab_sizes_of
-from omnisage.train.state import abstract_state, create_train_state
+from omnisage.train.omnisearchsage.state import create_train_state
+from omnisage.train.state import abstract_state
 
 FORMAT_VERSION = 1
-PLATFORMS = ("cpu", "cuda")
 TOWERS = ("query_tower", "entity_tower")
-PARAMS_FILE = "params.safetensors"
-MANIFEST = "manifest.json"
 
 
 def export_bundle(config, workdir: str, out_dir: str) -> dict:
@@ -101,88 +96,4 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
   return {"bundle": os.path.abspath(out_dir), "step": int(step), "dims": dims,
           "files": {name: info["bytes"] for name, info in files.items()}}
 
-
-def start_bundle(out_dir: str) -> str:
-  """A fresh `<out_dir>.partial` to write a bundle into. Writing next to the target and renaming
-  at the end (publish_bundle) means a failed export never leaves a bundle that looks complete."""
-  tmp = os.path.abspath(out_dir) + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  return tmp
-
-
-def write_towers(tmp: str, model, inputs: dict) -> dict:
-  """Exports `model.<name>` for each name of `inputs` ({tower: input specs}) to <name>.jaxexport
-  and all their weights to params.safetensors ("<tower>/<key>"); returns each tower's param list
-  (key, shape, dtype) for the manifest."""
-  flat, trees = {}, {}
-  for name, specs in inputs.items():
-    params, blob = export_tower(getattr(model, name), specs)
-    with open(os.path.join(tmp, f"{name}.jaxexport"), "wb") as f:
-      f.write(blob)
-    flat.update({f"{name}/{key}": leaf for key, leaf in params.items()})
-    trees[name] = [{"key": key, "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-                   for key, leaf in params.items()]
-  safetensors.numpy.save_file(flat, os.path.join(tmp, PARAMS_FILE))
-  return trees
-
-
-def publish_bundle(tmp: str, out_dir: str, manifest: dict) -> dict:
-  """Adds the sha256 and size of every file under `tmp` to `manifest` ("files"), writes it, and
-  replaces `out_dir` with `tmp` whole (never mixing old and new files). Refuses to replace a
-  directory that is not a bundle. Returns the files entry."""
-  files = {}
-  for root, _, names in os.walk(tmp):
-    for fname in sorted(names):
-      full = os.path.join(root, fname)
-      files[os.path.relpath(full, tmp)] = {"sha256": sha256_of(full),
-                                           "bytes": os.path.getsize(full)}
-  manifest = {**manifest, "files": dict(sorted(files.items()))}
-  with open(os.path.join(tmp, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-      shutil.rmtree(tmp)
-      raise ValueError(f"{out_dir} exists and is not a bundle: refusing to overwrite it")
-    shutil.rmtree(out_dir)  # a previous bundle: replaced whole, never mixed with the new one
-  os.rename(tmp, out_dir)
-  return manifest["files"]
-
-
-def export_tower(tower: nnx.Module, inputs: tuple) -> tuple[dict, bytes]:
-  """({'/'-joined path: host array}, serialised jax.export program) of one tower."""
-  # All variables (Params and the HashIndices constant): the exported program takes them as
-  # arguments rather than baked-in constants, so the weights live in the safetensors file.
-  graphdef, variables = nnx.split(tower)
-  # A FLAT dict of host arrays: nnx.State does not serialise in jax.export, nor do the int keys of
-  # nnx.List entries in a nested pure dict; and the checkpoint's device shardings must not leak
-  # into the program's signature. The flat keys are also the safetensors keys, so the loader
-  # needs no tree structure beyond the key list.
-  paths = dict(_leaves_with_paths(jax.device_get(nnx.to_pure_dict(variables))))
-  params = {"/".join(map(str, path)): leaf for path, leaf in paths.items()}
-
-  def apply(flat, *args):
-    nested = {}
-    for path in paths:
-      node = nested
-      for part in path[:-1]:
-        node = node.setdefault(part, {})
-      node[path[-1]] = flat["/".join(map(str, path))]
-    target = jax.tree.map(lambda x: x, variables)   # a fresh State to fill with the tracers
-    nnx.replace_by_pure_dict(target, nested)
-    return nnx.merge(graphdef, target)(*args)
-
-  specs = {key: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for key, leaf in params.items()}
-  exported = jax.export.export(jax.jit(apply), platforms=PLATFORMS)(specs, *inputs)
-  return params, exported.serialize()
-
-
-def _leaves_with_paths(tree: dict, prefix: tuple = ()):
-  for key in sorted(tree):
-    value = tree[key]
-    if isinstance(value, dict):
-      yield from _leaves_with_paths(value, prefix + (key,))
-    else:
-      yield prefix + (key,), np.ascontiguousarray(value)
 

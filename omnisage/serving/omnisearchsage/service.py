@@ -30,9 +30,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import socket
-import threading
 import time
 
 import numpy as np
@@ -45,10 +42,12 @@ from omnisage.serving.service.api import ApiError, EmbedRequest, SearchRequest
 from omnisage.serving.service.batcher import MicroBatcher, Overloaded
 from omnisage.serving.service.cache import DAY_S, TTLCache
 from omnisage.serving.service.metrics import Metrics
+from omnisage.serving.service.runner import run_until_signal
 
 log = logging.getLogger("omnisage")
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "service",
+                          "static")
 DEFAULTS = dict(
     max_batch=64,            # queries per query-tower call (the largest compiled bucket)
     max_wait_ms=2.0,         # how long the oldest queued query waits for a fuller batch
@@ -280,6 +279,14 @@ class _RequestMetrics:
       self.service.metrics.observe_request(scope["path"], status, time.perf_counter() - t0)
 
 
+def serve_config(config) -> dict:
+  """`launch.py serve` of an OmniSearchSage bundle: the options of configs/serve.py."""
+  return serve(config.bundle, config.index, host=config.host, port=config.port,
+               max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+               max_queue=config.max_queue, cache_size=config.cache_size,
+               cache_ttl_s=config.cache_ttl_days * DAY_S)
+
+
 def serve(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
           **options) -> dict:
   """Serves until SIGINT/SIGTERM, then returns a summary (requests, cache hit rate, ...).
@@ -293,45 +300,3 @@ def serve(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
   return {"url": url, **app.state.service.summary(), "stopped_by": stopped}
 
 
-def run_until_signal(app, host: str, port: int, banner: str) -> tuple[str, str | None]:
-  """Runs `app` with uvicorn on host:port until SIGINT/SIGTERM; returns (url, signal name or None).
-
-  The socket is bound here, not in uvicorn: a busy port is a clear ValueError, not uvicorn's
-  sys.exit(1). `banner` is logged with {url} filled in. Shared by every omnisage server.
-  """
-  import uvicorn
-  try:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-  except OSError as error:
-    raise ValueError(f"cannot listen on {host}:{port}: {error}") from error
-  port = sock.getsockname()[1]
-  url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
-  server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                         access_log=False, timeout_graceful_shutdown=5))
-  stopped_by = []
-  with _quiet_signals(stopped_by):
-    log.info(banner.format(url=url) + "; Ctrl-C stops")
-    server.run(sockets=[sock])
-  sock.close()
-  return url, signal.Signals(stopped_by[0]).name if stopped_by else None
-
-
-@contextlib.contextmanager
-def _quiet_signals(stopped_by: list):
-  """uvicorn handles SIGINT/SIGTERM as a graceful shutdown, then re-raises the signal through the
-  handler that was installed before it: with Python's defaults that kills the process (SIGTERM)
-  or raises KeyboardInterrupt (SIGINT) before launch.py can print its summary line. Installing a
-  recording handler first makes that re-raise harmless."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  signals = (signal.SIGINT, signal.SIGTERM)
-  previous = {sig: signal.signal(sig, lambda sig, frame: stopped_by.append(sig))
-              for sig in signals}
-  try:
-    yield
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)

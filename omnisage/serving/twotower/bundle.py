@@ -60,15 +60,22 @@ def is_twotower_bundle(path: str) -> bool:
     return False
 
 
+def export(config, workdir: str, out_dir: str) -> dict:
+  """`launch.py export` of the two-tower system: the bundle of the newest checkpoint."""
+  from omnisage.train.loop import restore_newest
+  from omnisage.train.twotower.trainer import setup
+  if jax.process_count() > 1:
+    raise ValueError("export runs in a single process: drop the multi-host flags")
+  run, state, statics, _ = setup(config, workdir)
+  step, trained = restore_newest(config, workdir, state)
+  return write_bundle(statics.model(trained.params), run.meta, run.prepared, int(step), out_dir,
+                      config=json.loads(config.to_json()))
+
+
 def write_bundle(model, meta: dict, prepared_dir: str, step: int, out_dir: str,
                  config: dict) -> dict:
   # export-time only (model code)
-  from omnisage.serving.omnisearchsage.export import (
-    PLATFORMS,
-    publish_bundle,
-    start_bundle,
-    write_towers,
-  )
+  from omnisage.serving.bundle.writer import PLATFORMS, publish_bundle, start_bundle, write_towers
   dims = {"embed_dim": int(config["model"]["embed_dim"]), "history_len": meta["history_len"],
           "num_genres": len(meta["genres"]), "user_dense_dim": meta["user_dense_dim"],
           "item_dense_dim": meta["item_dense_dim"], "title_tokens": meta["title_tokens"],

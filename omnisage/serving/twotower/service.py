@@ -174,10 +174,28 @@ def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.t
   return app
 
 
+def serve_config(config) -> dict:
+  """`launch.py serve` of a two-tower bundle (configs/serve.py): POST /v1/recommend, and the
+  PinnerSage routes on the same item index when `config.pinnersage` names a batch-job output."""
+  index, routers = config.index, ()
+  if config.pinnersage:
+    from omnisage.serving.index.scann_index import load_index
+    from omnisage.serving.pinnersage.service import PinnerSageService, pinnersage_router
+    if not config.item_embeddings:
+      raise ValueError("serve with config.pinnersage needs config.item_embeddings (the "
+                       "embeddings the batch job clustered)")
+    index = load_index(config.index)
+    service = PinnerSageService.load(config.pinnersage, config.item_embeddings,
+                                     index=index.get("items"))
+    routers = (pinnersage_router(service),)
+  return serve_recommend(config.bundle, index, host=config.host, port=config.port,
+                         extra_routers=routers)
+
+
 def serve_recommend(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
                     extra_routers=(), **options) -> dict:
   """Serves until SIGINT/SIGTERM (as omnisage/serving/omnisearchsage/service.py `serve`), then a summary."""
-  from omnisage.serving.omnisearchsage.service import run_until_signal
+  from omnisage.serving.service.runner import run_until_signal
   app = create_recommend_app(bundle_path, index_path, extra_routers, **options)
   url, stopped = run_until_signal(app, host, port, "serving {url}v1/recommend")
   return {"url": url, "requests": app.state.recommender.requests, "stopped_by": stopped}

@@ -9,7 +9,8 @@ entities that have one, scored with the query vector's first compat_dim dims (th
 Eval pairs come from the eval split (after the train/eval time gap); the index and the pair subset
 are fixed by the seed, so every evaluation of a run (untrained, periodic, final) uses the same ones.
 
-Usage: `ev = Evaluator(config, prepared_dir, stores, mesh); ev.evaluate(statics, params)`.
+Usage: `ev = Evaluator(config, prepared=prepared_dir, stores=stores, mesh=mesh)`;
+`ev.run(statics, params)` -> {"recall@10/<task>": r}, `ev.evaluate(...)` -> {task: r}.
 """
 
 import functools
@@ -51,7 +52,10 @@ def _chunks(n: int, size: int):
 
 
 class Evaluator:
-  def __init__(self, config, prepared_dir: str, stores: dict, mesh):
+  """Recall@10 per task (module docstring); `run` names the metrics "recall@10/<task>"."""
+
+  def __init__(self, config, *, prepared: str, stores: dict, mesh, **_):
+    prepared_dir = prepared
     self.config = config
     self.stores = stores
     self.mesh = mesh
@@ -102,10 +106,13 @@ class Evaluator:
     return {"tokens": features["e_tokens"], "fields": features["e_fields"],
             "continuous": features["e_continuous"]}
 
+  def run(self, statics, params) -> dict[str, float]:
+    return {f"recall@{K}/{task}": value for task, value in self.evaluate(statics, params).items()}
+
   def evaluate(self, statics, params) -> dict[str, float]:
-    """Recall@10 per task for `params`."""
-    query_fn = functools.partial(_query_tower, statics, params)
-    entity_fn = functools.partial(_entity_tower, statics, params)
+    """Recall@10 per task for `params`: {task: recall}."""
+    query_fn = functools.partial(query_tower_fn, statics, params)
+    entity_fn = functools.partial(entity_tower_fn, statics, params)
     results = {}
     for task, pairs in self.pairs.items():
       if len(pairs["pos_ids"]) == 0:
@@ -130,10 +137,10 @@ class Evaluator:
 
 
 @jax.jit
-def _query_tower(statics, params, tokens):
+def query_tower_fn(statics, params, tokens):
   return statics.model(params).query_tower(tokens)
 
 
 @jax.jit
-def _entity_tower(statics, params, tokens, fields, continuous):
+def entity_tower_fn(statics, params, tokens, fields, continuous):
   return statics.model(params).entity_tower(tokens, fields, continuous)

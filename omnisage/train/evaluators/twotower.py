@@ -1,28 +1,26 @@
-"""Recall@k of home-feed recommenders on the MovieLens time split, and two baselines (SPEC §3).
+"""Recall@k of home-feed recommenders on the MovieLens time split (SPEC §3).
 
 Protocol (omnisage/data/twotower/examples.py): for each evaluation user, every catalogue item is
 scored from pre-cut data only; the items the user rated before the cut are excluded from the
 ranking (a feed does not re-recommend what was already watched, and MovieLens has at most one
 rating per (user, movie), so they can never be positives); the positives are the items rated at
 or after the cut. Recall@k = |top-k ∩ positives| / min(|positives|, k), averaged over users
-(omnisage/train/retrieval_metrics.corpus_metrics: the min() keeps heavy users, with hundreds of
+(omnisage.train.evaluators.corpus.corpus_metrics: the min() keeps heavy users, with hundreds of
 post-cut ratings, from capping their recall far below 1).
 
-Baselines:
-  popularity     the same list for everyone: pre-cut ratings in the trailing window (ties by
-                 all pre-cut ratings), or all pre-cut ratings (ties by the window count);
-  co-occurrence  item-item: score(u, j) = sum over u's pre-cut items h of C[h, j], C[h, j] = the
-                 number of users who rated both before the cut. As a matrix product over the
-                 binary user x item matrix X: S = (X_u X^T) X. The cosine variant divides C[h, j]
-                 by sqrt(n_h n_j) (item-based collaborative filtering).
+The baselines scored the same way are in omnisage/baselines/popularity.py.
 
 Usage:
-  table = recall_table({"popularity": popularity_scores(cat, users)}, users, ks=(50, 100))
+  ev = Evaluator(config, prepared=prepared_dir)
+  ev.run(statics, params)            # {"recall@50": r, "recall@100": r, "users": U}
+  recall(scores, users, ks=(50, 100))   # any [U, N] scorer, e.g. a baseline
 """
 
+import jax
 import numpy as np
-import scipy.sparse as sp
 
+from omnisage.data.twotower import examples as mlx
+from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS
 from omnisage.train.evaluators.corpus import corpus_metrics
 
 
@@ -41,37 +39,46 @@ def recall(scores: np.ndarray, users: dict, ks=(50, 100)) -> dict:
   return out
 
 
-def popularity_scores(catalogue, num_users: int, by: str = "window") -> np.ndarray:
-  """[U, N]: the same popularity score for every user (ties broken by the other count)."""
-  window = catalogue.count_window[1:].astype(np.float64)
-  total = catalogue.count_total[1:].astype(np.float64)
-  first, second = (window, total) if by == "window" else (total, window)
-  score = first + second / (second.max() + 1.0)
-  return np.broadcast_to(score, (num_users, len(score)))
+class Evaluator:
+  """Recall@k (config.eval.ks) of the model on the prepared evaluation users."""
+
+  def __init__(self, config, *, prepared: str, catalogue=None, **_):
+    self.ks = tuple(config.eval.ks)
+    self.batch_size = int(config.eval.batch_size)
+    self.users = mlx.load_eval_users(prepared)
+    self.catalogue = catalogue if catalogue is not None else mlx.Catalogue.load(prepared)
+
+  def run(self, statics, params) -> dict:
+    result = recall(self.scores(statics, params), self.users, self.ks)
+    return {k: float(v) for k, v in result.items()}
+
+  def scores(self, statics, params) -> np.ndarray:
+    """[U, N] dot products of the evaluation users' vectors (features at the cut) and all
+    items' vectors."""
+    model = statics.model(params)
+
+    @jax.jit
+    def user_fn(x):
+      return model.user_tower(*(x[k] for k in USER_INPUTS))
+
+    @jax.jit
+    def item_fn(x):
+      return model.item_tower(*(x[k] for k in ITEM_INPUTS))
+
+    cat, users = self.catalogue, self.users
+    items = embed_all(item_fn, cat.item_inputs(np.arange(1, cat.size + 1)), self.batch_size)
+    user_inputs = cat.user_inputs(users["hist_items"], users["hist_age"], users["user_dense"])
+    return embed_all(user_fn, user_inputs, self.batch_size) @ items.T
 
 
-def interaction_matrix(users: np.ndarray, items: np.ndarray, num_items: int):
-  """Binary CSR user x item matrix (rows: sorted unique users) and the user -> row map."""
-  ids, rows = np.unique(users, return_inverse=True)
-  x = sp.csr_matrix((np.ones(len(rows)), (rows, np.asarray(items) - 1)),
-                    shape=(len(ids), num_items))
-  x.data[:] = 1.0   # duplicates summed by the constructor become 1
-  return x, {int(u): i for i, u in enumerate(ids)}
-
-
-def cooccurrence_scores(train_users: np.ndarray, train_items: np.ndarray, users: dict,
-                        num_items: int, cosine: bool = False) -> np.ndarray:
-  """[U, N] item-item co-occurrence scores of the evaluation users from the pre-cut interactions
-  (train_users, train_items: one row per pre-cut rating; items are catalogue indices)."""
-  x, _ = interaction_matrix(train_users, train_items, num_items)
-  rows, cols = [], []
-  for i, seen in enumerate(users["seen"]):
-    rows += [i] * len(seen)
-    cols += [s - 1 for s in seen]
-  history = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(users["seen"]),
-                                                                     num_items))
-  if not cosine:
-    return np.asarray(((history @ x.T) @ x).todense())
-  norm = 1.0 / np.sqrt(np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0))   # 1/sqrt(n_j)
-  d = sp.diags(norm)
-  return np.asarray((((history @ d) @ x.T) @ x @ d).todense())
+def embed_all(fn, inputs: dict, batch_size: int) -> np.ndarray:
+  """Runs a jitted tower over dict-of-array inputs in fixed-size (padded) blocks."""
+  n = len(next(iter(inputs.values())))
+  out = []
+  for start in range(0, n, batch_size):
+    block = {k: v[start:start + batch_size] for k, v in inputs.items()}
+    m = len(next(iter(block.values())))
+    padded = {k: np.pad(v, ((0, batch_size - m),) + ((0, 0),) * (v.ndim - 1))
+              for k, v in block.items()}
+    out.append(np.asarray(fn(padded))[:m])
+  return np.concatenate(out)

@@ -244,3 +244,20 @@ def print_report(report: dict):
   ratio = f"{xla / fl['analytic_global']:.2f}" if xla and fl["analytic_global"] else "-"
   print(f"FLOPs per step: XLA {xla or 0:.3e} (per-device program x devices: replicated work "
         f"counts on each), analytic {fl['analytic_global']:.3e}, XLA/analytic {ratio}")
+
+
+def compile_for_mesh(config, mesh_str: str) -> dict:
+  """`launch.py compile`: simulated CPU devices when the mesh is larger than the machine, then
+  the report, printed and returned."""
+  import logging
+  import os
+  data, model = parse_mesh(mesh_str)
+  # Their number can only be set before JAX starts its backends (nothing has run yet).
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    try:
+      jax.config.update("jax_num_cpu_devices", max(data * model, 1))
+    except RuntimeError as error:   # backends already up: pick_devices explains what to set
+      logging.getLogger("omnisage").info("simulated devices not set: %s", error)
+  report = compile_report(config, mesh_str)
+  print_report(report)
+  return report

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from omnisage.data import text
 from omnisage.data.tokenizer import WordPieceTokenizer
 from omnisage.train.checkpoint import Checkpointer
-from omnisage.train.evaluators.recall import _entity_tower, _query_tower, to_host
+from omnisage.train.evaluators.recall import entity_tower_fn, query_tower_fn, to_host
 from omnisage.train.omnisearchsage import trainer
 from omnisage.train.sharding import DATA
 from omnisage.train.state import abstract_state
@@ -74,7 +74,7 @@ class TrainedTowers:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
   def queries(self, tokens: np.ndarray) -> np.ndarray:
-    return self._run(_query_tower, {"tokens": np.asarray(tokens, np.int32)})
+    return self._run(query_tower_fn, {"tokens": np.asarray(tokens, np.int32)})
 
   def query_texts(self, texts: list[str]) -> np.ndarray:
     """Raw query texts -> embeddings, normalised and tokenised exactly as `prepare` does (the
@@ -90,6 +90,6 @@ class TrainedTowers:
     if kind == "queries":
       return self.queries(store.tokens)
     rows = np.arange(store.size)
-    return self._run(_entity_tower, {"tokens": store.tokens,
+    return self._run(entity_tower_fn, {"tokens": store.tokens,
                                      "fields": store.fields.astype(np.int32),
                                      "continuous": store.continuous(rows)})

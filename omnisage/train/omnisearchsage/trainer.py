@@ -1,52 +1,34 @@
-"""The training loop: data -> jitted sharded step -> logs, evaluations and checkpoints.
+"""OmniSearchSage training and evaluation (SPEC §1): `train_and_evaluate(config, workdir)`.
 
-Flax-examples shape: `train_and_evaluate(config, workdir)` is the whole job; `launch.py train` only
-parses flags and calls it. The step is jitted ONCE with explicit in/out shardings (the state's, read
-off the freshly created state, and P("data") for the batch), so the loop never recompiles.
+Flax-examples shape: this module builds the run (mesh, fresh state, entity stores, the Grain
+pipeline, the evaluators of `config.evals`) and hands it to the shared loop (omnisage/train/loop.py),
+which resumes, jits the step once, logs, evaluates and checkpoints. Untrained and final evaluations
+are written to <workdir>/eval_untrained.json and eval_trained.json.
 
-Resuming: the newest restorable checkpoint in <workdir>/checkpoints gives the state and the Grain
-iterator state; the run then continues exactly as if it had not stopped (tests/test_resume.py).
-
-Usage: `summary = train_and_evaluate(config, "runs/demo")`.
+Usage:
+  summary = train_and_evaluate(config, "runs/demo")
+  result = evaluate_checkpoint(config, "runs/demo")   # newest checkpoint vs the untrained model
 """
 
 import functools
 import json
 import logging
 import os
-import time
 
 import jax
-import numpy as np
 
 from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
+from omnisage.data.workdir import prepared_dir_of
 from omnisage.train import sharding
-from omnisage.train.checkpoint import Checkpointer
-from omnisage.train.evaluators.recall import Evaluator
-from omnisage.train.metrics import MetricsWriter
+from omnisage.train.evaluators import build_evaluators, run_all
+from omnisage.train.loop import Trainable, restore_newest, train_loop
+from omnisage.train.omnisearchsage.state import create_train_state
 from omnisage.train.omnisearchsage.step import train_step
-from omnisage.train.state import (
-  abstract_state,
-  create_train_state,
-  make_optimizer,
-  param_count,
-  state_shardings,
-)
+from omnisage.train.state import make_optimizer, param_count
 
 log = logging.getLogger(__name__)
-
-
-def prepared_dir_of(config, workdir: str) -> str:
-  return config.data.prepared_dir or os.path.join(workdir, "prepared")
-
-
-def vocab_sizes_of(prepared_dir: str) -> dict:
-  path = os.path.join(prepared_dir, "meta.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: run `launch.py prepare` first")
-  with open(path) as f:
-    meta = json.load(f)
-  return {"query": int(meta["vocab"]["query"]), "ngram": int(meta["vocab"]["V"])}
+RECALL = "recall@10/"   # the recall evaluator's metric prefix
 
 
 def build(config, workdir: str):
@@ -66,8 +48,12 @@ def check_divisible(config, mesh):
       raise ValueError(f"{name}={size} must be divisible by the data axis ({data} devices)")
 
 
+def per_task(scalars: dict) -> dict:
+  """{"recall@10/pins": r, ...} -> {"pins": r, ...} (the JSON files' and summary's form)."""
+  return {k[len(RECALL):]: v for k, v in scalars.items() if k.startswith(RECALL)}
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
   mesh, state, statics, stores, prepared = build(config, workdir)
   check_divisible(config, mesh)
   log.info("mesh %s, %d parameters", dict(mesh.shape), param_count(state.params))
@@ -75,85 +61,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if store.truncated:
       log.info("%s: %d of %d rows have more tokens than fit and are truncated", kind,
                store.truncated, store.size)
+  evaluators = build_evaluators(config, prepared=prepared, stores=stores, mesh=mesh)
 
-  data = TrainData(config, prepared, stores)
-  iterator = data.iterator()
-  ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                      async_save=config.train.async_checkpoint)
-  evaluator = Evaluator(config, prepared, stores, mesh)
-  writer = MetricsWriter(workdir)
+  def evaluate(state):
+    scalars = run_all(evaluators, statics, state.params)
+    if int(state.step) == 0:   # a fresh run's first evaluation: the untrained model
+      _write_json(os.path.join(workdir, "eval_untrained.json"), per_task(scalars))
+    return scalars
 
-  restored = ckpt.restore_latest(abstract_state(state))
-  if restored is None:
-    untrained = evaluator.evaluate(statics, state.params)
-    _write_json(os.path.join(workdir, "eval_untrained.json"), untrained)
-    writer.write(0, {f"recall@10/{k}": v for k, v in untrained.items()})
-  else:
-    step, state, data_state = restored
-    iterator.set_state(data_state)
-    log.info("resumed from step %d", step)
-
-  shardings = state_shardings(state)
-  optimizer = make_optimizer(config.train, config.model)
-  step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer),
-                    in_shardings=(None, shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(shardings, sharding.replicated(mesh)),
-                    donate_argnums=(1,))
-
-  examples_per_step = sum(task_batch_sizes(config).values())
-  total = int(config.train.steps)
-  step = int(state.step)
-  start_step, t0, window_t0, window_start = step, time.time(), time.time(), step
-  metrics = {}
-  while step < total:
-    batch = sharding.shard_batch(mesh, next(iterator))
-    state, metrics = step_fn(statics, state, batch)
-    step += 1
-    if step % config.train.log_every == 0 or step == total:
-      metrics = jax.device_get(metrics)
-      now = time.time()
-      rate = (step - window_start) * examples_per_step / max(now - window_t0, 1e-9)
-      writer.write(step, {**metrics, "examples_per_second": rate,
-                          "step_seconds": (now - window_t0) / max(step - window_start, 1)})
-      window_t0, window_start = now, step
-      log.info("step %d loss %.4f (%.0f examples/s)", step, metrics["loss"], rate)
-    if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
-      recall = evaluator.evaluate(statics, state.params)
-      writer.write(step, {f"recall@10/{k}": v for k, v in recall.items()})
-    if step % config.train.checkpoint_every == 0 or step == total:
-      ckpt.save(step, state, iterator.get_state())
-
-  jax.block_until_ready(state)
-  train_seconds = time.time() - t0
-  recall = evaluator.evaluate(statics, state.params)
-  writer.write(step, {f"recall@10/{k}": v for k, v in recall.items()})
+  step_fn = functools.partial(train_step, config=config,
+                              optimizer=make_optimizer(config.train, config.model))
+  run = Trainable(mesh, statics, state, step_fn, TrainData(config, prepared, stores).iterator(),
+                  examples_per_step=sum(task_batch_sizes(config).values()),
+                  evaluate=evaluate if evaluators else None)
+  _, summary = train_loop(config, workdir, run)
+  recall = per_task(summary.pop("evaluations", {}).get("final", {}))
   _write_json(os.path.join(workdir, "eval_trained.json"), recall)
-  ckpt.close()
-  writer.close()
-  trained_steps = step - start_step
-  return {
-      "steps": step,
-      "resumed_from": None if restored is None else restored[0],
-      "final_loss": float(np.asarray(metrics["loss"])) if metrics else None,
-      "train_seconds": round(train_seconds, 2),
-      "examples_per_second": round(trained_steps * examples_per_step / max(train_seconds, 1e-9), 1),
-      "recall@10": recall,
-  }
+  return {**summary, "recall@10": recall}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Recall@10 of the newest checkpoint next to the untrained model of the same seed."""
   mesh, state, statics, stores, prepared = build(config, workdir)
-  evaluator = Evaluator(config, prepared, stores, mesh)
-  untrained = evaluator.evaluate(statics, state.params)
-  restored = Checkpointer(workdir, keep=config.train.keep_checkpoints).restore_latest(
-      abstract_state(state))
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run `launch.py train`")
-  step, trained_state, _ = restored
-  trained = evaluator.evaluate(statics, trained_state.params)
+  evaluators = build_evaluators(config, prepared=prepared, stores=stores, mesh=mesh)
+  untrained = per_task(run_all(evaluators, statics, state.params))
+  step, trained_state = restore_newest(config, workdir, state)
+  trained = per_task(run_all(evaluators, statics, trained_state.params))
   recall = {task: {"trained": trained[task], "untrained": untrained[task]} for task in trained}
+  print_recall_table(recall)
   return {"step": step, "recall@10": recall}
+
+
+def print_recall_table(recall: dict):
+  if jax.process_index() != 0:
+    return
+  print(f"{'task':<12} {'untrained':>10} {'trained':>10}   Recall@10")
+  for task, r in recall.items():
+    print(f"{task:<12} {r['untrained']:>10.3f} {r['trained']:>10.3f}")
 
 
 def _write_json(path: str, obj):

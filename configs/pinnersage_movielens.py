@@ -1,0 +1,30 @@
+"""PinnerSage's daily batch job (SPEC §4) over MovieLens-style item embeddings and user actions.
+
+  python launch.py train --config=configs/pinnersage_movielens.py --workdir=runs/pinnersage \
+      --config.actions=ACTIONS.parquet    # user_id, item_id, timestamp (unix seconds)
+
+writes <workdir>/{medoids,members}.parquet and summary.json (omnisage/serving/pinnersage/batch.py);
+`launch.py serve --config.bundle=runs/twotower/bundle --config.index=runs/twotower/index
+--config.pinnersage=runs/pinnersage --config.item_embeddings=runs/twotower/embeddings` serves it.
+The older `launch.py pinnersage --item-embeddings=... --actions=... --out=...` still works.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.system = "pinnersage"   # omnisage/systems.py
+  # Item embeddings: a directory of <kind>/shard-*.parquet from `launch.py embed` (the two-tower
+  # item tower's by default), or one Parquet file with columns id, embedding.
+  c.item_embeddings = "runs/twotower/embeddings"
+  c.item_kind = config_dict.placeholder(str)   # kind directory to read (default: the only one)
+  c.actions = config_dict.placeholder(str)     # Parquet: user_id, item_id, timestamp (required)
+  c.alpha = 1.4            # Ward cut height in embedding units (best on MovieLens validation)
+  c.lam = 0.01             # importance decay per day, exp(-lambda * age_days) (SPEC §4)
+  c.window_days = 90.0     # days of history clustered (SPEC §4)
+  c.now = config_dict.placeholder(int)   # unix seconds the window ends at (default: last action)
+  c.max_history = 1024     # most recent actions kept per user (bounds the merge loop)
+  return c

@@ -1,0 +1,31 @@
+"""Options of `launch.py serve`: the query service over a bundle and its index.
+
+  python launch.py serve --config.bundle=runs/demo/bundle --config.index=runs/demo/index
+
+(`--config=configs/serve.py` is the default of `serve`; the older `--bundle=... --index=...
+--port=...` flags still work.) The bundle's manifest says which system serves it
+(omnisage/systems.py): OmniSearchSage's /v1/embed and /v1/search, or the two-tower /v1/recommend
+(plus /v1/pinnersage/* when `pinnersage` names a batch-job output).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.bundle = config_dict.placeholder(str)   # the serving bundle (launch.py export); required
+  c.index = config_dict.placeholder(str)    # the index directory (launch.py index); required
+  c.host = "127.0.0.1"     # address to bind: loopback unless you mean to expose it
+  c.port = 8080
+  c.max_batch = 64         # queries per query-tower call (micro-batch cap)
+  c.max_wait_ms = 2.0      # how long a query waits for a fuller batch
+  c.max_queue = 256        # queries queued before requests get 503
+  c.cache_size = 100_000   # query embeddings kept in the LRU cache
+  c.cache_ttl_days = 30.0  # cache time-to-live (SPEC: 30 days)
+  # Two-tower bundles only: a `launch.py train --config=configs/pinnersage_movielens.py` output
+  # directory adds /v1/pinnersage/{update,recommend}, over the item embeddings it clustered.
+  c.pinnersage = config_dict.placeholder(str)
+  c.item_embeddings = config_dict.placeholder(str)
+  return c

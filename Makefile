@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # The query service and search page on the demo's bundle and index (run `make demo` first).
 serve: $(STAMP)
-	$(PY) launch.py serve --bundle=$(DEMO_DIR)/bundle --index=$(DEMO_DIR)/index --host=127.0.0.1 --port=8080
+	$(PY) launch.py serve --config.bundle=$(DEMO_DIR)/bundle --config.index=$(DEMO_DIR)/index --config.host=127.0.0.1 --config.port=8080
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 """omnisage's one entry point: parse flags, set up jax.distributed, dispatch (docs/cli.md).
 
-  python launch.py prepare|train|eval|demo --config=configs/omnisage_synthetic.py --workdir=runs/demo
+  python launch.py prepare|train|eval|demo --config=configs/omnisage_synthetic.py \
+      --workdir=runs/demo
   python launch.py export  --config=... --workdir=runs/demo --out=runs/demo/bundle
   python launch.py compile --config=configs/omnisage_production.py --mesh=8x1
   python launch.py embed   --config.bundle=runs/demo/bundle \

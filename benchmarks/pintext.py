@@ -59,6 +59,8 @@ def fresh(workdir: str):
 
 def run_pintext(variant: str, args, prepared: str | None = None, **loss) -> dict:
   """prepare (unless `prepared` is given) -> train -> export; returns the summaries."""
+  from omnisage.data.pintext import pairs as pintext_pairs
+  from omnisage.serving.pintext import export as pintext_export
   from omnisage.train.pintext import trainer as pintext
   config = config_of(variant, args)
   for key, value in loss.items():
@@ -67,18 +69,18 @@ def run_pintext(variant: str, args, prepared: str | None = None, **loss) -> dict
   if prepared:
     config.data.prepared_dir = prepared
   else:
-    pintext.prepare(config, workdir)
+    pintext_pairs.prepare(config, workdir)
   fresh(workdir)
   trained = pintext.train(config, workdir)
-  exported = pintext.export(config, workdir, os.path.join(workdir, "bundle"))
+  exported = pintext_export.export(config, workdir, os.path.join(workdir, "bundle"))
   return {"config": config, "workdir": workdir, "train": trained, "export": exported}
 
 
 def tune(args) -> dict:
-  from omnisage.train.pintext import trainer as pintext
+  from omnisage.data.pintext import pairs as pintext_pairs
   base = config_of("multitask", args)
   prepared = os.path.join(args.workdir, "multitask", "prepared")
-  pintext.prepare(base, os.path.join(args.workdir, "multitask"))
+  pintext_pairs.prepare(base, os.path.join(args.workdir, "multitask"))
   rows = []
   print(f"{'mu':>5} {'rho':>4} {'gamma':>6} {'val R@10':>9}  per task")
   for margin, negatives, radius in GRID:
@@ -97,7 +99,7 @@ def tune(args) -> dict:
 
 def minilm_row(queries: list[str], classes: list[str]) -> dict:
   from omnisage.baselines.text_encoder import SentenceEncoder, minilm_dir
-  from omnisage.train.pintext.trainer import knn_loo_precision_at_1
+  from omnisage.train.evaluators.pintext import knn_loo_precision_at_1
   enc = SentenceEncoder(minilm_dir())
   t0 = time.time()
   vectors = enc.encode(queries)
@@ -111,15 +113,17 @@ def minilm_row(queries: list[str], classes: list[str]) -> dict:
 
 def compare(args) -> dict:
   from omnisage.data.pintext import pairs as pintext_pairs
+  from omnisage.data.workdir import prepared_dir_of
   from omnisage.models.pintext import TextEmbedder
+  from omnisage.train.evaluators import pintext as pintext_eval
   from omnisage.train.pintext import trainer as pintext
   rows, train_seconds = {}, {}
   summaries = {}
   for variant in VARIANTS:
     run = run_pintext(variant, args)
-    prepared = pintext.prepared_dir_of(run["config"], run["workdir"])
+    prepared = prepared_dir_of(run["config"], run["workdir"])
     embedder = TextEmbedder.load(run["export"]["bundle"])
-    rows[variant] = pintext.wands_eval(prepared, embedder)
+    rows[variant] = pintext_eval.wands_eval(prepared, embedder)
     train_seconds[variant] = run["train"]["train_seconds"]
     summaries[variant] = {"validation": run["train"]["validation"],
                           "vocab": run["export"]["vocab_size"] - 1}
@@ -127,10 +131,10 @@ def compare(args) -> dict:
       multitask = run
   # random: the multitask dictionary as initialised (same seed, same vocabulary)
   config = multitask["config"]
-  prepared = pintext.prepared_dir_of(config, multitask["workdir"])
+  prepared = prepared_dir_of(config, multitask["workdir"])
   _, vocab, _, untrained = pintext.latest_table(config, multitask["workdir"])
-  rows["random"] = pintext.wands_eval(prepared, TextEmbedder(vocab, untrained[:len(vocab)]))
-  summaries["random"] = {"validation": pintext.validation(config, prepared, untrained),
+  rows["random"] = pintext_eval.wands_eval(prepared, TextEmbedder(vocab, untrained[:len(vocab)]))
+  summaries["random"] = {"validation": pintext_eval.validation(config, prepared, untrained),
                          "vocab": len(vocab) - 1}
   queries, classes = pintext_pairs.read_wands(prepared)
   if not args.skip_minilm:

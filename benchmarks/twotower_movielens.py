@@ -34,7 +34,9 @@ def main():
   import shutil
 
   from configs import twotower_movielens
+  from omnisage.baselines import popularity
   from omnisage.data.twotower import examples as mlx
+  from omnisage.data.twotower.prepare import prepare
   from omnisage.train.evaluators import twotower as twotower_eval
   from omnisage.train.twotower import trainer as twotower
   config = twotower_movielens.get_config()
@@ -49,7 +51,7 @@ def main():
   if args.fresh:
     shutil.rmtree(os.path.join(args.workdir, "checkpoints"), ignore_errors=True)
 
-  prepared = twotower.prepare(config, args.workdir)
+  prepared = prepare(config, args.workdir)
   print(json.dumps({"prepare": prepared}), flush=True)
   trained = twotower.train(config, args.workdir)
   print(json.dumps({"train": trained}), flush=True)
@@ -63,12 +65,12 @@ def main():
   n, ks = len(users["seen"]), tuple(config.eval.ks)
   rows = {
       "popularity (last 90 days)": twotower_eval.recall(
-          twotower_eval.popularity_scores(catalogue, n, "window"), users, ks),
+          popularity.popularity_scores(catalogue, n, "window"), users, ks),
       "popularity (all pre-cut)": twotower_eval.recall(
-          twotower_eval.popularity_scores(catalogue, n, "total"), users, ks),
-      "co-occurrence (counts)": twotower_eval.recall(twotower_eval.cooccurrence_scores(
+          popularity.popularity_scores(catalogue, n, "total"), users, ks),
+      "co-occurrence (counts)": twotower_eval.recall(popularity.cooccurrence_scores(
           examples["user"], examples["item"], users, catalogue.size), users, ks),
-      "co-occurrence (cosine)": twotower_eval.recall(twotower_eval.cooccurrence_scores(
+      "co-occurrence (cosine)": twotower_eval.recall(popularity.cooccurrence_scores(
           examples["user"], examples["item"], users, catalogue.size, cosine=True), users, ks),
       "two-tower (untrained)": model["untrained"],
       "two-tower": model["recall"],

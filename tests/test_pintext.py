@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 from configs import pintext as pintext_config
+from omnisage.data.pintext import pairs as pintext_pairs
 from omnisage.models.pintext import PinText, TextEmbedder, average
 from omnisage.train import margin_loss, sharding
-from omnisage.train.pintext.trainer import knn_loo_precision_at_1
+from omnisage.train.evaluators.pintext import knn_loo_precision_at_1
 from tests.helpers import ROOT, last_json, run_launch, subprocess_env
 
 CONFIG = os.path.join(ROOT, "configs", "pintext.py")
@@ -133,22 +134,29 @@ def test_knn_leave_one_out_precision_by_hand():
 
 # --- sharding -------------------------------------------------------------------------------
 _CHILD = r"""
-import json, sys
+import functools, json, sys
 import jax, numpy as np
 from configs import pintext as pc
-from omnisage.train import pintext, sharding
+from omnisage.data.pintext import pairs
+from omnisage.data.pintext.pipeline import load_catalogues, train_iterator
+from omnisage.train import sharding
+from omnisage.train.pintext import trainer as pintext
 config = pc.get_config("tiny")
 prepared = sys.argv[1]
-catalogues = pintext.load_catalogues(config, prepared)
-batch = next(pintext.train_iterator(config, prepared, catalogues))
-vocab = len(pintext.pintext_pairs.read_vocab(prepared))
+catalogues = load_catalogues(config, prepared)
+batch = next(train_iterator(config, prepared, catalogues))
+vocab = len(pairs.read_vocab(prepared))
 out, ref = {}, None
 for data, model in [(1, 1), (2, 4), (8, 1)]:
   config.mesh.data, config.mesh.model = data, model
   mesh = sharding.make_mesh(config.mesh, jax.devices()[: data * model])
-  state, graphdef = pintext.create_state(config, vocab, mesh)
-  step = pintext.jit_step(config, graphdef, state, mesh)
-  new, metrics = step(state, sharding.shard_batch(mesh, batch))
+  state, statics = pintext.create_pintext_state(config, vocab, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(functools.partial(pintext.train_step, config=config,
+                                   optimizer=pintext.make_optimizer(config)),
+                 in_shardings=(None, shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+  new, metrics = step(statics, state, sharding.shard_batch(mesh, batch))
   table = jax.tree.leaves(new.params)[0]
   arr = np.asarray(table)
   ref = arr if ref is None else ref
@@ -160,9 +168,8 @@ print(json.dumps(out))
 
 
 def test_dictionary_sharded_on_8_devices(tmp_path):
-  from omnisage.train.pintext import trainer as pintext
   config = tiny_config()
-  pintext.prepare(config, str(tmp_path))
+  pintext_pairs.prepare(config, str(tmp_path))
   result = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "prepared")], cwd=ROOT,
                           env=subprocess_env(8), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +220,7 @@ def test_resume_is_exact(tmp_path):
   config = tiny_config()
   config.train.steps, config.train.checkpoint_every = 30, 10
   config.train.async_checkpoint = False
-  pintext.prepare(config, str(tmp_path / "a"))
+  pintext_pairs.prepare(config, str(tmp_path / "a"))
   config.data.prepared_dir = str(tmp_path / "a" / "prepared")
   straight = pintext.train(config, str(tmp_path / "a"))
   config.train.steps = 20

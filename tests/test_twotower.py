@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 
 from configs import twotower_movielens
+from omnisage.baselines import popularity
 from omnisage.data.sources import movielens
 from omnisage.data.twotower import examples as mlx
+from omnisage.data.twotower import pipeline as tt_pipeline
+from omnisage.data.twotower import prepare as tt_prepare
+from omnisage.data.workdir import prepared_dir_of
 from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS
+from omnisage.serving.twotower import bundle as tt_bundle
 from omnisage.train.evaluators import twotower as twotower_eval
+from omnisage.train.loop import restore_newest
 from omnisage.train.twotower import trainer as twotower
 from tests.helpers import ROOT, last_json, run_launch, running, subprocess_env
 
@@ -60,7 +66,7 @@ def trained(tmp_path_factory):
   write_movielens(root / "ml")
   config = tiny_config(root / "ml")
   workdir = str(root / "run")
-  prepared = twotower.prepare(config, workdir)
+  prepared = tt_prepare.prepare(config, workdir)
   assert prepared["bad_rows"]["by_reason"] == {"invalid_id": 1}
   summary = twotower.train(config, workdir)
   return config, workdir, summary
@@ -77,7 +83,7 @@ def test_towers_give_unit_64d_vectors(built):
   run, state, statics, _ = built
   model = statics.model(state.params)
   examples = mlx.load_examples(run.prepared)
-  batch = twotower.GatherBatch(examples, run.catalogue).map(np.arange(5))
+  batch = tt_pipeline.GatherBatch(examples, run.catalogue).map(np.arange(5))
   batch["hist_items"][0] = 0   # a user without history still gets a unit vector
   u = np.asarray(model.user_tower(*(batch[k] for k in USER_INPUTS)))
   v = np.asarray(model.item_tower(*(batch[k] for k in ITEM_INPUTS)))
@@ -91,7 +97,7 @@ def test_loss_matches_numpy_in_batch_softmax_with_logq(trained, built):
   run, state, statics, _ = built
   model = statics.model(state.params)
   examples = mlx.load_examples(run.prepared)
-  batch = twotower.GatherBatch(examples, run.catalogue).map(np.arange(8))
+  batch = tt_pipeline.GatherBatch(examples, run.catalogue).map(np.arange(8))
   batch["item"][3] = batch["item"][5]     # an accidental hit: masked for each other
   batch["user"][:] = np.arange(8)
   batch["user"][6] = batch["user"][7]     # the same user: not each other's negatives
@@ -114,7 +120,7 @@ def test_loss_matches_numpy_in_batch_softmax_with_logq(trained, built):
 def test_baselines_recall_by_hand():
   # 3 items; training users: A rated 1, 2; B rated 1, 3; C rated 1, 3. Eval user = A.
   users = {"seen": [[1, 2]], "positives": [[3]]}
-  counts = twotower_eval.cooccurrence_scores(np.array([0, 0, 1, 1, 2, 2]),
+  counts = popularity.cooccurrence_scores(np.array([0, 0, 1, 1, 2, 2]),
                                              np.array([1, 2, 1, 3, 1, 3]), users, num_items=3)
   # score(j) = C[1, j] + C[2, j]: C[1,3] = 2 (B, C), C[2,3] = 0; item 3 is the only unseen item.
   np.testing.assert_allclose(counts, [[3 + 1, 1 + 1, 2 + 0]])
@@ -127,15 +133,15 @@ def test_baselines_recall_by_hand():
     count_window = np.array([0, 0, 5, 1, 2])
     count_total = np.array([0, 9, 5, 1, 2])
   users = {"seen": [[2]], "positives": [[1, 3]]}
-  window = twotower_eval.recall(twotower_eval.popularity_scores(Cat, 1, "window"), users, (1, 2))
-  total = twotower_eval.recall(twotower_eval.popularity_scores(Cat, 1, "total"), users, (1, 2))
+  window = twotower_eval.recall(popularity.popularity_scores(Cat, 1, "window"), users, (1, 2))
+  total = twotower_eval.recall(popularity.popularity_scores(Cat, 1, "total"), users, (1, 2))
   assert (window["recall@1"], window["recall@2"]) == (0.0, 0.5)
   assert (total["recall@1"], total["recall@2"]) == (1.0, 0.5)
 
 
 def test_examples_use_only_the_past(trained):
   config, workdir, _ = trained
-  prepared = twotower.prepared_dir_of(config, workdir)
+  prepared = prepared_dir_of(config, workdir)
   meta = mlx.read_meta(prepared)
   examples = mlx.load_examples(prepared)
   assert (examples["timestamp"] < meta["cut"]).all()
@@ -153,7 +159,7 @@ def test_end_to_end_recommend(trained, built, tmp_path):
   result = twotower.evaluate(config, workdir)
   assert 0.0 <= result["recall"]["recall@50"] <= result["recall"]["recall@100"] <= 1.0
   bundle = str(tmp_path / "bundle")
-  assert twotower.export(config, workdir, bundle)["dims"]["embed_dim"] == 64
+  assert tt_bundle.export(config, workdir, bundle)["dims"]["embed_dim"] == 64
 
   # launch.py embed dispatches on the bundle's manifest.
   embeddings, index = str(tmp_path / "emb"), str(tmp_path / "index")
@@ -176,7 +182,7 @@ def test_end_to_end_recommend(trained, built, tmp_path):
 
   # The served user vector equals the trained model's on the same features (no skew).
   run, state, statics, _ = built
-  _, params = twotower.restore(config, workdir, run, state)
+  _, params = restore_newest(config, workdir, state)
   history = [{"item_id": "3", "timestamp": 1_000_000_000},
              {"item_id": "15", "timestamp": 1_000_086_400}]
   now = 1_000_172_800
@@ -232,8 +238,8 @@ def test_resume_reproduces_the_run_exactly(trained, built, tmp_path):
       return {r["step"]: r["loss"] for r in map(json.loads, f)}
   assert losses(copy) == losses(workdir)
   run, state, _, _ = built
-  a = twotower.restore(config, workdir, run, state)[1].params
-  b = twotower.restore(config, copy, run, state)[1].params
+  a = restore_newest(config, workdir, state)[1].params
+  b = restore_newest(config, copy, state)[1].params
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -243,19 +249,21 @@ import json, sys
 import jax, numpy as np
 from configs.twotower_movielens import get_config
 from omnisage.data.twotower import examples as mlx
-from omnisage.train import frequency, sharding, twotower
+from omnisage.data.twotower import pipeline as tt_pipeline
+from omnisage.train import frequency, sharding
+from omnisage.train.twotower import trainer as twotower
 config = get_config("tiny")
 prepared = sys.argv[1]
 meta = mlx.read_meta(prepared)
 examples = mlx.load_examples(prepared)
 # Rows spread over the file (it is sorted by user): many users, so few in-batch masks.
 rows = np.linspace(0, len(examples["item"]) - 1, 64).astype(int)
-batch = twotower.GatherBatch(examples, mlx.Catalogue.load(prepared)).map(rows)
+batch = tt_pipeline.GatherBatch(examples, mlx.Catalogue.load(prepared)).map(rows)
 out = {}
 for data, model in [(1, 1), (4, 2)]:
   config.mesh.data, config.mesh.model = data, model
   mesh = sharding.make_mesh(config.mesh, jax.devices()[: data * model])
-  state, statics, _ = twotower.create_state(config, meta, mesh)
+  state, statics, _ = twotower.create_twotower_state(config, meta, mesh)
   tables = {jax.tree_util.keystr(p): (str(x.sharding.spec), x.addressable_shards[0].data.shape[0],
                                       x.shape[0])
             for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
@@ -270,7 +278,7 @@ print(json.dumps(out))
 
 def test_id_tables_shard_over_model_on_a_4x2_mesh(trained):
   config, workdir, _ = trained
-  prepared = twotower.prepared_dir_of(config, workdir)
+  prepared = prepared_dir_of(config, workdir)
   result = subprocess.run([sys.executable, "-c", _SHARDED, prepared], cwd=ROOT,
                           env=subprocess_env(8), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]

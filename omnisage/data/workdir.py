@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def prepared_dir_of(config, workdir: str) -> str:
-  """`config.data.prepared_dir` when set, else <workdir>/prepared (what `launch.py prepare` writes)."""
+  """`config.data.prepared_dir` when set, else <workdir>/prepared (what `prepare` writes)."""
   return config.data.get("prepared_dir") or os.path.join(workdir, "prepared")
 
 

@@ -34,7 +34,7 @@ def pad_list_column(column, max_len: int, dtype) -> np.ndarray:
   return out
 
 
-def _fixed_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def fixed_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
   """Nullable list<float> column -> ([rows, dim] float32 zero-filled, [rows] bool present)."""
   column = column.combine_chunks()
   present = column.is_valid().to_numpy(zero_copy_only=False)
@@ -86,8 +86,8 @@ class EntityStore:
       return cls(kind, tokens, titles=np.asarray(table.column("text").to_pylist(), object),
                  truncated=truncated)
     fields = pad_list_column(table.column("fields"), max_tokens, np.int8)
-    legacy, has_legacy = _fixed_vectors(table.column("legacy"), schema.LEGACY_DIM)
-    visual, _ = _fixed_vectors(table.column("visual"), schema.VISUAL_DIM)
+    legacy, has_legacy = fixed_vectors(table.column("legacy"), schema.LEGACY_DIM)
+    visual, _ = fixed_vectors(table.column("visual"), schema.VISUAL_DIM)
     return cls(kind, tokens, fields, legacy, has_legacy, visual.astype(np.float16),
                np.asarray(table.column("title").to_pylist(), object), truncated)
 

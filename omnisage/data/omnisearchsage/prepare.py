@@ -312,7 +312,8 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
     path = os.path.join(raw_dir, f"{name}.parquet")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} not found: prepare needs the tables "
-                              f"{', '.join(schema.RAW_TABLES)} (see omnisage/data/omnisearchsage/schema.py)")
+                              f"{', '.join(schema.RAW_TABLES)} "
+                              "(see omnisage/data/omnisearchsage/schema.py)")
     raw[name] = pq.read_table(path)
     missing = [c for c in cols if c not in raw[name].column_names]
     if missing:  # a whole column missing is a loader bug, not a bad row

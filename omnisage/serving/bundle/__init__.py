@@ -1,1 +1,2 @@
-"""The serving-bundle format shared by every system: writer.py writes, loader.py loads (no model code)."""
+"""The serving-bundle format shared by every system: writer.py writes it, loader.py loads it
+(no model code)."""

@@ -1,7 +1,8 @@
 """Nearest-neighbour search primitives: exact top-k in JAX and tuned ScaNN (SPEC §1 "Serving").
 
 Production retrieves pins and products from an approximate-nearest-neighbour index (HNSW there,
-ScaNN here). This module holds what the index builder (`omnisage.serving.index.scann_index`) and the retrieval
+ScaNN here). This module holds what the index builder
+(`omnisage.serving.index.scann_index`) and the retrieval
 benchmark (`benchmarks.retrieval`) share:
 
 - `ExactSearcher` / `exact_topk`: brute-force inner-product top-k, a jitted matmul + `lax.top_k`

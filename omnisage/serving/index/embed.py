@@ -3,7 +3,8 @@
 Production recomputes every pin and product embedding in a daily offline batch and loads them into
 the retrieval index; this is that job. It reads `entities/{pins,products,queries}.parquet` one
 record batch at a time (memory is bounded by `batch_size`, never the table), runs the bundle's
-tower (no model code: `omnisage.serving.bundle.loader` only) and writes one output shard per input row
+tower (no model code: `omnisage.serving.bundle.loader` only) and writes one output shard per
+input row
 group:
 
   <out>/<kind>/shard-00000.parquet   entity_index int32, id string (when the table has one),
@@ -31,8 +32,8 @@ from tqdm import tqdm
 
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.entity_store import (
-  _fixed_vectors,
   continuous_vectors,
+  fixed_vectors,
   pad_list_column,
 )
 from omnisage.serving.bundle.loader import PARAMS_FILE, load_bundle
@@ -154,8 +155,8 @@ def _embed_batch(bundle, kind: str, batch: pa.RecordBatch, batch_size: int) -> n
   width = bundle.dims["entity_tokens"]
   tokens = pad_list_column(batch.column("tokens"), width, np.int32)
   fields = pad_list_column(batch.column("fields"), width, np.int32)
-  legacy, _ = _fixed_vectors(pa.chunked_array([batch.column("legacy")]), schema.LEGACY_DIM)
-  visual, _ = _fixed_vectors(pa.chunked_array([batch.column("visual")]), schema.VISUAL_DIM)
+  legacy, _ = fixed_vectors(pa.chunked_array([batch.column("legacy")]), schema.LEGACY_DIM)
+  visual, _ = fixed_vectors(pa.chunked_array([batch.column("visual")]), schema.VISUAL_DIM)
   # EntityStore keeps visual features as float16; round the same way so serving sees the inputs
   # training saw.
   visual = visual.astype(np.float16).astype(np.float32)

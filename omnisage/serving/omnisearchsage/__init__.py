@@ -1,1 +1,2 @@
-"""OmniSearchSage serving (SPEC §1): checkpoint -> bundle (export.py), the search service (service.py)."""
+"""OmniSearchSage serving (SPEC §1): checkpoint -> bundle (export.py), the search service
+(service.py)."""

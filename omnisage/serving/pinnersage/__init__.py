@@ -1,1 +1,2 @@
-"""PinnerSage serving (SPEC §4): medoid retrieval, the online update and its HTTP routes (service.py)."""
+"""PinnerSage (SPEC §4) after training: the daily batch job (batch.py); medoid retrieval, the
+online update and their HTTP routes (service.py)."""

@@ -15,7 +15,8 @@ touched user's medoids and importances are recomputed exactly. The daily reconci
 the state equals `run_batch` over all actions.
 
 HTTP: `pinnersage_router(service)` adds POST /v1/pinnersage/update and /v1/pinnersage/recommend
-(errors in the JSON shape of omnisage/serving/service/api.py; the app must `api.install` its handlers, as
+(errors in the JSON shape of omnisage/serving/service/api.py; the app must `api.install` its
+handlers, as
 `create_app` here and server.create_app do).
 
 Usage:

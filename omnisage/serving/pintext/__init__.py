@@ -1,1 +1,2 @@
-"""PinText serving (SPEC §2): the vocab + vectors bundle (export.py), read by models.pintext.TextEmbedder."""
+"""PinText serving (SPEC §2): the vocab + vectors bundle (export.py), read by
+models.pintext.TextEmbedder."""

@@ -1,1 +1,2 @@
-"""Home-feed two-tower serving (SPEC §3): the bundle (bundle.py), POST /v1/recommend (service.py)."""
+"""Home-feed two-tower serving (SPEC §3): the bundle (bundle.py), POST /v1/recommend
+(service.py)."""

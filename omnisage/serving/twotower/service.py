@@ -16,7 +16,8 @@ are taken relative to it, and an engagement after `now` is an error. `exclude_hi
 history's items from the results. Unknown item ids are an error (the user tower reads each history
 item's genres from the bundle's catalogue).
 
-Errors: the JSON shape of omnisage/serving/service/api.py ({"error": {"code", "message", "field"}}), e.g.
+Errors: the JSON shape of omnisage/serving/service/api.py
+({"error": {"code", "message", "field"}}), e.g.
 422 invalid_request with field "history[3].item_id"; 413 payload_too_large beyond max_history.
 
 Usage:
@@ -194,7 +195,7 @@ def serve_config(config) -> dict:
 
 def serve_recommend(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
                     extra_routers=(), **options) -> dict:
-  """Serves until SIGINT/SIGTERM (as omnisage/serving/omnisearchsage/service.py `serve`), then a summary."""
+  """Serves until SIGINT/SIGTERM (as omnisearchsage/service.py `serve`), then a summary."""
   from omnisage.serving.service.runner import run_until_signal
   app = create_recommend_app(bundle_path, index_path, extra_routers, **options)
   url, stopped = run_until_signal(app, host, port, "serving {url}v1/recommend")

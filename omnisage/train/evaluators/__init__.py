@@ -12,7 +12,7 @@ each evaluator takes the keywords it needs and ignores the rest. `config.evals` 
   recall     Recall@10 per task by OmniSearchSage's protocol (SPEC §1 "Evaluation")
   twotower   Recall@k of the home-feed model on the MovieLens evaluation users (SPEC §3)
   pintext    PinText validation ranking and WANDS kNN classification (SPEC §2)
-  corpus     (a function, not run in training) full-corpus metrics of the real-data benchmarks
+  corpus     full-corpus recall of one task's eval queries (every entity of its kind ranked)
 
 Usage:
   evaluators = build_evaluators(config, prepared=prepared, mesh=mesh, stores=stores)
@@ -21,7 +21,7 @@ Usage:
 
 import importlib
 
-TYPES = ("recall", "twotower", "pintext")
+TYPES = ("recall", "corpus", "twotower", "pintext")
 
 
 def build_evaluators(config, **context) -> dict:

@@ -16,9 +16,14 @@ Usage:
   m["recall@10"], m["pair_recall@10"]
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.pipeline import read_pairs
+from omnisage.train.evaluators.recall import TowerRunner, query_tower_fn
 
 
 def corpus_metrics(score_block: Callable[[np.ndarray], np.ndarray],
@@ -65,3 +70,37 @@ def reference_metrics(scores: np.ndarray, positives: Sequence[Sequence[int]], k:
                      if j not in pos and scores[i, j] > scores[i, p])
       hits.append(rank <= k)
   return {f"recall@{k}": float(np.mean(recalls)), f"pair_recall@{k}": float(np.mean(hits))}
+
+
+class Evaluator:
+  """Full-corpus metrics of one OmniSearchSage task on its prepared eval pairs.
+
+  Each distinct eval query (its token row) is scored against EVERY entity of the task's kind, its
+  positives are the entities it was paired with; recall@k and pair_recall@k as above. Heavier
+  than the paper-protocol `recall` evaluator (the whole corpus goes through the tower), so a
+  config lists it where that is affordable:
+    config.evals = {"recall": {"type": "recall"},
+                    "corpus": {"type": "corpus", "task": "q2product", "k": 10}}
+  """
+
+  def __init__(self, config, *, prepared: str, stores: dict, mesh, task: str = "q2product",
+               k: int = 10, **_):
+    if task not in schema.TASK_ENTITY:
+      raise ValueError(f"config.evals corpus task={task!r}: one of {sorted(schema.TASK_ENTITY)}")
+    self.task, self.k, self.kind = task, int(k), schema.TASK_ENTITY[task]
+    pairs = read_pairs(prepared, "eval", task, config.eval.max_pairs, config.seed,
+                       config.data.batch_query_len)
+    self.queries, inverse = np.unique(pairs["query_tokens"], axis=0, return_inverse=True)
+    self.positives = [[] for _ in range(len(self.queries))]
+    for row, entity in zip(inverse.ravel(), pairs["pos_ids"]):
+      self.positives[row].append(int(entity))
+    self.towers = TowerRunner(stores, mesh, config.eval.batch_size)
+    self.corpus_ids = np.arange(stores[self.kind].size)
+
+  def run(self, statics, params) -> dict[str, float]:
+    q = self.towers.run(functools.partial(query_tower_fn, statics, params),
+                        {"tokens": self.queries.astype(np.int32)})
+    corpus = self.towers.embed(statics, params, self.kind, self.corpus_ids)
+    m = corpus_metrics(lambda rows: q[rows] @ corpus.T, self.positives, k=self.k)
+    return {f"corpus/{self.task}/{name}": float(m[name])
+            for name in (f"recall@{self.k}", f"pair_recall@{self.k}")}

@@ -51,6 +51,41 @@ def _chunks(n: int, size: int):
     yield start, min(start + size, n)
 
 
+class TowerRunner:
+  """Runs a jitted tower over host arrays in fixed-size chunks split over the data axis (padded:
+  one compilation per shape), and gathers entity inputs from the stores."""
+
+  def __init__(self, stores: dict, mesh, batch: int):
+    self.stores, self.mesh, self.batch = stores, mesh, int(batch)
+
+  def run(self, fn, arrays: dict) -> np.ndarray:
+    n = len(next(iter(arrays.values())))
+    sharding = NamedSharding(self.mesh, P(DATA))
+    out = []
+    for start, end in _chunks(n, self.batch):
+      chunk = {}
+      for key, value in arrays.items():
+        part = value[start:end]
+        pad = self.batch - len(part)
+        if pad:
+          part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+        chunk[key] = jax.device_put(part, sharding)
+      out.append(to_host(fn(**chunk))[: end - start])
+    return np.concatenate(out)
+
+  def entity_inputs(self, kind: str, ids: np.ndarray) -> dict:
+    features = self.stores[kind].gather(ids, "e")
+    if kind == "queries":
+      return {"tokens": features["e_tokens"]}
+    return {"tokens": features["e_tokens"], "fields": features["e_fields"],
+            "continuous": features["e_continuous"]}
+
+  def embed(self, statics, params, kind: str, ids: np.ndarray) -> np.ndarray:
+    """Vectors of entities `ids` of `kind` (queries go through the query tower)."""
+    fn = query_tower_fn if kind == "queries" else entity_tower_fn
+    return self.run(functools.partial(fn, statics, params), self.entity_inputs(kind, ids))
+
+
 class Evaluator:
   """Recall@10 per task (module docstring); `run` names the metrics "recall@10/<task>"."""
 
@@ -60,6 +95,7 @@ class Evaluator:
     self.stores = stores
     self.mesh = mesh
     self.batch = int(config.eval.batch_size)
+    self.towers = TowerRunner(stores, mesh, self.batch)
     rng = np.random.default_rng(config.seed + 99)
     self.pairs, self.index_ids = {}, {}
     for task, kind in schema.TASK_ENTITY.items():
@@ -83,29 +119,6 @@ class Evaluator:
         self.index_ids[compat_task] = np.sort(
             rng.choice(pool, min(config.eval.index_size, len(pool)), replace=False))
 
-  def _run(self, fn, arrays: dict) -> np.ndarray:
-    """Applies a jitted tower over fixed-size chunks (padded: one compilation per shape)."""
-    n = len(next(iter(arrays.values())))
-    sharding = NamedSharding(self.mesh, P(DATA))
-    out = []
-    for start, end in _chunks(n, self.batch):
-      chunk = {}
-      for key, value in arrays.items():
-        part = value[start:end]
-        pad = self.batch - len(part)
-        if pad:
-          part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
-        chunk[key] = jax.device_put(part, sharding)
-      out.append(to_host(fn(**chunk))[: end - start])
-    return np.concatenate(out)
-
-  def _entity_inputs(self, kind: str, ids: np.ndarray) -> dict:
-    features = self.stores[kind].gather(ids, "e")
-    if kind == "queries":
-      return {"tokens": features["e_tokens"]}
-    return {"tokens": features["e_tokens"], "fields": features["e_fields"],
-            "continuous": features["e_continuous"]}
-
   def run(self, statics, params) -> dict[str, float]:
     return {f"recall@{K}/{task}": value for task, value in self.evaluate(statics, params).items()}
 
@@ -117,7 +130,7 @@ class Evaluator:
     for task, pairs in self.pairs.items():
       if len(pairs["pos_ids"]) == 0:
         continue
-      q = self._run(query_fn, {"tokens": pairs["query_tokens"]})
+      q = self.towers.run(query_fn, {"tokens": pairs["query_tokens"]})
       if task in schema.COMPAT_TASKS:
         store = self.stores[schema.TASK_ENTITY[schema.COMPAT_TASKS[task]]]
         q = np.asarray(compat.compat_query(q, self.config.model.compat_dim))
@@ -126,8 +139,8 @@ class Evaluator:
       else:
         kind = schema.TASK_ENTITY[task]
         fn = query_fn if kind == "queries" else entity_fn
-        pos = self._run(fn, self._entity_inputs(kind, pairs["pos_ids"]))
-        index = self._run(fn, self._entity_inputs(kind, self.index_ids[task]))
+        pos = self.towers.run(fn, self.towers.entity_inputs(kind, pairs["pos_ids"]))
+        index = self.towers.run(fn, self.towers.entity_inputs(kind, self.index_ids[task]))
       ranks = np.concatenate([
           np.asarray(ranks_against_index(q[s:e], pos[s:e], index, pairs["pos_ids"][s:e],
                                          self.index_ids[task]))

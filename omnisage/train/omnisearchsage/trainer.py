@@ -1,9 +1,10 @@
 """OmniSearchSage training and evaluation (SPEC §1): `train_and_evaluate(config, workdir)`.
 
 Flax-examples shape: this module builds the run (mesh, fresh state, entity stores, the Grain
-pipeline, the evaluators of `config.evals`) and hands it to the shared loop (omnisage/train/loop.py),
-which resumes, jits the step once, logs, evaluates and checkpoints. Untrained and final evaluations
-are written to <workdir>/eval_untrained.json and eval_trained.json.
+pipeline, the evaluators of `config.evals`) and hands it to the shared loop
+(omnisage/train/loop.py), which resumes, jits the step once, logs, evaluates and checkpoints.
+Untrained and final evaluations are written to <workdir>/eval_untrained.json and
+eval_trained.json.
 
 Usage:
   summary = train_and_evaluate(config, "runs/demo")

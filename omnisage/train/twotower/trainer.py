@@ -85,10 +85,16 @@ def setup(config, workdir: str):
   prepared = prepared_dir_of(config, workdir)
   meta = mlx.read_meta(prepared)
   mesh = sharding.make_mesh(config.mesh)
+  state, statics, optimizer = create_twotower_state(config, meta, mesh)
+  return Run(mesh, meta, mlx.Catalogue.load(prepared), prepared), state, statics, optimizer
+
+
+def create_twotower_state(config, meta: dict, mesh):
+  """(fresh TrainState, Statics, optimizer) under `mesh`; every array born with its sharding."""
   optimizer = make_optimizer(config.train)
   state, statics = create_state(lambda: build_model(config, meta), optimizer, mesh, config.seed,
                                 config.loss.freq)
-  return Run(mesh, meta, mlx.Catalogue.load(prepared), prepared), state, statics, optimizer
+  return state, statics, optimizer
 
 
 def train(config, workdir: str) -> dict:
@@ -126,4 +132,5 @@ def evaluate(config, workdir: str) -> dict:
           "untrained": {k: v for k, v in untrained.items() if k.startswith("recall")}}
 
 
-__all__ = ["train", "evaluate", "setup", "train_step", "loss_fn", "build_model"]
+__all__ = ["train", "evaluate", "setup", "create_twotower_state", "train_step", "loss_fn",
+           "build_model"]

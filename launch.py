@@ -28,21 +28,13 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from omnisage.cli_compat import translate_argv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEM_COMMANDS = ("prepare", "train", "eval", "demo", "export", "compile")
 JOB_CONFIGS = {"embed": "index.py", "index": "index.py", "bench": "index.py", "serve": "serve.py"}
 COMMANDS = SYSTEM_COMMANDS + tuple(JOB_CONFIGS)
 BENCHES = ("retrieval",)
-# Flags of earlier releases -> the config field that replaced them.
-LEGACY = {"bundle": "bundle", "entities": "entities", "embed_batch_size": "batch_size",
-          "embeddings": "embeddings", "target_recall": "target_recall",
-          "bench_size": "bench_size", "index": "index", "host": "host", "port": "port",
-          "max_batch": "max_batch", "max_wait_ms": "max_wait_ms", "max_queue": "max_queue",
-          "cache_size": "cache_size", "cache_ttl_days": "cache_ttl_days",
-          "pinnersage": "pinnersage", "item_embeddings": "item_embeddings",
-          "actions": "actions", "alpha": "alpha", "lambda_decay": "lam",
-          "window_days": "window_days", "now": "now", "item_kind": "item_kind"}
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
                                 lock_config=True)
@@ -58,40 +50,6 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
-
-
-def translate_argv(argv: list[str]) -> list[str]:
-  """Flag names with '-' -> '_'; the default config of embed/index/bench/serve; the flags and
-  the `pinnersage` command of earlier releases -> their config form (printed once each)."""
-  out = []
-  for arg in argv:
-    if arg.startswith("--") and not arg.startswith("--config."):
-      name, sep, value = arg[2:].partition("=")
-      arg = "--" + name.replace("-", "_") + sep + value
-    out.append(arg)
-  command = out[1] if len(out) > 1 else None
-  if command == "pinnersage":   # the batch job is PinnerSage's `train` now
-    out[1] = "train"
-    out.insert(2, f"--config={os.path.join(HERE, 'configs', 'pinnersage_movielens.py')}")
-    out = ["--workdir=" + a[len("--out="):] if a.startswith("--out=") else a for a in out]
-    _note("launch.py pinnersage --out=DIR", "launch.py train "
-          "--config=configs/pinnersage_movielens.py --workdir=DIR")
-  elif command in JOB_CONFIGS:
-    legacy = any(a[2:].partition("=")[0] in LEGACY for a in out if a.startswith("--"))
-    if legacy:   # earlier releases ignored a system --config here; its own config replaces it
-      out = [a for a in out if not a.startswith("--config=")]
-    if not any(a.startswith("--config=") for a in out):
-      out.insert(2, f"--config={os.path.join(HERE, 'configs', JOB_CONFIGS[command])}")
-  for i, arg in enumerate(out):
-    name, sep, value = arg[2:].partition("=")
-    if arg.startswith("--") and name in LEGACY:
-      out[i] = f"--config.{LEGACY[name]}{sep}{value}"
-      _note(f"--{name}", f"--config.{LEGACY[name]}")
-  return out
-
-
-def _note(old: str, new: str):
-  print(f"note: `{old}` is `{new}` now", file=sys.stderr)
 
 
 def check_args(argv) -> str:
@@ -200,7 +158,8 @@ def main(argv, key: str):
 
 
 if __name__ == "__main__":
-  args = translate_argv(sys.argv)
   # The JSON key is the command as typed (`pinnersage` of earlier releases included).
   key = sys.argv[1] if len(sys.argv) > 1 else ""
-  app.run(lambda argv: main(argv, key), argv=args)
+  # ml_collections finds `--config.<field>` overrides in sys.argv itself, so it is replaced.
+  sys.argv = translate_argv(sys.argv, os.path.join(HERE, "configs"), JOB_CONFIGS)
+  app.run(lambda argv: main(argv, key), argv=sys.argv)

@@ -90,3 +90,27 @@ def test_prepare_names_the_file_and_column_of_a_broken_input(tmp_path):
   result = launch("prepare", f"--config={TINY_CONFIG}:tiny", f"--workdir={tmp_path}",
                   f"--config.data.raw_dir={raw}")
   assert result.returncode == 2 and "board_saves.parquet not found" in result.stderr
+
+
+PINNERSAGE = os.path.join(ROOT, "configs", "pinnersage_movielens.py")
+
+
+def test_a_step_a_system_lacks_is_a_clear_error(tmp_path):
+  """omnisage/systems.py: PinnerSage has no prepare step; asking for it says why, exit 2."""
+  result = launch("prepare", f"--config={PINNERSAGE}", f"--workdir={tmp_path}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "system 'pinnersage' has no prepare step" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert "error" in last_json(result)["prepare"]
+
+
+def test_pinnersage_train_needs_its_actions(tmp_path):
+  result = launch("train", f"--config={PINNERSAGE}", f"--workdir={tmp_path}")
+  assert result.returncode == 2 and "config.actions is required" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_unknown_system_is_a_clear_error(tmp_path):
+  result = launch("train", f"--config={TINY_CONFIG}:tiny", f"--workdir={tmp_path}",
+                  "--config.system=nope")
+  assert result.returncode == 2 and "system='nope'" in result.stderr

@@ -19,7 +19,6 @@ pinnersage ...`) still work and print their new spelling. Every subcommand ends 
 JSON line with its key figures. Multi-host jobs: docs/multihost.md.
 """
 
-import json
 import logging
 import os
 import sys
@@ -152,8 +151,9 @@ def main(argv, key: str):
     summary, code = {key: {"error": str(error)}}, 2
   else:
     code = 0
-  if jax.process_index() == 0:   # the closing JSON line
-    print(json.dumps(summary), flush=True)
+  if jax.process_index() == 0:   # the closing JSON line: strict JSON, NaN never printed bare
+    from omnisage.train.metrics import json_line
+    print(json_line(summary), flush=True)
   sys.exit(code)
 
 

@@ -130,6 +130,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.checkpoint_every = 10 if tiny else 100
   o.keep_checkpoints = 3
   o.async_checkpoint = True
+  o.restart_if_corrupt = False   # True: when no checkpoint is intact, move them aside, start at 0
+  o.nonfinite = "stop"           # a NaN/inf loss or gradient norm: "stop" the run, or "skip" it
 
   # --- device mesh (omnisage/train/sharding.py) ---------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.checkpoint_every = 20 if tiny else 1_000
   t.keep_checkpoints = 2
   t.async_checkpoint = True
+  t.restart_if_corrupt = False   # True: when no checkpoint is intact, move them aside, start at 0
+  t.nonfinite = "stop"           # a NaN/inf loss or gradient norm: "stop" the run, or "skip" it
 
   # --- evaluation ---------------------------------------------------------------------------
   e = c.eval = ml_collections.ConfigDict()

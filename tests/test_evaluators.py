@@ -2,6 +2,7 @@
 full-corpus evaluator against a NumPy reference on the tiny synthetic world."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -55,3 +56,40 @@ def test_recall_and_corpus_from_config(world):
   # Positives grouped by query: as many rows as distinct token rows, none empty.
   assert len(corpus.positives) == len(corpus.queries) > 1
   assert all(corpus.positives)
+
+
+def test_a_nan_model_is_refused_not_scored(world):
+  """The issue's failure: a model whose parameters are NaN reported Recall@10 = 1.0."""
+  config, prepared, mesh, state, statics, stores = world
+  config.evals = {"recall": {"type": "recall"}, "corpus": {"type": "corpus"}}
+  nan_params = jax.tree.map(lambda p: p * np.nan if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                            state.params)
+  for name, evaluator in build_evaluators(config, prepared=prepared, mesh=mesh,
+                                          stores=stores).items():
+    with pytest.raises(ValueError, match="NaN or infinite"):
+      evaluator.run(statics, nan_params)
+
+
+def test_nonfinite_scores_rank_last():
+  from omnisage.train.evaluators.corpus import corpus_metrics
+  from omnisage.train.evaluators.pintext import ranks_of
+  from omnisage.train.evaluators.recall import ranks_against_index
+  q = jnp.array([[np.nan, 0.0], [1.0, 0.0]], jnp.float32)
+  pos = jnp.array([[1.0, 0.0], [1.0, 0.0]], jnp.float32)
+  index = jnp.array([[0.5, 0.0], [np.nan, 0.0], [0.1, 0.0]], jnp.float32)
+  ranks = np.asarray(ranks_against_index(q, pos, index, jnp.array([10, 11]),
+                                         jnp.array([0, 1, 2])))
+  assert ranks.tolist() == [4, 1]   # NaN positive: last of 3 + 1; NaN index item beats nothing
+  assert ranks_of(np.array([np.nan, 0.5]), np.array([[0.1, 0.2], [np.nan, 0.9]])).tolist() == [3, 2]
+  nan_scores = np.full((2, 5), np.nan)
+  m = corpus_metrics(lambda rows: nan_scores[rows], [[0], [1, 2]], k=3)
+  assert m["recall@3"] == 0.0 and m["pair_recall@3"] == 0.0
+
+
+def test_json_lines_are_strict_json():
+  import json
+
+  from omnisage.train.metrics import json_line
+  line = json_line({"train": {"final_loss": float("nan"), "steps": 3, "r": [1.0, float("inf")]}})
+  assert json.loads(line) == {"train": {"final_loss": None, "steps": 3, "r": [1.0, None]},
+                              "nonfinite_values": ["train.final_loss", "train.r[1]"]}

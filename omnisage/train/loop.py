@@ -12,7 +12,13 @@ iterator, and hands them to `train_loop`, which owns everything a run has in com
   - health logs every `train.log_every` steps to <workdir>/train_metrics.jsonl and TensorBoard
     (metrics.py), a progress bar (step/total, loss, examples/s, ETA) on a terminal;
   - the evaluation hook at the start of a fresh run, every `train.eval_every` steps and at the end;
-  - checkpoints every `train.checkpoint_every` steps and at the last step.
+  - checkpoints every `train.checkpoint_every` steps and at the last step, fingerprinted and
+    verified on restore (checkpoint.py); when checkpoints exist but none is intact, the run
+    refuses to start over unless `train.restart_if_corrupt` says so;
+  - a guard against non-finite numbers: a step whose loss or gradient norm is NaN or infinite
+    stops the run before anything is checkpointed (`train.nonfinite = "stop"`, the default,
+    naming the step and the non-finite metrics), or is skipped, leaving the state as it was
+    (`"skip"`, counted in the summary as skipped_updates).
 
 Usage:
   state, summary = train_loop(config, workdir, Trainable(mesh, statics, state, step_fn,
@@ -27,12 +33,13 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from omnisage.train import sharding
-from omnisage.train.checkpoint import Checkpointer
+from omnisage.train.checkpoint import Checkpointer, no_usable_checkpoint
 from omnisage.train.metrics import MetricsWriter
 from omnisage.train.state import abstract_state, shardings_of
 
@@ -72,8 +79,9 @@ def train_loop(config, workdir: str, run: Trainable, progress: bool | None = Non
   writer = MetricsWriter(workdir)
   evaluations = {}
   state = run.state
-  restored = ckpt.restore_latest(abstract_state(state))
+  restored = ckpt.restore_latest(abstract_state(state), move_aside=True)
   if restored is None:
+    no_usable_checkpoint(ckpt, bool(train.get("restart_if_corrupt", False)))
     if run.evaluate is not None:
       evaluations["untrained"] = run.evaluate(state)
       writer.write(0, evaluations["untrained"])
@@ -83,12 +91,16 @@ def train_loop(config, workdir: str, run: Trainable, progress: bool | None = Non
     log.info("resumed from step %d", int(state.step))
 
   shardings = shardings_of(state)
-  step_fn = jax.jit(run.step_fn, in_shardings=(None, shardings, sharding.batch_sharding(run.mesh)),
+  policy = train.get("nonfinite", "stop")
+  if policy not in ("stop", "skip"):
+    raise ValueError(f"config field train.nonfinite={policy!r}: one of 'stop', 'skip'")
+  step_fn = jax.jit(guarded(run.step_fn, skip=policy == "skip"),
+                    in_shardings=(None, shardings, sharding.batch_sharding(run.mesh)),
                     out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=(1,))
 
   total, eval_every = int(train.steps), int(train.get("eval_every", 0) or 0)
   step = start = int(state.step)
-  metrics = {}
+  metrics, pending, skipped = {}, [], 0   # pending: (step, non-finite flag) not yet checked
   bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
              disable=(not sys.stderr.isatty()) if progress is None else not progress,
              mininterval=0.5) if jax.process_index() == 0 else None
@@ -99,8 +111,13 @@ def train_loop(config, workdir: str, run: Trainable, progress: bool | None = Non
       state, metrics = step_fn(run.statics, state, sharding.shard_batch(run.mesh,
                                                                         next(run.iterator)))
       step += 1
+      pending.append((step, metrics["nonfinite"]))
       if bar is not None:
         bar.update(1)
+      checkpoint_now = step % train.checkpoint_every == 0 or step == total
+      if step % train.log_every == 0 or checkpoint_now:
+        skipped += check_finite(pending, metrics, policy)
+        pending = []
       if step % train.log_every == 0 or step == total:
         metrics = jax.device_get(metrics)
         now = time.time()
@@ -115,7 +132,7 @@ def train_loop(config, workdir: str, run: Trainable, progress: bool | None = Non
           bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", rate=f"{rate:.0f}/s")
       if run.evaluate is not None and eval_every and step % eval_every == 0 and step < total:
         writer.write(step, run.evaluate(state))
-      if step % train.checkpoint_every == 0 or step == total:
+      if checkpoint_now:
         ckpt.save(step, state, run.iterator.get_state())
   if bar is not None:
     bar.close()
@@ -131,9 +148,43 @@ def train_loop(config, workdir: str, run: Trainable, progress: bool | None = Non
              "final_loss": float(np.asarray(metrics["loss"])) if metrics else None,
              "train_seconds": round(seconds, 2),
              run.rate_key: round((step - start) * run.examples_per_step / max(seconds, 1e-9), 1)}
+  if policy == "skip":
+    summary["skipped_updates"] = skipped
   if evaluations:
     summary["evaluations"] = evaluations
   return state, summary
+
+
+class NonFiniteError(ValueError):
+  """A training step produced a NaN or infinite loss or gradient norm."""
+
+
+def guarded(step_fn: Callable, skip: bool) -> Callable:
+  """`step_fn` plus a "nonfinite" metric (1 when the loss or gradient norm is NaN or infinite);
+  with `skip`, such a step leaves the state as it was except for its step counter."""
+  def step(statics, state, batch):
+    new, metrics = step_fn(statics, state, batch)
+    watched = [metrics["loss"]] + [metrics[k] for k in ("grad_norm",) if k in metrics]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in watched]))
+    if skip:
+      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+      new = new.replace(step=state.step + 1)
+    return new, {**metrics, "nonfinite": (~finite).astype(jnp.int32)}
+  return step
+
+
+def check_finite(pending: list, metrics: dict, policy: str) -> int:
+  """Reads the non-finite flags of the steps since the last check: raises NonFiniteError naming
+  the first bad step and the non-finite metrics ("stop"), or returns how many were skipped."""
+  flags = jax.device_get([flag for _, flag in pending])
+  bad = [step for (step, _), flag in zip(pending, flags) if flag]
+  if not bad or policy == "skip":
+    return len(bad)
+  host = jax.device_get(metrics)
+  names = sorted(k for k, v in host.items() if np.size(v) and not np.all(np.isfinite(v)))
+  raise NonFiniteError(
+      f"step {bad[0]}: non-finite training metrics ({', '.join(names) or 'loss'}); stopped "
+      "before checkpointing it. Set --config.train.nonfinite=skip to skip such updates instead")
 
 
 def restore_newest(config, workdir: str, state):
@@ -145,8 +196,9 @@ def restore_newest(config, workdir: str, state):
   finally:
     ckpt.close()
   if restored is None:
+    no_usable_checkpoint(ckpt, None)   # checkpoints exist but are all damaged: say so
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run `launch.py train`")
   return restored[0], restored[1]
 
 
-__all__ = ["Trainable", "train_loop", "restore_newest"]
+__all__ = ["Trainable", "train_loop", "restore_newest", "NonFiniteError"]

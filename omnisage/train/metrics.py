@@ -32,7 +32,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._file.write(json_line({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
       for key, value in clean.items():
         # TensorBoard tag names allow no '@'.
@@ -43,6 +43,29 @@ class MetricsWriter:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def json_line(obj) -> str:
+  """`obj` as strict JSON (never a bare NaN or Infinity, which JSON does not have): each
+  non-finite number becomes null and its path is listed under "nonfinite_values"."""
+  paths = []
+
+  def clean(x, path):
+    if isinstance(x, dict):
+      return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v, f"{path}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+      paths.append(path)
+      return None
+    if isinstance(x, np.generic):
+      return x.item()
+    return x
+
+  out = clean(obj, "")
+  if paths and isinstance(out, dict):
+    out["nonfinite_values"] = paths
+  return json.dumps(out, allow_nan=False)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.pipeline import read_pairs
-from omnisage.train.evaluators.recall import TowerRunner, query_tower_fn
+from omnisage.train.evaluators.recall import TowerRunner, query_tower_fn, require_finite
 
 
 def corpus_metrics(score_block: Callable[[np.ndarray], np.ndarray],
@@ -42,18 +42,22 @@ def corpus_metrics(score_block: Callable[[np.ndarray], np.ndarray],
     scores = np.asarray(score_block(rows), np.float64)
     if scores.ndim != 2 or scores.shape[0] != len(rows):
       raise ValueError(f"score_block returned shape {scores.shape} for {len(rows)} queries")
+    finite = np.isfinite(scores)
+    scores = np.where(finite, scores, -np.inf)   # a non-finite score ranks last
     kk = min(k, scores.shape[1])
     top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
     for i, r in enumerate(rows):
       pos = np.unique(np.asarray(positives[r], np.int64))
-      per_query[r] = np.isin(top[i], pos).sum() / min(len(pos), k)
+      # A top-k slot counts only if its score is finite (with -inf scores in the top k the
+      # list ran out of rankable items).
+      per_query[r] = (np.isin(top[i], pos) & finite[i, top[i]]).sum() / min(len(pos), k)
       s = scores[i]
       others = np.ones(len(s), bool)
       others[pos] = False
       # Sorted non-positive scores: #> each positive's score by one binary search per positive.
       neg = np.sort(s[others])
       beaten_by = len(neg) - np.searchsorted(neg, s[pos], side="right")
-      hits.extend((1 + beaten_by) <= k)
+      hits.extend(((1 + beaten_by) <= k) & finite[i, pos])
   return {f"recall@{k}": float(per_query.mean()), f"pair_recall@{k}": float(np.mean(hits)),
           "queries": n, "pairs": len(hits)}
 
@@ -98,9 +102,11 @@ class Evaluator:
     self.corpus_ids = np.arange(stores[self.kind].size)
 
   def run(self, statics, params) -> dict[str, float]:
-    q = self.towers.run(functools.partial(query_tower_fn, statics, params),
-                        {"tokens": self.queries.astype(np.int32)})
-    corpus = self.towers.embed(statics, params, self.kind, self.corpus_ids)
+    q = require_finite(f"{self.task} query", self.towers.run(
+        functools.partial(query_tower_fn, statics, params),
+        {"tokens": self.queries.astype(np.int32)}))
+    corpus = require_finite(f"{self.kind} corpus",
+                            self.towers.embed(statics, params, self.kind, self.corpus_ids))
     m = corpus_metrics(lambda rows: q[rows] @ corpus.T, self.positives, k=self.k)
     return {f"corpus/{self.task}/{name}": float(m[name])
             for name in (f"recall@{self.k}", f"pair_recall@{self.k}")}

@@ -20,6 +20,7 @@ import numpy as np
 from omnisage.data.pintext import pairs as pintext_pairs
 from omnisage.models.pintext import TextEmbedder, average, table_to_numpy
 from omnisage.train import margin_loss
+from omnisage.train.evaluators.recall import require_finite
 
 
 class Evaluator:
@@ -61,11 +62,11 @@ def validation(config, prepared: str, table: np.ndarray) -> dict:
       continue
     cand = rng.integers(0, len(catalogue) - 1, (len(rows), n_cand))
     cand = cand + (cand >= rows[:, None])   # uniform over the catalogue minus the positive
-    q = np.asarray(average(table, pairs["query"]))
-    items = np.asarray(average(table, catalogue))
+    q = require_finite(f"{task} query", np.asarray(average(table, pairs["query"])))
+    items = require_finite(f"{task} item", np.asarray(average(table, catalogue)))
     pos = np.asarray(margin_loss.cosine(q, items[rows]))
     neg = np.asarray(margin_loss.cosine(q[:, None], items[cand]))
-    rank = 1 + np.sum(neg >= pos[:, None], axis=1)
+    rank = ranks_of(pos, neg)
     out[task] = {"pairs": len(rows), "recall@10": round(float(np.mean(rank <= 10)), 4),
                  "mrr": round(float(np.mean(1.0 / rank)), 4)}
   scored = [v["recall@10"] for v in out.values() if "recall@10" in v]
@@ -73,9 +74,17 @@ def validation(config, prepared: str, table: np.ndarray) -> dict:
   return out
 
 
+def ranks_of(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+  """1 + #candidates scoring >= the positive; a non-finite score ranks last (a NaN positive gets
+  the last rank, a NaN candidate beats nothing)."""
+  neg = np.where(np.isfinite(neg), neg, -np.inf)
+  rank = 1 + np.sum(neg >= pos[:, None], axis=1)
+  return np.where(np.isfinite(pos), rank, neg.shape[1] + 1)
+
+
 def knn_loo_precision_at_1(vectors: np.ndarray, labels: list) -> dict:
   """Leave-one-out 1-NN classification by cosine (exact); ties -> lowest index."""
-  x = np.asarray(vectors, np.float64)
+  x = require_finite("query", np.asarray(vectors, np.float64))
   x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)   # zero rows stay zero
   scores = x @ x.T
   np.fill_diagonal(scores, -np.inf)

@@ -32,11 +32,27 @@ K = 10
 
 @jax.jit
 def ranks_against_index(q, pos, index, pos_ids, index_ids):
-  """rank = 1 + #index items scoring >= the positive (ties count against the model)."""
+  """rank = 1 + #index items scoring >= the positive (ties count against the model).
+
+  A non-finite score ranks last: a positive scored NaN or infinite gets rank len(index) + 1, and a
+  non-finite index item beats no positive (NaN compares false, which would otherwise make every
+  positive rank 1)."""
   pos_score = jnp.sum(q * pos, axis=-1)
   scores = q @ index.T
   scores = jnp.where(index_ids[None, :] == pos_ids[:, None], -jnp.inf, scores)
-  return 1 + jnp.sum(scores >= pos_score[:, None], axis=-1)
+  scores = jnp.where(jnp.isfinite(scores), scores, -jnp.inf)
+  ranks = 1 + jnp.sum(scores >= pos_score[:, None], axis=-1)
+  return jnp.where(jnp.isfinite(pos_score), ranks, index.shape[0] + 1)
+
+
+def require_finite(name: str, x: np.ndarray) -> np.ndarray:
+  """`x`, or a ValueError saying how many rows of the `name` embeddings are NaN or infinite
+  (evaluating such a model would report numbers that mean nothing)."""
+  bad = ~np.isfinite(np.asarray(x)).reshape(len(x), -1).all(axis=1)
+  if bad.any():
+    raise ValueError(f"evaluation: {int(bad.sum())} of {len(x)} {name} embeddings are NaN or "
+                     "infinite; the model is broken (a diverged run or a damaged checkpoint)")
+  return x
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -130,7 +146,8 @@ class Evaluator:
     for task, pairs in self.pairs.items():
       if len(pairs["pos_ids"]) == 0:
         continue
-      q = self.towers.run(query_fn, {"tokens": pairs["query_tokens"]})
+      q = require_finite(f"{task} query", self.towers.run(query_fn,
+                                                          {"tokens": pairs["query_tokens"]}))
       if task in schema.COMPAT_TASKS:
         store = self.stores[schema.TASK_ENTITY[schema.COMPAT_TASKS[task]]]
         q = np.asarray(compat.compat_query(q, self.config.model.compat_dim))
@@ -139,8 +156,10 @@ class Evaluator:
       else:
         kind = schema.TASK_ENTITY[task]
         fn = query_fn if kind == "queries" else entity_fn
-        pos = self.towers.run(fn, self.towers.entity_inputs(kind, pairs["pos_ids"]))
-        index = self.towers.run(fn, self.towers.entity_inputs(kind, self.index_ids[task]))
+        pos = require_finite(f"{task} positive", self.towers.run(
+            fn, self.towers.entity_inputs(kind, pairs["pos_ids"])))
+        index = require_finite(f"{task} index", self.towers.run(
+            fn, self.towers.entity_inputs(kind, self.index_ids[task])))
       ranks = np.concatenate([
           np.asarray(ranks_against_index(q[s:e], pos[s:e], index, pairs["pos_ids"][s:e],
                                          self.index_ids[task]))

@@ -22,6 +22,7 @@ import numpy as np
 from omnisage.data.twotower import examples as mlx
 from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS
 from omnisage.train.evaluators.corpus import corpus_metrics
+from omnisage.train.evaluators.recall import require_finite
 
 
 def recall(scores: np.ndarray, users: dict, ks=(50, 100)) -> dict:
@@ -66,9 +67,10 @@ class Evaluator:
       return model.item_tower(*(x[k] for k in ITEM_INPUTS))
 
     cat, users = self.catalogue, self.users
-    items = embed_all(item_fn, cat.item_inputs(np.arange(1, cat.size + 1)), self.batch_size)
+    items = require_finite("item", embed_all(item_fn, cat.item_inputs(np.arange(1, cat.size + 1)),
+                                             self.batch_size))
     user_inputs = cat.user_inputs(users["hist_items"], users["hist_age"], users["user_dense"])
-    return embed_all(user_fn, user_inputs, self.batch_size) @ items.T
+    return require_finite("user", embed_all(user_fn, user_inputs, self.batch_size)) @ items.T
 
 
 def embed_all(fn, inputs: dict, batch_size: int) -> np.ndarray:

@@ -12,7 +12,6 @@ Usage:
 """
 
 import functools
-import json
 import logging
 import os
 
@@ -24,6 +23,7 @@ from omnisage.data.workdir import prepared_dir_of
 from omnisage.train import sharding
 from omnisage.train.evaluators import build_evaluators, run_all
 from omnisage.train.loop import Trainable, restore_newest, train_loop
+from omnisage.train.metrics import json_line
 from omnisage.train.omnisearchsage.state import create_train_state
 from omnisage.train.omnisearchsage.step import train_step
 from omnisage.train.state import make_optimizer, param_count
@@ -104,4 +104,4 @@ def print_recall_table(recall: dict):
 def _write_json(path: str, obj):
   if jax.process_index() == 0:
     with open(path, "w") as f:
-      json.dump(obj, f, indent=1)
+      f.write(json_line(obj))

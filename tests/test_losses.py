@@ -47,6 +47,10 @@ def ref_rows(c):
       if j != i and (c["pos_ids"][j] == c["pos_ids"][i] or c["query_ids"][j] == c["query_ids"][i]):
         continue
       logits.append((j, scale * float(q[i] @ p[j]) - lq[j]))
+    if c.get("hard") is not None:   # the row's own hard negatives, no logQ
+      for k in range(c["hard"].shape[1]):
+        if c["hard_valid"][i, k] and c["hard_ids"][i, k] != c["pos_ids"][i]:
+          logits.append((("hard", k), scale * float(q[i] @ f64(c["hard"])[i, k])))
     pos = scale * float(q[i] @ p[i]) - lq[i]
     ce_in = _lse([v for _, v in logits]) - pos
     correct = max(logits, key=lambda jv: jv[1])[0] == i
@@ -91,7 +95,7 @@ def _unit(x):
 
 
 def make_case(seed=0, b=8, d=6, n=5, *, dup_pos=False, dup_query=False, invalid=False,
-              neg_hits=False, negatives=True, use_logq=True, t=math.log(1 / 0.07)):
+              neg_hits=False, negatives=True, use_logq=True, t=math.log(1 / 0.07), hard=0):
   rng = np.random.default_rng(seed)
   q = _unit(rng.normal(size=(b, d)))
   p = _unit(rng.normal(size=(b, d)))
@@ -118,6 +122,15 @@ def make_case(seed=0, b=8, d=6, n=5, *, dup_pos=False, dup_query=False, invalid=
     if neg_hits:  # negatives 0 and 3 are the positives of rows 4 and 1
       c["neg_ids"][0], c["neg_ids"][3] = pos_ids[4], pos_ids[1]
       c["neg"][0], c["neg"][3] = p[4], p[1]
+  if hard:   # k hard negatives per row: row 0's second is its own positive, row 1 has padding
+    c["hard"] = _unit(rng.normal(size=(b, hard, d)))
+    c["hard_ids"] = (np.arange(b * hard, dtype=np.int32) + 9000).reshape(b, hard)
+    c["hard_valid"] = np.ones((b, hard), bool)
+    c["hard_ids"][0, 1], c["hard"][0, 1] = pos_ids[0], p[0]
+    c["hard_valid"][1, 1:] = False
+    c["hard"][1, 1:] = 0.0
+    # A close hard negative: row 2's first is near its positive (a high logit that matters).
+    c["hard"][2, 0] = _unit(p[2] + 0.1 * rng.normal(size=d))
   return c
 
 
@@ -127,6 +140,7 @@ def impl_loss(c, q=None, p=None, t=None, **kw):
     log_temperature=jnp.float32(c["t"]) if t is None else t, temperature_max=T_MAX,
     query_ids=c["query_ids"], pos_ids=c["pos_ids"], pos_log_q=c["pos_log_q"],
     neg=c["neg"], neg_ids=c["neg_ids"], neg_log_q=c["neg_log_q"], valid=c["valid"],
+    hard=c.get("hard"), hard_ids=c.get("hard_ids"), hard_valid=c.get("hard_valid"),
     use_logq=c["use_logq"], **kw)
 
 
@@ -145,6 +159,9 @@ CASES = {
   "no_logq": dict(dup_pos=True, dup_query=True, neg_hits=True, use_logq=False),
   "no_negatives": dict(negatives=False, dup_query=True),
   "everything": dict(dup_pos=True, dup_query=True, invalid=True, neg_hits=True),
+  "hard_negatives": dict(hard=3, dup_query=True),
+  "hard_negatives_everything": dict(hard=2, dup_pos=True, dup_query=True, invalid=True,
+                                    neg_hits=True),
 }
 
 
@@ -164,6 +181,18 @@ def test_loss_and_grads_vs_reference(name):
   np.testing.assert_allclose(gq, ref["q"], atol=2e-5, rtol=1e-4)
   np.testing.assert_allclose(gp, ref["p"], atol=2e-5, rtol=1e-4)
   np.testing.assert_allclose(gt, ref["t"], atol=2e-5, rtol=1e-4)
+
+
+def test_hard_negatives_raise_the_loss_and_skip_logq():
+  """A close hard negative makes the row harder; logQ does not touch hard-negative logits."""
+  base = make_case(seed=3, dup_query=True)
+  hard = make_case(seed=3, dup_query=True, hard=3)
+  assert float(impl_loss(hard)[0]) > float(impl_loss(base)[0])
+  shifted = dict(hard, pos_log_q=hard["pos_log_q"] - 1.0)   # every in-batch column moves
+  no_hard_shift = ref_loss(dict(shifted, hard=None)) - ref_loss(dict(base, pos_log_q=shifted[
+      "pos_log_q"]))
+  assert abs(no_hard_shift) < 1e-9   # (sanity: the reference with hard=None is the base case)
+  np.testing.assert_allclose(impl_loss(shifted)[0], ref_loss(shifted), rtol=1e-5)
 
 
 def test_masks_change_the_loss():

@@ -5,7 +5,8 @@ over the `data` mesh axis and XLA gathers the candidates: every row sees all B p
 
   s(q, p)   = cos(q, p) * exp(min(t, t_max))                learned temperature t, clipped (SPEC)
   in-batch  row i: softmax over the positives of all rows; column j has logit
-            s(q_i, p_j) - log Q(y_j)
+            s(q_i, p_j) - log Q(y_j); plus, when given, row i's own hard negatives h_ik
+            (judged or mined, ANCE: Xiong et al. 2021) with logit s(q_i, h_ik), no logQ
   random    row i: softmax over [y_i, n_1 .. n_N] (N negatives shared by all rows),
             logits [s(q_i, p_i) - log Q(y_i), s(q_i, n_k) - log Q_n(n_k)]
   loss      = mean over valid rows of (CE_in-batch + CE_random); the trainer sums tasks.
@@ -280,6 +281,23 @@ def masked_logsumexp_blockwise(
 LSE_IMPLS = {"dense": masked_logsumexp_dense, "blockwise": masked_logsumexp_blockwise}
 
 
+def _hard_lse(q, hard, scale, pos_ids, hard_ids, hard_valid):
+  """([B] logsumexp, [B] max) of each row's hard-negative logits scale * q_i . h_ik.
+
+  No logQ: a hard negative was chosen for its row, not sampled from the batch's distribution, so
+  there is no sampling bias to correct. Masked (MASKED_LOGIT): padding slots (`hard_valid` False)
+  and accidental hits (a hard negative that is the row's positive)."""
+  if hard_ids is None:
+    raise ValueError("hard_ids are required with hard (accidental-hit masking)")
+  hard_ids = jnp.asarray(hard_ids)
+  keep = hard_ids != jnp.asarray(pos_ids)[:, None]
+  if hard_valid is not None:
+    keep = keep & jnp.asarray(hard_valid, bool)
+  dots = jnp.einsum("bd,bkd->bk", q, hard, preferred_element_type=jnp.float32)
+  logits = jnp.where(keep, scale * dots, MASKED_LOGIT)
+  return jax.nn.logsumexp(logits, axis=1), logits.max(axis=1)
+
+
 def sampled_softmax_rows(
   q: jax.Array,
   p: jax.Array,
@@ -293,6 +311,9 @@ def sampled_softmax_rows(
   neg_ids: jax.Array | None = None,
   neg_log_q: jax.Array | None = None,
   valid: jax.Array | None = None,
+  hard: jax.Array | None = None,
+  hard_ids: jax.Array | None = None,
+  hard_valid: jax.Array | None = None,
   use_logq: bool = True,
   impl: str = "dense",
   block_size: int = 4096,
@@ -328,6 +349,9 @@ def sampled_softmax_rows(
     return same_pos | same_query | ~valid[cols][None, :]
 
   lse_in, max_in = lse_fn(q, p, scale=scale, col_bias=pos_bias, mask_fn=inbatch_mask)
+  if hard is not None:   # the row's own hard negatives join its in-batch softmax, with no logQ
+    lse_hard, max_hard = _hard_lse(q, jnp.asarray(hard), scale, pos_ids, hard_ids, hard_valid)
+    lse_in, max_in = jnp.logaddexp(lse_in, lse_hard), jnp.maximum(max_in, max_hard)
   ce_in = jax.nn.softplus(lse_in - pos_logit)  # = logaddexp(pos, lse_negatives) - pos
   correct = (pos_logit >= max_in).astype(jnp.float32)
 
@@ -369,6 +393,9 @@ def sampled_softmax_loss(
   neg_ids: jax.Array | None = None,
   neg_log_q: jax.Array | None = None,
   valid: jax.Array | None = None,
+  hard: jax.Array | None = None,
+  hard_ids: jax.Array | None = None,
+  hard_valid: jax.Array | None = None,
   use_logq: bool = True,
   impl: str = "dense",
   block_size: int = 4096,
@@ -388,6 +415,11 @@ def sampled_softmax_loss(
     neg_log_q: [N] float log Q_n of the negatives under their sampling distribution (required with
       neg when use_logq), e.g. log(N / catalogue size) for uniform sampling.
     valid: optional [B] bool; False rows add no loss and are no negatives.
+    hard: optional [B, K, D] L2-normalised hard negatives of each row (judged or mined, ANCE),
+      added to that row's in-batch softmax with no logQ correction.
+    hard_ids: [B, K] int entity ids of the hard negatives (required with hard; a hard negative
+      equal to the row's positive is masked).
+    hard_valid: optional [B, K] bool; False slots (padding) are masked.
     use_logq: False drops every correction (ablation).
     impl: name in LSE_IMPLS of the logsumexp primitive: "dense" or "blockwise" (same results,
       O(B x block_size) instead of O(B x (B + N)) memory).
@@ -399,7 +431,8 @@ def sampled_softmax_loss(
   rows = sampled_softmax_rows(
     q, p, log_temperature=log_temperature, temperature_max=temperature_max, query_ids=query_ids,
     pos_ids=pos_ids, pos_log_q=pos_log_q, neg=neg, neg_ids=neg_ids, neg_log_q=neg_log_q,
-    valid=valid, use_logq=use_logq, impl=impl, block_size=block_size,
+    valid=valid, hard=hard, hard_ids=hard_ids, hard_valid=hard_valid, use_logq=use_logq,
+    impl=impl, block_size=block_size,
   )
   num_valid = rows["weight"].sum()
   denom = jnp.maximum(num_valid, 1.0)  # an all-invalid batch gives 0, not NaN
@@ -441,6 +474,7 @@ def nested_sampled_softmax_loss(
   nested_weight: float | Sequence[float] = 0.05,
   dim_weights: Mapping[int, float] | None = None,
   neg: jax.Array | None = None,
+  hard: jax.Array | None = None,
   **loss_kwargs,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Matryoshka loss: sum over d of weight_d * sampled_softmax_loss on renormalised prefixes [:d].
@@ -465,11 +499,12 @@ def nested_sampled_softmax_loss(
   metrics = {}
   for d in dims:
     if d == full:
-      qd, pd, nd = q, p, neg
+      qd, pd, nd, hd = q, p, neg, hard
     else:
       qd, pd = l2_normalize(q[:, :d]), l2_normalize(p[:, :d])
       nd = None if neg is None else l2_normalize(neg[:, :d])
-    loss_d, metrics_d = sampled_softmax_loss(qd, pd, neg=nd, **loss_kwargs)
+      hd = None if hard is None else l2_normalize(hard[..., :d])
+    loss_d, metrics_d = sampled_softmax_loss(qd, pd, neg=nd, hard=hd, **loss_kwargs)
     total = total + dim_weights[d] * loss_d
     metrics[f"loss_d{d}"] = loss_d
     if d == dims[-1]:

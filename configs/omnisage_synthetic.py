@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.max_text_chars = 5_000   # longer text is an "absurd length" bad row
   d.num_shards = 2 if tiny else 4
   d.worker_count = 0         # Grain worker processes (0: in the training process)
+  d.hard_negatives_dir = ""   # hard-negative tables ("": <prepared>/hard_negatives)
 
   # --- models (omnisage/models) --------------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()
@@ -97,6 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.compat = True            # add q2pinsage / q2itemsage on the q2pin / q2product pairs
   l = c.loss = ml_collections.ConfigDict()
   l.random_negatives = 32 if tiny else 128   # shared random negatives per task per step
+  # Per-row hard negatives from <prepared>/hard_negatives/<task>.parquet (judged or mined; no
+  # logQ), added to the row's in-batch softmax; 0 = none (data/omnisearchsage/hard_negatives.py).
+  l.hard_negatives = 0
   l.temperature_init = math.log(1 / 0.07)
   l.temperature_max = math.log(100.0)
   l.logq = True              # subtract log Q after temperature scaling (SPEC sign convention)

@@ -7,7 +7,9 @@ the official code splits each batch 8:4:2:2). Per task:
   -> this host's batches
 
 The per-task streams are zipped, then one random map gathers entity features from the in-memory
-`EntityStore` and draws the shared random negatives (SPEC "Mixed negatives", Yang et al. 2020).
+`EntityStore` and draws the shared random negatives (SPEC "Mixed negatives", Yang et al. 2020)
+and, with `loss.hard_negatives = k`, k hard negatives per row from the task's table
+(hard_negatives.py).
 Every random choice derives from (seed, element index), and the element index is the Grain iterator
 state saved in each checkpoint, so a resumed run sees exactly the batches it would have seen.
 
@@ -33,6 +35,7 @@ from grain.experimental import ZipMapDataset
 
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.entity_store import EntityStore
+from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir
 
 STEPS_LIMIT = 1 << 40  # batches per task stream; far beyond any run
 
@@ -84,7 +87,8 @@ class AddFeaturesAndNegatives(grain.transforms.RandomMap):
   """
 
   def __init__(self, stores, tasks: list[str], negatives: int, compat: bool,
-               rows: slice = slice(None)):
+               rows: slice = slice(None), hard: dict | None = None, hard_k: int = 0):
+    self.hard, self.hard_k = hard or {}, hard_k   # task -> HardNegatives; per-row count
     self.stores = stores
     self.tasks = tasks
     self.n = negatives   # global count: every host draws all of them and keeps `rows`
@@ -99,6 +103,17 @@ class AddFeaturesAndNegatives(grain.transforms.RandomMap):
       store = self.stores[schema.TASK_ENTITY[task]]
       batch = dict(pairs)
       batch.update(store.gather(pairs["pos_ids"], "pos"))
+      if self.hard_k:   # hard negatives of each row's query ([B, k]; padding slots invalid)
+        table = self.hard.get(task)
+        if table is None:
+          ids = np.zeros((len(pairs["pos_ids"]), self.hard_k), np.int32)
+          valid = np.zeros(ids.shape, bool)
+        else:
+          ids, valid = table.sample(pairs["query_ids"], pairs["pos_ids"], self.hard_k, rng)
+        batch["hard_ids"], batch["hard_valid"] = ids, valid
+        for key, value in store.gather(ids.ravel(), "hard").items():
+          if not key.endswith("legacy"):
+            batch[key] = value.reshape(ids.shape + value.shape[1:])
       neg_ids = rng.integers(0, store.size, self.n).astype(np.int32)[self.rows]
       batch["neg_ids"] = neg_ids
       batch["neg_log_q"] = np.full(len(neg_ids), np.log(self.n / store.size), np.float32)
@@ -153,9 +168,28 @@ class TrainData:
     negatives = self._per_host(cfg.loss.random_negatives, "loss.random_negatives")
     rows = slice(self.process_index * negatives, (self.process_index + 1) * negatives)
     features = AddFeaturesAndNegatives(self.stores, self.tasks, cfg.loss.random_negatives,
-                                       cfg.tasks.compat, rows)
+                                       cfg.tasks.compat, rows, *self._hard_negatives())
     # One seed for all hosts: they draw the same global negatives and each keeps its rows.
     return ZipMapDataset(parents=per_task).random_map(features, seed=cfg.seed + 7919)
+
+  def _hard_negatives(self) -> tuple[dict, int]:
+    """({task: HardNegatives} of the tasks that have a table, loss.hard_negatives)."""
+    k = int(self.config.loss.get("hard_negatives", 0))
+    if k <= 0:
+      return {}, 0
+    override = self.config.data.get("hard_negatives_dir", "")
+    tables = {}
+    for task in self.tasks:
+      store = self.stores[schema.TASK_ENTITY[task]]
+      table = HardNegatives.load(self.prepared_dir, task, self.stores["queries"].size, store.size,
+                                 override)
+      if table is not None:
+        tables[task] = table
+    if not tables:
+      raise FileNotFoundError(
+          f"loss.hard_negatives={k} but no table in {table_dir(self.prepared_dir, override)} "
+          "(<task>.parquet: judged negatives from prepare, or `launch.py mine`)")
+    return tables, k
 
   def iterator(self) -> grain.DatasetIterator:
     ds = self.dataset().to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))

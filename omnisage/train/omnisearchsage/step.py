@@ -2,9 +2,10 @@
 
 SPEC §1 "Loss": for every task T (query->pin, query->product, query->query and the compatibility
 tasks query->PinSage, query->ItemSage) an in-batch softmax over the GLOBAL batch plus a softmax over
-shared random negatives, with logQ correction; the total loss is the sum over tasks. The batch
-arrays are sharded over the mesh axis `data`, so `q @ p.T` inside the loss spans every device: the
-compiler inserts the all-gather, there is no hand-written collective.
+shared random negatives, with logQ correction; the total loss is the sum over tasks. With
+`loss.hard_negatives = k`, each row's k hard negatives join its in-batch softmax (no logQ). The
+batch arrays are sharded over the mesh axis `data`, so `q @ p.T` inside the loss spans every
+device: the compiler inserts the all-gather, there is no hand-written collective.
 
 Task ids index the frequency estimator's hashing (TASK_IDS); compatibility tasks share their
 parent's frequency estimate because they score the same positives.
@@ -47,6 +48,20 @@ def embed_positives_and_negatives(model, task: str, batch: dict, chunk_rows: int
   return q, entity("pos"), entity("neg") if has_neg else None
 
 
+def embed_hard_negatives(model, task: str, batch: dict):
+  """[B, k, D] embeddings of the rows' hard negatives (None without them): the tower runs over
+  the B * k flattened rows."""
+  if "hard_ids" not in batch:
+    return None
+  b, k = batch["hard_ids"].shape
+  flat = lambda name: batch[name].reshape((b * k,) + batch[name].shape[2:])
+  if schema.TASK_ENTITY[task] == "queries":
+    h = model.query_tower(flat("hard_tokens"))
+  else:
+    h = model.entity_tower(flat("hard_tokens"), flat("hard_fields"), flat("hard_continuous"))
+  return h.reshape(b, k, h.shape[-1])
+
+
 def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: dict,
                    freq_state: frequency.FreqState, chunk_rows: int = 0, data_shards: int = 1):
   """Sum of the task losses, and metrics per task (chunk_rows: embed_positives_and_negatives)."""
@@ -70,9 +85,11 @@ def multitask_loss(model, loss_config, model_config, use_compat: bool, batch: di
                   use_logq=loss_config.logq, impl=loss_config.impl,
                   block_size=loss_config.block_size)
     with_neg = n is not None
+    hard = embed_hard_negatives(model, task, b)
     loss, task_metrics = losses.nested_sampled_softmax_loss(
         q, p, neg=n, neg_ids=b["neg_ids"] if with_neg else None,
         neg_log_q=b["neg_log_q"] if with_neg else None,
+        hard=hard, hard_ids=b.get("hard_ids"), hard_valid=b.get("hard_valid"),
         nested_dims=tuple(loss_config.nested_dims), nested_weight=loss_config.nested_weight,
         **common)
     add(task, loss, task_metrics)

@@ -1,0 +1,81 @@
+"""Per-row hard negatives (omnisage/data/omnisearchsage/hard_negatives.py): the table, sampling
+against a plain loop, the pipeline's [B, k] features, and the step's loss with them."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir, write_table
+from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores
+from omnisage.data.omnisearchsage.schema import vocab_sizes_of
+from omnisage.train import sharding
+from omnisage.train.omnisearchsage import step as step_lib
+from omnisage.train.omnisearchsage.state import create_train_state
+
+
+def test_sample_draws_from_the_query_list_without_its_positive():
+  table = HardNegatives(np.array([0, 0, 0, 2, 2, 0]), np.array([5, 6, 7, 9, 9, 5]), num_queries=4)
+  assert [table.count(q) for q in range(4)] == [3, 0, 1, 0]   # duplicates dropped
+  rng = np.random.default_rng(0)
+  ids, valid = table.sample(np.array([0, 1, 2, 0]), np.array([6, 3, 9, 1]), k=2, rng=rng)
+  assert valid.tolist() == [[True, True], [False, False], [False, False], [True, True]]
+  assert set(ids[0]) == {5, 7}                   # its positive 6 is never a negative
+  assert set(ids[3]) <= {5, 6, 7} and len(set(ids[3])) == 2
+  ids, valid = table.sample(np.array([0]), np.array([1]), k=5, rng=rng)
+  assert sorted(ids[0][valid[0]]) == [5, 6, 7] and valid.sum() == 3   # fewer than k: padding
+
+
+def test_out_of_range_rows_are_a_clear_error(tmp_path):
+  write_table(str(tmp_path / "hard_negatives" / "q2pin.parquet"), [0, 3], [1, 99], "mined")
+  with pytest.raises(ValueError, match=r"entity_index: 1 values outside \[0, 50\)"):
+    HardNegatives.load(str(tmp_path), "q2pin", num_queries=10, num_entities=50)
+  assert HardNegatives.load(str(tmp_path), "q2product", 10, 50) is None
+
+
+@pytest.fixture(scope="module")
+def world(tiny_prepared, tmp_path_factory):
+  config, prepared = tiny_prepared
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.loss.hard_negatives = 2
+  stores = load_stores(prepared, config.data)
+  # A table in its own directory (the shared prepared dir stays untouched): 3 random products
+  # for every query.
+  config.data.hard_negatives_dir = str(tmp_path_factory.mktemp("hard"))
+  rng = np.random.default_rng(1)
+  queries = np.repeat(np.arange(stores["queries"].size), 3)
+  write_table(f"{config.data.hard_negatives_dir}/q2product.parquet", queries,
+              rng.integers(0, stores["products"].size, len(queries)), "mined")
+  return config, prepared, stores
+
+
+def test_pipeline_adds_hard_negative_features(world):
+  config, prepared, stores = world
+  batch = next(TrainData(config, prepared, stores).iterator())
+  b = config.tasks.q2product
+  hard = batch["q2product"]
+  assert hard["hard_ids"].shape == (b, 2) and hard["hard_valid"].all()
+  assert hard["hard_tokens"].shape == (b, 2, config.data.max_entity_tokens)
+  assert hard["hard_continuous"].shape[:2] == (b, 2)
+  np.testing.assert_array_equal(hard["hard_tokens"][3, 1],
+                                stores["products"].tokens[hard["hard_ids"][3, 1]])
+  # Tasks without a table get all-invalid slots, so every task keeps one batch structure.
+  assert not batch["q2pin"]["hard_valid"].any()
+  assert table_dir(prepared, config.data.hard_negatives_dir) == config.data.hard_negatives_dir
+
+
+def test_hard_negatives_enter_the_loss(world):
+  config, prepared, stores = world
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
+  batch = next(TrainData(config, prepared, stores).iterator())
+  model = statics.model(state.params)
+  loss = lambda b: step_lib.multitask_loss(model, config.loss, config.model, False, b,
+                                           state.freq)[1]["loss/q2product"]
+  without = {t: {k: v for k, v in b.items() if not k.startswith("hard")} for t, b in batch.items()}
+  masked = {t: dict(b, hard_valid=np.zeros_like(b["hard_valid"])) for t, b in batch.items()}
+  with_hard, base = float(loss(batch)), float(loss(without))
+  assert with_hard > base                        # more negatives in every row's softmax
+  assert float(loss(masked)) == pytest.approx(base, rel=1e-6)   # padding slots change nothing
+  assert schema.TASK_ENTITY["q2product"] == "products"

@@ -1,8 +1,12 @@
 """`launch.py prepare`: raw Parquet tables -> the prepared directory of schema.py (SPEC §1).
 
 Steps, in order:
+  0. Check every raw table before reading a value: its columns and their Arrow types
+     (`schema.RAW_TYPES`), UTF-8 in string columns, and rows in the tables the configured tasks
+     need. A defect there is a ValueError naming table, file and column (`launch.py`: exit 2).
   1. Validate every raw row. A bad row is dropped AND counted by reason (`REASONS`, first listed
      reason wins when a row has several defects); nothing crashes on bad data and nothing is silent.
+     A needed table left with no valid row is an error, not an empty entity table.
   2. Split the logs by time: eval = the last `eval_days` whole UTC days, the `gap_days` before them
      are dropped (SPEC §1 evaluation: a time gap between train and eval), train = all before.
   3. Features from TRAIN-window logs only (no leakage into eval): board titles (top 10 per pin) and
@@ -35,11 +39,18 @@ from tqdm import tqdm
 
 from omnisage.data import text
 from omnisage.data.omnisearchsage import features, schema
+from omnisage.data.omnisearchsage.raw_tables import read_raw_table
 
 DAY = 86_400
 # Bad-row reasons in precedence order (a row with several defects counts once, under the first).
 REASONS = ("missing_field", "undecodable_text", "absurd_length", "empty_text", "invalid_value",
-           "nan_vector", "bad_vector", "duplicate_id", "unknown_entity")
+           "negative_timestamp", "timestamp_out_of_range", "nan_vector", "bad_vector",
+           "duplicate_id", "unknown_entity")
+# Timestamps (seconds since 1970 UTC) are valid in [TIME_MIN, the start of prepare + 1 day]: below
+# zero is `negative_timestamp`, otherwise outside is `timestamp_out_of_range`. A log with an
+# explicit `split` column is not split by time (Home Depot has no time and writes 0), so there, and
+# for its board saves, the lower bound is 0.
+TIME_MIN = 946_684_800  # 2000-01-01 00:00 UTC
 ALLOWED = {"pins": ("save", "long_click"), "products": ("save", "long_click", "add_to_cart",
            "checkout"), "queries": ("click",)}
 VISUAL_BYTES = schema.VISUAL_DIM // 8
@@ -74,6 +85,22 @@ def _member(values: np.ndarray, known) -> np.ndarray:
 
 def _chunk(col) -> pa.Array:
   return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _needed_entities(config) -> dict:
+  """Entity table -> the configured task that needs it (pairs per batch > 0; all without tasks)."""
+  tasks = config.get("tasks") or {}
+  return {schema.TASK_ENTITY[t]: t for t in ("q2pin", "q2product") if tasks.get(t, 1) > 0}
+
+
+def _timestamps(col, rows: _Rows, lo: int, hi: int) -> np.ndarray:
+  """int64 seconds (0 where null) of a conformed column; flags null, negative, out-of-range rows."""
+  null = col.is_null().to_numpy(zero_copy_only=False)
+  ts = col.fill_null(0).to_numpy().astype(np.int64)
+  rows.flag(null, "missing_field")
+  rows.flag(~null & (ts < 0), "negative_timestamp")
+  rows.flag(~null & ((ts < lo) | (ts > hi)), "timestamp_out_of_range")
+  return ts
 
 
 def _texts(col, rows: _Rows, max_chars: int, required: bool) -> np.ndarray:
@@ -183,16 +210,15 @@ def _entities(table: pa.Table, kind: str, d, bad: dict) -> dict:
   return out
 
 
-def _log(table: pa.Table, entity_ids: dict, d, bad: dict) -> dict:
+def _log(table: pa.Table, entity_ids: dict, d, bad: dict, time_range) -> dict:
   """Valid log rows: normalised query and target, kind, engagement code, timestamp."""
   rows = _Rows(table.num_rows)
   query = _texts(table["query"], rows, d.max_text_chars, required=True)
   target = _texts(table["entity_id"], rows, d.max_text_chars, required=True)
   kind = table["entity_kind"].to_numpy(zero_copy_only=False)
   eng = table["engagement"].to_numpy(zero_copy_only=False)
-  ts = table["timestamp"]
-  rows.flag((kind == None) | (eng == None) | ts.is_null().to_numpy(  # noqa: E711
-      zero_copy_only=False), "missing_field")
+  ts = _timestamps(table["timestamp"], rows, *time_range)
+  rows.flag((kind == None) | (eng == None), "missing_field")  # noqa: E711
   allowed = {(k, e) for k, es in ALLOWED.items() for e in es}
   rows.flag(np.fromiter(((k, e) not in allowed for k, e in zip(kind, eng)), bool, len(kind)),
             "invalid_value")
@@ -210,23 +236,23 @@ def _log(table: pa.Table, entity_ids: dict, d, bad: dict) -> dict:
                    for k, r in zip(kind[keep], raw_ids[keep])], np.int64)
   out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx,
              engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
-             timestamp=ts.fill_null(0).to_numpy()[keep].astype(np.int64))
+             timestamp=ts[keep])
   if has_split:
     out["split"] = np.array([SPLITS[s] for s in split[keep]], np.int64)
   return out
 
 
-def _saves(table: pa.Table, pin_ids: dict, d, bad: dict) -> dict:
+def _saves(table: pa.Table, pin_ids: dict, d, bad: dict, time_range) -> dict:
   rows = _Rows(table.num_rows)
   title = _texts(table["board_title"], rows, d.max_text_chars, required=True)
   pins = table["pin_id"].to_numpy(zero_copy_only=False)
-  rows.flag((pins == None) | table["timestamp"].is_null().to_numpy(  # noqa: E711
-      zero_copy_only=False), "missing_field")
+  ts = _timestamps(table["timestamp"], rows, *time_range)
+  rows.flag(pins == None, "missing_field")  # noqa: E711
   rows.flag(~_member(pins, pin_ids), "unknown_entity")
   bad["board_saves"] = rows.counts()
   keep = rows.good
   return dict(pin=np.array([pin_ids[p] for p in pins[keep]], np.int64), title=title[keep],
-              timestamp=table["timestamp"].fill_null(0).to_numpy()[keep])
+              timestamp=ts[keep])
 
 
 def _field_items(ent: dict, boards: dict, engaged: dict) -> list[list[list[str]]]:
@@ -307,27 +333,33 @@ def _engaged_queries(log: dict, sel: np.ndarray, top: int, refresh_days: int):
 def prepare(config, raw_dir: str, out_dir: str) -> dict:
   """Builds `out_dir` from the raw tables in `raw_dir`; returns the summary also in meta.json."""
   d, clock, seconds = config.data, time.perf_counter(), {}
-  raw = {}
-  for name, cols in schema.RAW_TABLES.items():
-    path = os.path.join(raw_dir, f"{name}.parquet")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: prepare needs the tables "
-                              f"{', '.join(schema.RAW_TABLES)} "
-                              "(see omnisage/data/omnisearchsage/schema.py)")
-    raw[name] = pq.read_table(path)
-    missing = [c for c in cols if c not in raw[name].column_names]
-    if missing:  # a whole column missing is a loader bug, not a bad row
-      raise ValueError(f"{raw_dir}/{name}.parquet lacks columns {missing}")
+  raw = {name: read_raw_table(raw_dir, name) for name in schema.RAW_TABLES}
+  where = {name: f"{name} table {os.path.join(raw_dir, name + '.parquet')}" for name in raw}
+  needed = _needed_entities(config)
+  why = {"queries_log": "prepare makes every pair from it",
+         **{k: f"task {t} needs {k} (config.tasks.{t} > 0; set it to 0 for a world without {k})"
+            for k, t in needed.items()}}
+  for name, reason in why.items():
+    if not raw[name].num_rows:
+      raise ValueError(f"{where[name]} is empty (0 rows), but {reason}")
+  # An explicit split replaces the time split: timestamps need not be dates there (see TIME_MIN).
+  time_range = (0 if "split" in raw["queries_log"].column_names else TIME_MIN,
+                int(time.time()) + DAY)
   bad: dict = {}
   ents = {k: _entities(raw[k], k, d, bad) for k in ("pins", "products")}
+  for k in needed:
+    if not len(ents[k]["ids"]):
+      raise ValueError(f"{where[k]} has no valid row (all {raw[k].num_rows} bad: {bad[k]}), "
+                       f"but {why[k]}")
   index = {k: {i: n for n, i in enumerate(e["ids"])} for k, e in ents.items()}
-  log = _log(raw["queries_log"], index, d, bad)
-  saves = _saves(raw["board_saves"], index["pins"], d, bad)
+  log = _log(raw["queries_log"], index, d, bad, time_range)
+  if not len(log["timestamp"]):
+    raise ValueError(f"{where['queries_log']} has no valid row (all {raw['queries_log'].num_rows} "
+                     f"bad: {bad['queries_log']})")
+  saves = _saves(raw["board_saves"], index["pins"], d, bad, time_range)
   seconds["validate"] = time.perf_counter() - clock
 
   # --- time split (whole UTC days) ---
-  if not len(log["timestamp"]):
-    raise ValueError(f"no valid rows in {raw_dir}/queries_log.parquet; bad rows: {bad}")
   last_day = int(log["timestamp"].max()) // DAY
   eval_start = (last_day - d.eval_days + 1) * DAY
   train_end = eval_start - d.gap_days * DAY
@@ -337,6 +369,10 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
     split = np.where(log["timestamp"] >= eval_start, 2,
                      np.where(log["timestamp"] < train_end, 0, 1))
   train = split == 0
+  for k, t in needed.items():  # else train finds no pairs to batch for task t
+    if not (train & (log["kind"] == k)).any():
+      raise ValueError(f"{where['queries_log']} has no valid training row engaging {k}, but "
+                       f"{why[k]} (bad rows: {bad['queries_log']})")
 
   # --- queries: every distinct normalised query of the logs, both sides of query->query ---
   is_q = log["kind"] == "queries"

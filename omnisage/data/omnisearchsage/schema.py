@@ -72,6 +72,38 @@ RAW_TABLES = {
     "board_saves": ("pin_id", "board_title", "timestamp"),
 }
 
+# The Arrow type of every raw column (required above, or optional: `split`, a product `caption`),
+# as a family of types that prepare accepts; prepare checks them before it reads a value and names
+# table, file, column, expected and found type when one differs. Every family also takes the Arrow
+# `null` type (a column with no values) and dictionary-encoded values of the family. Columns that
+# are not listed are ignored.
+#   text           string | large_string. Valid UTF-8 (a string column holding other bytes is an
+#                  error: write it as binary and the rows are counted as undecodable_text).
+#   text_or_bytes  text | binary | large_binary (binary rows that are not UTF-8: undecodable_text)
+#   seconds        any integer width, signed or unsigned: seconds since 1970-01-01 UTC; or an Arrow
+#                  timestamp of any unit and zone (floored to seconds)
+#   vector         list | large_list | fixed_size_list of float16 | float32 | float64
+#   bits           binary | large_binary | fixed_size_binary (packed bits, VISUAL_DIM / 8 bytes)
+#   bits_list      list | large_list | fixed_size_list of bits
+RAW_TYPES = {
+    "queries_log": dict(query="text_or_bytes", entity_kind="text", entity_id="text",
+                        engagement="text", timestamp="seconds", split="text"),
+    "pins": dict(id="text", title="text_or_bytes", description="text_or_bytes",
+                 caption="text_or_bytes", pinsage="vector", visual_bits="bits"),
+    "products": dict(id="text", title="text_or_bytes", description="text_or_bytes",
+                     caption="text_or_bytes", itemsage="vector", image_bits="bits_list"),
+    "board_saves": dict(pin_id="text", board_title="text_or_bytes", timestamp="seconds"),
+}
+# Family -> the words an error message uses for it.
+RAW_TYPE_FAMILIES = {
+    "text": "string or large_string",
+    "text_or_bytes": "string, large_string, binary or large_binary",
+    "seconds": "an integer (seconds since 1970-01-01 UTC) or an Arrow timestamp",
+    "vector": "list, large_list or fixed_size_list of float16/float32/float64",
+    "bits": "binary, large_binary or fixed_size_binary",
+    "bits_list": "list, large_list or fixed_size_list of binary, large_binary or fixed_size_binary",
+}
+
 # --- pair records -------------------------------------------------------------------------------
 # One record = one (query, positive entity) pair:
 #   int64 query_index, entity_index, engagement, timestamp; then the int32 query tokens.

@@ -4,6 +4,7 @@
       --workdir=runs/demo
   python launch.py export  --config=... --workdir=runs/demo --out=runs/demo/bundle
   python launch.py compile --config=configs/omnisage_production.py --mesh=8x1
+  python launch.py mine    --config=configs/omnisage_homedepot.py --workdir=runs/hd   # negatives
   python launch.py embed   --config.bundle=runs/demo/bundle \
       --config.entities=runs/demo/prepared/entities/pins.parquet --out=runs/demo/embeddings
   python launch.py index   --config.embeddings=runs/demo/embeddings --out=runs/demo/index
@@ -30,7 +31,7 @@ from ml_collections import config_flags
 from omnisage.cli_compat import translate_argv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SYSTEM_COMMANDS = ("prepare", "train", "eval", "demo", "export", "compile")
+SYSTEM_COMMANDS = ("prepare", "train", "eval", "demo", "export", "compile", "mine")
 JOB_CONFIGS = {"embed": "index.py", "index": "index.py", "bench": "index.py", "serve": "serve.py"}
 COMMANDS = SYSTEM_COMMANDS + tuple(JOB_CONFIGS)
 BENCHES = ("retrieval",)
@@ -115,6 +116,9 @@ def dispatch(command: str, argv) -> dict:
   if command == "compile":
     from omnisage.train.omnisearchsage.aot import compile_for_mesh
     return compile_for_mesh(config, FLAGS.mesh)
+  if command == "mine":   # OmniSearchSage's hard negatives from a checkpoint
+    from omnisage.train.omnisearchsage.mine import mine_hard_negatives
+    return mine_hard_negatives(config, workdir)
   if command in ("prepare", "train"):
     return system.run(command, config, workdir)
   if command == "eval":

@@ -152,5 +152,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The evaluators run at the start, every train.eval_every steps and at the end of training, and
   # by `launch.py eval` (omnisage/train/evaluators/): name -> {"type": module, **its kwargs}.
   c.evals = ml_collections.ConfigDict({"recall": {"type": "recall"}})
+
+  # --- hard-negative mining, `launch.py mine` (omnisage/train/omnisearchsage/mine.py) ----------
+  mn = c.mine = ml_collections.ConfigDict()
+  mn.tasks = ("q2pin", "q2product")   # tasks whose training queries get mined negatives
+  mn.sources = ("model",)             # "model" (the checkpoint's towers) and/or "bm25" (titles)
+  mn.rank_lo = 10                     # the window of ranks negatives come from: [lo, hi), 0-based
+  mn.rank_hi = 100
+  mn.per_query = 5                    # negatives kept per query and source (closest to rank_lo)
+  mn.chunk_queries = 1_024            # queries per resumable chunk
+  mn.step = ml_collections.config_dict.placeholder(int)   # checkpoint to mine with (newest)
   c.system = "omnisearchsage"   # omnisage/systems.py: which system's prepare/train/eval/export
   return c

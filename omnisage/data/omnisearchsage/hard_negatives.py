@@ -7,11 +7,12 @@ join the row's in-batch softmax without a logQ correction (omnisage/train/losses
 
 On disk, one Parquet file per task under <prepared>/hard_negatives/ (or `data.hard_negatives_dir`):
 
-  <task>.parquet   query_index int64 (the query's row in entities/queries.parquet),
+  <task>.parquet, <task>.<name>.parquet (e.g. q2product.judged.parquet, q2product.mined.parquet)
+                   query_index int64 (the query's row in entities/queries.parquet),
                    entity_index int64 (the negative's row in the task's entity table),
-                   source string ("judged", "mined", "bm25", ...)
+                   source string ("judged", "model", "bm25", ...)
 
-Several files may be concatenated (judged + mined); duplicates are dropped on load.
+All files of a task are joined (judged + mined); duplicates are dropped on load.
 
 Usage:
   write_table(path, query_index, entity_index, source="judged")
@@ -19,6 +20,7 @@ Usage:
   ids, valid = table.sample(query_ids, pos_ids, k=2, rng=rng)    # [B, k] each
 """
 
+import glob
 import os
 
 import numpy as np
@@ -47,6 +49,24 @@ def write_table(path: str, query_index, entity_index, source) -> int:
   return len(query_index)
 
 
+def _read(path: str, num_queries: int, num_entities: int) -> tuple[np.ndarray, np.ndarray]:
+  try:
+    table = pq.read_table(path)
+  except (OSError, pa.ArrowException) as error:
+    raise ValueError(f"{path}: not a readable parquet file ({error})") from error
+  missing = [c for c in COLUMNS[:2] if c not in table.column_names]
+  if missing:
+    raise ValueError(f"{path}: no column(s) {missing} (have {table.column_names})")
+  q = table.column("query_index").to_numpy().astype(np.int64)
+  e = table.column("entity_index").to_numpy().astype(np.int64)
+  for name, values, bound in (("query_index", q, num_queries), ("entity_index", e, num_entities)):
+    bad = (values < 0) | (values >= bound)
+    if bad.any():
+      raise ValueError(f"{path}: column {name}: {int(bad.sum())} values outside [0, {bound}) "
+                       f"(first: {int(values[bad][0])}); was it mined for another prepare?")
+  return q, e
+
+
 class HardNegatives:
   """Per query, the sorted distinct entity rows of its hard negatives (CSR layout)."""
 
@@ -59,24 +79,17 @@ class HardNegatives:
   @classmethod
   def load(cls, prepared_dir: str, task: str, num_queries: int, num_entities: int,
            override: str = "") -> "HardNegatives | None":
-    path = os.path.join(table_dir(prepared_dir, override), f"{task}.parquet")
-    if not os.path.exists(path):
+    directory = table_dir(prepared_dir, override)
+    paths = sorted(glob.glob(os.path.join(directory, f"{task}.parquet")) +
+                   glob.glob(os.path.join(directory, f"{task}.*.parquet")))
+    if not paths:
       return None
-    try:
-      table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as error:
-      raise ValueError(f"{path}: not a readable parquet file ({error})") from error
-    missing = [c for c in COLUMNS[:2] if c not in table.column_names]
-    if missing:
-      raise ValueError(f"{path}: no column(s) {missing} (have {table.column_names})")
-    q = table.column("query_index").to_numpy().astype(np.int64)
-    e = table.column("entity_index").to_numpy().astype(np.int64)
-    for name, values, bound in (("query_index", q, num_queries), ("entity_index", e, num_entities)):
-      bad = (values < 0) | (values >= bound)
-      if bad.any():
-        raise ValueError(f"{path}: column {name}: {int(bad.sum())} values outside [0, {bound}) "
-                         f"(first: {int(values[bad][0])}); was it mined for another prepare?")
-    return cls(q, e, num_queries)
+    qs, es = [], []
+    for path in paths:
+      q, e = _read(path, num_queries, num_entities)
+      qs.append(q)
+      es.append(e)
+    return cls(np.concatenate(qs), np.concatenate(es), num_queries)
 
   def count(self, query: int) -> int:
     return int(self.offsets[query + 1] - self.offsets[query])

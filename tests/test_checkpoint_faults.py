@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from omnisage.train.checkpoint import (
-  Checkpointer,
   CorruptCheckpointError,
   fingerprint,
   verify,

@@ -109,7 +109,7 @@ def system_of_bundle(path: str) -> System:
   except FileNotFoundError as error:
     raise FileNotFoundError(f"{manifest} not found: not a serving bundle (launch.py export)") \
         from error
-  except (OSError, json.JSONDecodeError) as error:
+  except (OSError, ValueError) as error:   # ValueError: bad JSON or bytes that are not UTF-8
     raise ValueError(f"{manifest}: not readable JSON ({error})") from error
   name = found.get("system", "omnisearchsage") if isinstance(found, dict) else None
   if name not in SYSTEMS:

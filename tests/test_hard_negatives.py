@@ -1,6 +1,8 @@
 """Per-row hard negatives (omnisage/data/omnisearchsage/hard_negatives.py): the table, sampling
 against a plain loop, the pipeline's [B, k] features, and the step's loss with them."""
 
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -79,3 +81,41 @@ def test_hard_negatives_enter_the_loss(world):
   assert with_hard > base                        # more negatives in every row's softmax
   assert float(loss(masked)) == pytest.approx(base, rel=1e-6)   # padding slots change nothing
   assert schema.TASK_ENTITY["q2product"] == "products"
+
+
+def test_prepare_turns_judged_negatives_into_tables(tiny_prepared, tmp_path):
+  """The optional raw table judged_negatives -> <prepared>/hard_negatives/<task>.judged.parquet;
+  rows that could never be used are bad rows counted by reason."""
+  import shutil
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from omnisage.data.omnisearchsage.prepare import prepare
+  config, prepared = tiny_prepared
+  raw = os.path.join(os.path.dirname(prepared), "raw")
+  own_raw = str(tmp_path / "raw")
+  shutil.copytree(raw, own_raw)
+  queries = pq.read_table(os.path.join(prepared, "entities", "queries.parquet"))
+  products = pq.read_table(os.path.join(prepared, "entities", "products.parquet"))
+  train_query = first_train_query(prepared, "q2product")
+  text = queries.column("text")[train_query].as_py()
+  product_ids = products.column("id").to_pylist()
+  negatives = {"query": [text, text, text, "never searched", text],
+               "entity_kind": ["products", "products", "pins", "products", "boards"],
+               "entity_id": [product_ids[3], product_ids[7], "no-such-pin", product_ids[1], "x"]}
+  pq.write_table(pa.table(negatives), os.path.join(own_raw, "judged_negatives.parquet"))
+  summary = prepare(config, own_raw, str(tmp_path / "prepared"))
+  assert summary["judged_negatives"] == {"q2product": 2}
+  assert summary["bad_rows"]["judged_negatives"] == {"unknown_query": 1, "unknown_entity": 1,
+                                                     "invalid_value": 1}
+  table = pq.read_table(str(tmp_path / "prepared" / "hard_negatives" /
+                            "q2product.judged.parquet")).to_pydict()
+  assert table["query_index"] == [train_query, train_query]
+  assert table["entity_index"] == [3, 7] and table["source"] == ["judged", "judged"]
+
+
+def first_train_query(prepared: str, task: str) -> int:
+  from omnisage.data.omnisearchsage.pipeline import read_pairs
+  pairs = read_pairs(prepared, "train", task, 10, 0, 8)
+  return int(pairs["query_ids"][0])

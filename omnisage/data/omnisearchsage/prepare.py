@@ -45,7 +45,7 @@ DAY = 86_400
 # Bad-row reasons in precedence order (a row with several defects counts once, under the first).
 REASONS = ("missing_field", "undecodable_text", "absurd_length", "empty_text", "invalid_value",
            "negative_timestamp", "timestamp_out_of_range", "nan_vector", "bad_vector",
-           "duplicate_id", "unknown_entity")
+           "duplicate_id", "unknown_query", "unknown_entity")
 # Timestamps (seconds since 1970 UTC) are valid in [TIME_MIN, the start of prepare + 1 day]: below
 # zero is `negative_timestamp`, otherwise outside is `timestamp_out_of_range`. A log with an
 # explicit `split` column is not split by time (Home Depot has no time and writes 0), so there, and
@@ -330,6 +330,44 @@ def _engaged_queries(log: dict, sel: np.ndarray, top: int, refresh_days: int):
   return current, uncertain
 
 
+def _judged_negatives(raw_dir: str, d, index: dict, q_index: dict, train_queries: set,
+                      out_dir: str, bad: dict) -> dict:
+  """The optional judged_negatives table -> <out>/hard_negatives/<task>.judged.parquet.
+
+  A row is kept when its (normalised) query is a TRAINING query of the log and its entity exists;
+  other rows are bad rows counted by reason (unknown_query: the query has no training pair, so
+  the negative could never be used; unknown_entity). Returns {task: rows written}."""
+  from omnisage.data.omnisearchsage.hard_negatives import table_dir, write_table
+  directory = table_dir(out_dir)
+  for stale in ("q2pin.judged.parquet", "q2product.judged.parquet"):
+    if os.path.exists(os.path.join(directory, stale)):
+      os.remove(os.path.join(directory, stale))
+  if not os.path.exists(os.path.join(raw_dir, "judged_negatives.parquet")):
+    return {}
+  table = read_raw_table(raw_dir, "judged_negatives")
+  rows = _Rows(table.num_rows)
+  query = _texts(table["query"], rows, d.max_text_chars, required=True)
+  kind = table["entity_kind"].to_numpy(zero_copy_only=False)
+  ids = table["entity_id"].to_numpy(zero_copy_only=False)
+  rows.flag((kind == None) | (ids == None), "missing_field")  # noqa: E711
+  rows.flag(np.fromiter((k not in ("pins", "products") for k in kind), bool, len(kind)),
+            "invalid_value")
+  known_query = np.fromiter((q_index.get(q, -1) in train_queries for q in query), bool, len(query))
+  rows.flag(rows.good & ~known_query, "unknown_query")
+  for k in ("pins", "products"):
+    rows.flag((kind == k) & rows.good & ~_member(ids, index[k]), "unknown_entity")
+  bad["judged_negatives"] = rows.counts()
+  keep = rows.good
+  written = {}
+  for k, task in (("pins", "q2pin"), ("products", "q2product")):
+    sel = keep & (kind == k)
+    if sel.any():
+      written[task] = write_table(
+          os.path.join(directory, f"{task}.judged.parquet"),
+          [q_index[q] for q in query[sel]], [index[k][i] for i in ids[sel]], "judged")
+  return written
+
+
 def prepare(config, raw_dir: str, out_dir: str) -> dict:
   """Builds `out_dir` from the raw tables in `raw_dir`; returns the summary also in meta.json."""
   d, clock, seconds = config.data, time.perf_counter(), {}
@@ -428,6 +466,9 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
       os.path.join(out_dir, "entities", "queries.parquet"))
   seconds["entities"] = time.perf_counter() - clock - sum(seconds.values())
 
+  judged = _judged_negatives(raw_dir, d, index, q_index, train_queries=set(qi[train].tolist()),
+                             out_dir=out_dir, bad=bad)
+
   # --- pairs ---
   caps = {"q2pin": d.pin_pair_cap, "q2product": d.product_pair_cap, "q2query": None}
   pairs, dropped = {"train": {}, "eval": {}}, {"q2query_self_click": 0}
@@ -455,7 +496,7 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
       query_vocab_source=d.query_vocab_file or "learned",
       entities=dict(pins=len(ents["pins"]["ids"]), products=len(ents["products"]["ids"]),
                     queries=len(q_texts)),
-      pairs=pairs, dropped_pairs=dropped, bad_rows=bad,
+      pairs=pairs, dropped_pairs=dropped, bad_rows=bad, judged_negatives=judged,
       raw_rows={name: t.num_rows for name, t in raw.items()},
       split=dict(kind="column" if "split" in log else "time", train_end=train_end,
                  eval_start=eval_start,

@@ -107,7 +107,8 @@ def read_raw_table(raw_dir: str, name: str) -> pa.Table:
     table = pq.read_table(path)
   except pa.ArrowException as error:
     raise ValueError(f"{name} table {path}: not a readable Parquet file ({error})") from None
-  missing = [c for c in schema.RAW_TABLES[name] if c not in table.column_names]
+  required = {**schema.RAW_TABLES, **schema.OPTIONAL_RAW_TABLES}[name]
+  missing = [c for c in required if c not in table.column_names]
   if missing:  # a whole column missing is a loader bug, not a bad row
     raise ValueError(f"{name} table {path} lacks columns {missing}")
   for col, family in schema.RAW_TYPES[name].items():

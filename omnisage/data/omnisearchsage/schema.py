@@ -71,6 +71,14 @@ RAW_TABLES = {
     "products": ("id", "title", "description", "itemsage", "image_bits"),
     "board_saves": ("pin_id", "board_title", "timestamp"),
 }
+# Raw tables prepare reads when their file exists (and ignores otherwise):
+#   judged_negatives   (query, entity_kind, entity_id): entities judged NOT relevant to a query
+#                      (e.g. Home Depot relevance < 2); they become per-row hard negatives of the
+#                      training pairs of that query
+#                      (<prepared>/hard_negatives/<task>.judged.parquet)
+OPTIONAL_RAW_TABLES = {
+    "judged_negatives": ("query", "entity_kind", "entity_id"),
+}
 
 # The Arrow type of every raw column (required above, or optional: `split`, a product `caption`),
 # as a family of types that prepare accepts; prepare checks them before it reads a value and names
@@ -93,6 +101,7 @@ RAW_TYPES = {
     "products": dict(id="text", title="text_or_bytes", description="text_or_bytes",
                      caption="text_or_bytes", itemsage="vector", image_bits="bits_list"),
     "board_saves": dict(pin_id="text", board_title="text_or_bytes", timestamp="seconds"),
+    "judged_negatives": dict(query="text_or_bytes", entity_kind="text", entity_id="text"),
 }
 # Family -> the words an error message uses for it.
 RAW_TYPE_FAMILIES = {

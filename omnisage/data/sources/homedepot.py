@@ -31,6 +31,7 @@ from omnisage.data.sources.common import BadRows, read_delimited
 FILE = "train.csv.gz"
 HEADER = ("id", "product_uid", "product_title", "search_term", "relevance")
 POSITIVE = 2.67
+JUDGED_NEGATIVE = 2.0   # below: judged irrelevant, a hard negative of the query (to_raw_tables)
 TEST_MODULUS = 5
 
 
@@ -54,6 +55,16 @@ class HomeDepot:
     for q, p, r in zip(self.judgements["query"].to_pylist(),
                        self.judgements["product_id"].to_pylist(), rel):
       if r >= POSITIVE and is_test_query(q) == test:
+        out.setdefault(q, set()).add(p)
+    return out
+
+  def judged_negatives(self, queries: set[str], below: float = JUDGED_NEGATIVE) -> dict:
+    """{query: product ids judged below `below` (irrelevant)} of the given queries."""
+    out: dict[str, set[str]] = {}
+    rel = self.judgements["relevance"].to_numpy()
+    for q, p, r in zip(self.judgements["query"].to_pylist(),
+                       self.judgements["product_id"].to_pylist(), rel):
+      if r < below and q in queries:
         out.setdefault(q, set()).add(p)
     return out
 
@@ -151,7 +162,9 @@ def to_raw_tables(hd: HomeDepot, out_dir: str, itemsage: np.ndarray | None = Non
   - queries_log, query->query: queries that share a positive product (SPEC §1's query->query
     task), at most `q2query_cap` ordered pairs per product;
   - split column: validation queries (`is_validation_query`) form the "eval" split, the others
-    "train"; Home Depot has no time, so timestamps are 0 and the explicit split is used.
+    "train"; Home Depot has no time, so timestamps are 0 and the explicit split is used;
+  - judged_negatives: the products a TRAINING query was judged irrelevant to (relevance < 2),
+    the hard negatives of its pairs (schema.OPTIONAL_RAW_TABLES).
   """
   from omnisage.data.sources.raw import write_raw_tables
   rng = np.random.default_rng(seed)
@@ -184,6 +197,11 @@ def to_raw_tables(hd: HomeDepot, out_dir: str, itemsage: np.ndarray | None = Non
     if itemsage.shape[0] != len(ids):
       raise ValueError(f"itemsage has {itemsage.shape[0]} rows for {len(ids)} products")
     products["itemsage"] = itemsage
-  written = write_raw_tables(out_dir, products=products, queries_log=rows)
+  judged = hd.judged_negatives(train_q)
+  negatives = {"query": [q for q in sorted(judged) for _ in judged[q]],
+               "entity_id": [p for q in sorted(judged) for p in sorted(judged[q])]}
+  negatives["entity_kind"] = ["products"] * len(negatives["query"])
+  written = write_raw_tables(out_dir, products=products, queries_log=rows,
+                             judged_negatives=negatives)
   return {"rows": written, "train_queries": len(train_q), "validation_queries": len(val_q),
           "q2product_pairs": sum(len(v) for v in positives.values()), "q2query_pairs": len(q2q)}

@@ -30,6 +30,7 @@ TYPES = {
     "products": dict(id=pa.string(), title=pa.string(), description=pa.string(),
                      itemsage=_VECTOR, image_bits=pa.list_(pa.binary())),
     "board_saves": dict(pin_id=pa.string(), board_title=pa.string(), timestamp=pa.int64()),
+    "judged_negatives": dict(query=pa.string(), entity_kind=pa.string(), entity_id=pa.string()),
 }
 
 
@@ -66,14 +67,21 @@ def _table(name: str, columns: dict | None) -> pa.Table:
 
 
 def write_raw_tables(out_dir: str, **tables) -> dict[str, int]:
-  """Writes every table of schema.RAW_TABLES into out_dir (missing ones empty); returns rows."""
-  unknown = set(tables) - set(schema.RAW_TABLES)
+  """Writes every table of schema.RAW_TABLES into out_dir (missing ones empty) and the optional
+  ones (schema.OPTIONAL_RAW_TABLES) that are given; returns rows."""
+  known = [*schema.RAW_TABLES, *schema.OPTIONAL_RAW_TABLES]
+  unknown = set(tables) - set(known)
   if unknown:
-    raise ValueError(f"unknown raw tables {sorted(unknown)}; known: {list(schema.RAW_TABLES)}")
+    raise ValueError(f"unknown raw tables {sorted(unknown)}; known: {known}")
   os.makedirs(out_dir, exist_ok=True)
   rows = {}
-  for name in schema.RAW_TABLES:
+  for name in known:
+    path = os.path.join(out_dir, f"{name}.parquet")
+    if name in schema.OPTIONAL_RAW_TABLES and name not in tables:
+      if os.path.exists(path):   # a previous world's table must not leak into this one
+        os.remove(path)
+      continue
     table = _table(name, tables.get(name))
-    pq.write_table(table, os.path.join(out_dir, f"{name}.parquet"))
+    pq.write_table(table, path)
     rows[name] = table.num_rows
   return rows

@@ -18,6 +18,7 @@ LEGACY = {"bundle": "bundle", "entities": "entities", "embed_batch_size": "batch
           "max_batch": "max_batch", "max_wait_ms": "max_wait_ms", "max_queue": "max_queue",
           "cache_size": "cache_size", "cache_ttl_days": "cache_ttl_days",
           "pinnersage": "pinnersage", "item_embeddings": "item_embeddings",
+          "auth_token_file": "auth_token_file",
           "actions": "actions", "alpha": "alpha", "lambda_decay": "lam",
           "window_days": "window_days", "now": "now", "item_kind": "item_kind"}
 

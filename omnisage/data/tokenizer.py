@@ -346,7 +346,15 @@ class WordPieceTokenizer:
     for key in ("vocab", "lower_case", "max_len"):
       if key not in spec:
         raise ValueError(f"{path}/manifest.json: field 'tokenizer.{key}' is missing")
-    return cls(os.path.join(path, spec["vocab"]), spec["lower_case"], spec["max_len"])
+    # load_bundle has already confined tokenizer.vocab to the bundle; a bare directory (or any
+    # other object) has not, so the path is checked again here before it is opened.
+    root = os.path.realpath(path)
+    vocab = spec["vocab"]
+    full = os.path.realpath(os.path.join(root, vocab)) if isinstance(vocab, str) else ""
+    if not full.startswith(root + os.sep) or os.path.isabs(vocab):
+      raise ValueError(f"{path}/manifest.json: field 'tokenizer.vocab' {vocab!r} must be a file "
+                       "inside the bundle directory")
+    return cls(full, spec["lower_case"], spec["max_len"])
 
   @property
   def vocab_size(self) -> int:

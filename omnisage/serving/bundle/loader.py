@@ -5,10 +5,12 @@ embeddings) imports. It needs NO model code: only JAX, NumPy, safetensors and th
 library. The towers are `jax.export` programs, so a server runs exactly the computation that was
 trained, whatever the omnisage source tree looks like at serving time.
 
-Before anything runs, `load_bundle` refuses (BundleError) a bundle whose files do not match their
-sha256 in the manifest, whose format_version this loader does not read, or whose manifest dims
-disagree with the shapes of the exported programs and weights: a bundle is either exactly what
-was exported or not served at all.
+Before anything runs, `load_bundle` refuses (BundleError) a bundle whose manifest is malformed
+(`check_manifest`: the types and required keys; the message names the key path), whose
+format_version this loader does not read, which names a file outside the bundle directory (after
+symlinks) or one without a checksum, whose files do not match their sha256 and size in the
+manifest, or whose manifest dims disagree with the shapes of the exported programs and weights: a
+bundle is either exactly what was exported or not served at all.
 
 Usage:
   bundle = load_bundle("runs/demo/bundle")
@@ -20,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -29,6 +32,7 @@ FORMAT_VERSION = 1   # the one format_version this loader reads
 MANIFEST = "manifest.json"
 PARAMS_FILE = "params.safetensors"
 TOWERS = ("query_tower", "entity_tower")
+DIMS = ("embed_dim", "compat_dim", "query_len", "entity_tokens", "continuous_dim", "num_fields")
 
 
 class BundleError(ValueError):
@@ -90,27 +94,23 @@ class Bundle(ExportedTowers):
 
 def load_bundle(path: str) -> Bundle:
   """Verifies and loads the bundle at `path` (see the module docstring for what is checked)."""
-  manifest_path = os.path.join(path, MANIFEST)
-  if not os.path.exists(manifest_path):
-    raise BundleError(f"{manifest_path} not found: not an export bundle")
-  try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise BundleError(f"{MANIFEST}: unreadable ({error})") from error
-
+  manifest = read_manifest(path)
   version = manifest.get("format_version")
   if version != FORMAT_VERSION:
     raise BundleError(f"{MANIFEST}: format_version {version!r} is not supported: this loader "
                       f"reads format_version {FORMAT_VERSION} only")
-  _verify_files(path, manifest.get("files", {}))
+  check_manifest(manifest, TOWERS, DIMS, {"tokenizer": TOKENIZER, "hashing": HASHING})
+  verify_files(path, manifest, {PARAMS_FILE, *(f"{name}.jaxexport" for name in TOWERS)})
+  if "tokenizer" in manifest:   # WordPieceTokenizer.from_bundle opens it: confined here
+    bundle_file(path, manifest, "tokenizer.vocab", manifest["tokenizer"]["vocab"])
 
   params = _load_params(path, manifest)
   functions = {}
   for name in TOWERS:
     fname = manifest["towers"][name]["function"]
+    full = bundle_file(path, manifest, f"towers.{name}.function", fname)
     try:
-      with open(os.path.join(path, fname), "rb") as f:
+      with open(full, "rb") as f:
         functions[name] = jax.export.deserialize(bytearray(f.read()))
     except Exception as error:   # any failure to parse means the same thing: not servable
       raise BundleError(f"{fname}: cannot be deserialised ({error})") from error
@@ -118,24 +118,160 @@ def load_bundle(path: str) -> Bundle:
   return Bundle(path=path, manifest=manifest, params=params, functions=functions)
 
 
-def _verify_files(path: str, files: dict):
-  needed = {PARAMS_FILE, *(f"{name}.jaxexport" for name in TOWERS)}
-  missing = needed - set(files)
+# --- the manifest's shape ------------------------------------------------------------------------
+# Checked whole before any value is used, so a hand-edited or hostile manifest is a BundleError
+# naming the key ("manifest.json: dims.compat_dim must be a positive int, got 'abc'"), never a
+# TypeError deep inside the loader or a 500 from /healthz. Each kind is (what the message says
+# it must be, test). bool is an int subclass in Python, so ints exclude it explicitly.
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+INT = ("an int", _is_int)
+COUNT = ("an int >= 0", lambda x: _is_int(x) and x >= 0)
+POSITIVE_INT = ("a positive int", lambda x: _is_int(x) and x > 0)
+NUMBER = ("a number", lambda x: isinstance(x, (int, float)) and not isinstance(x, bool))
+BOOL = ("a bool", lambda x: isinstance(x, bool))
+STR = ("a non-empty string", lambda x: isinstance(x, str) and x != "")
+STR_LIST = ("a list of strings", lambda x: isinstance(x, list)
+            and all(isinstance(v, str) for v in x))
+OBJECT = ("a JSON object", lambda x: isinstance(x, dict))
+LIST = ("a list", lambda x: isinstance(x, list))
+SHAPE = ("a list of ints >= 0", lambda x: isinstance(x, list) and all(COUNT[1](d) for d in x))
+SHA256 = ("64 lowercase hex digits (a sha256)",
+          lambda x: isinstance(x, str) and re.fullmatch("[0-9a-f]{64}", x) is not None)
+
+# Every bundle kind (this one and serving/twotower/bundle.py): {key: (kind, required)}.
+TOP_LEVEL = {"format_version": (INT, True), "step": (COUNT, True), "system": (STR, False),
+             "omnisage_version": (STR, False), "jax_version": (STR, False),
+             "platforms": (STR_LIST, False)}
+# The OmniSearchSage sections: optional (the first bundles had no tokenizer), typed when present.
+TOKENIZER = {"kind": STR, "vocab": STR, "lower_case": BOOL, "max_len": POSITIVE_INT}
+HASHING = {"hash_rows": POSITIVE_INT, "hash_seed": INT, "V": POSITIVE_INT}
+
+
+def read_manifest(path: str) -> dict:
+  """`path`/manifest.json as a dict; BundleError when missing, unreadable or not an object."""
+  manifest_path = os.path.join(path, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    raise BundleError(f"{manifest_path} not found: not an export bundle")
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, ValueError, RecursionError) as error:   # ValueError: JSON, UTF-8
+    raise BundleError(f"{MANIFEST}: unreadable ({error})") from error
+  if not isinstance(manifest, dict):
+    raise BundleError(f"{MANIFEST}: must be a JSON object, got a JSON "
+                      f"{_JSON_TYPES.get(type(manifest), type(manifest).__name__)}")
+  return manifest
+
+
+def check_manifest(manifest: dict, towers, dims, sections: dict | None = None):
+  """Types and required keys of a (JSON object) manifest; BundleError naming the first bad key.
+
+  towers: the tower names it must list, each {function: file name, params: [{key, shape,
+  dtype}]}. dims: the dims it must have (every dim, listed or not, is a positive int).
+  sections: {name: {field: kind}} of optional sections whose fields are all required.
+  """
+  for name, (kind, required) in TOP_LEVEL.items():
+    _field(manifest, name, "", kind, required)
+  found = _field(manifest, "dims", "", OBJECT)
+  for name in dims:
+    _field(found, name, "dims.", POSITIVE_INT)
+  for name in found:
+    _field(found, name, "dims.", POSITIVE_INT)
+  found = _field(manifest, "towers", "", OBJECT)
+  if set(found) != set(towers):
+    raise BundleError(f"{MANIFEST}: towers must be exactly {sorted(towers)}, got "
+                      f"{sorted(found)}")
+  for name in towers:
+    tower = _field(found, name, "towers.", OBJECT)
+    _field(tower, "function", f"towers.{name}.", STR)
+    for i, entry in enumerate(_field(tower, "params", f"towers.{name}.", LIST)):
+      prefix = f"towers.{name}.params[{i}]"
+      _check(entry, prefix, OBJECT)
+      _field(entry, "key", prefix + ".", STR)
+      _field(entry, "shape", prefix + ".", SHAPE)
+      _field(entry, "dtype", prefix + ".", STR)
+  for name, info in _field(manifest, "files", "", OBJECT).items():
+    prefix = f"files[{name!r}]"
+    _check(info, prefix, OBJECT)
+    _field(info, "sha256", prefix + ".", SHA256)
+    _field(info, "bytes", prefix + ".", COUNT)
+  for section, fields in (sections or {}).items():
+    found = _field(manifest, section, "", OBJECT, required=False)
+    for name, kind in fields.items() if found is not None else ():
+      _field(found, name, f"{section}.", kind)
+
+
+def _field(obj: dict, name: str, prefix: str, kind, required: bool = True):
+  """obj[name] after checking it is of `kind`; None when absent and not required."""
+  if name not in obj:
+    if required:
+      raise BundleError(f"{MANIFEST}: {prefix}{name} is missing")
+    return None
+  return _check(obj[name], prefix + name, kind)
+
+
+def _check(value, key: str, kind):
+  expected, ok = kind
+  if not ok(value):
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise BundleError(f"{MANIFEST}: {key} must be {expected}, got {shown} "
+                      f"({_JSON_TYPES.get(type(value), type(value).__name__)})")
+  return value
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "int", float: "float",
+               bool: "bool", type(None): "null"}
+
+
+def bundle_file(path: str, manifest: dict, key: str, name: str) -> str:
+  """The real path of the file that manifest key `key` names (`name`, relative to the bundle):
+  it must stay inside the bundle directory once symlinks are resolved, and be listed in
+  manifest["files"] (so it is checksummed); BundleError naming the key otherwise."""
+  full = confined(path, name, key)
+  if name not in manifest["files"]:
+    raise BundleError(f"{MANIFEST}: {key} {name!r} is not listed in files (no checksum)")
+  return full
+
+
+def confined(path: str, name: str, key: str) -> str:
+  """os.path.realpath of `path`/`name`, refused (BundleError naming `key`) unless it lies inside
+  the bundle directory: no absolute paths, no '..' and no symlink out of the bundle."""
+  root = os.path.realpath(path)
+  full = os.path.realpath(os.path.join(root, name))
+  if os.path.isabs(name) or not full.startswith(root + os.sep):
+    raise BundleError(f"{MANIFEST}: {key} {name!r} lies outside the bundle directory")
+  return full
+
+
+def verify_files(path: str, manifest: dict, needed):
+  """Every file of manifest["files"] (confined to the bundle) against its size and sha256; the
+  names in `needed` must be among them."""
+  files = manifest["files"]
+  missing = set(needed) - set(files)
   if missing:
     raise BundleError(f"{MANIFEST}: no checksum for {sorted(missing)}")
-  root = os.path.realpath(path)
   for name, info in files.items():
-    full = os.path.realpath(os.path.join(path, name))
-    if not full.startswith(root + os.sep):   # a manifest must not point outside its bundle
-      raise BundleError(f"{MANIFEST}: file {name!r} lies outside the bundle")
+    full = confined(path, name, "files entry")
     if not os.path.isfile(full):
       raise BundleError(f"{name}: listed in {MANIFEST} but missing")
-    if sha256_of(full) != info.get("sha256"):
+    if os.path.getsize(full) != info["bytes"] or sha256_of(full) != info["sha256"]:
       raise BundleError(f"{name}: sha256 does not match {MANIFEST} (damaged or modified file)")
 
 
+def load_safetensors(path: str) -> dict:
+  """{key: array} of a bundle's params file; BundleError when it does not parse."""
+  try:
+    return safetensors.numpy.load_file(os.path.join(path, PARAMS_FILE))
+  except Exception as error:   # SafetensorError is no ValueError; any failure: not servable
+    raise BundleError(f"{PARAMS_FILE}: cannot be read ({error})") from error
+
+
 def _load_params(path: str, manifest: dict) -> dict:
-  flat = safetensors.numpy.load_file(os.path.join(path, PARAMS_FILE))
+  flat = load_safetensors(path)
   params = {}
   for name in TOWERS:
     params[name] = {}
@@ -158,8 +294,12 @@ def _check_dims(manifest: dict, params: dict, functions: dict):
   def expect(field: str, actual, where: str):
     if field not in dims:
       raise BundleError(f"{MANIFEST}: dims.{field} is missing")
-    if dims[field] != actual:
-      raise BundleError(f"{MANIFEST}: dims.{field} = {dims[field]} but {where} has {actual}")
+    value = dims[field]
+    if not _is_int(value):   # check_manifest refuses this first; the message stays sane anyway
+      raise BundleError(f"{MANIFEST}: dims.{field} must be an int, got {value!r} "
+                        f"({type(value).__name__}); {where} has {actual}")
+    if value != actual:
+      raise BundleError(f"{MANIFEST}: dims.{field} = {value} but {where} has {actual}")
 
   signatures = {}
   for name, exported in functions.items():

@@ -15,13 +15,20 @@ group:
 Row group i is embedded by process `i % jax.process_count()`, so hosts split the work without
 talking to each other. A shard is written under a temporary name and renamed when complete, so an
 existing shard is a finished one: a re-run (after a crash or pre-emption) skips it, unless it was
-made by a different bundle or no longer matches its row group's length.
+made by a different bundle or no longer matches its row group's length. The temporary files a
+killed run left (`shard-NNNNN.parquet.tmp-PID`) are removed when the next run starts (summary:
+"stale_tmp_removed"): each process removes those of the shards it owns (i % process_count) whose
+PID is not its own, so the hosts of one job never touch each other's files in progress. One embed
+job per output directory at a time: a second one running concurrently would have its files
+removed.
 
 Usage: `summary = embed_entities("runs/demo/bundle", "runs/demo/prepared/entities/pins.parquet",
 "runs/demo/embeddings")`.
 """
 
+import contextlib
 import os
+import re
 import time
 
 import jax
@@ -41,6 +48,7 @@ from omnisage.serving.bundle.loader import PARAMS_FILE, load_bundle
 KINDS = ("pins", "products", "queries")
 # Written into each shard's schema metadata: a shard made by another bundle is not "done".
 BUNDLE_KEY = b"omnisage.bundle_params_sha256"
+TMP_SHARD = re.compile(r"shard-(\d+)\.parquet\.tmp-(\d+)")   # shard index, writer's PID
 
 
 def embed_job(config, out_dir: str) -> dict:
@@ -91,6 +99,7 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
 
   kind_dir = os.path.join(out_dir, kind)
   os.makedirs(kind_dir, exist_ok=True)
+  stale = remove_stale_tmp(kind_dir)
   groups = source.num_row_groups
   mine = [i for i in range(groups) if i % jax.process_count() == jax.process_index()]
   group_rows = {i: source.metadata.row_group(i).num_rows for i in mine}
@@ -123,8 +132,23 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
   return {"kind": kind, "bundle": bundle_path, "entities": entities_parquet, "out": kind_dir,
           "embed_dim": embed_dim, "rows": sum(group_rows.values()), "rows_embedded": embedded,
           "shards": groups, "shards_this_process": len(mine), "shards_written": written,
-          "shards_skipped": skipped, "seconds": round(seconds, 2),
+          "shards_skipped": skipped, "stale_tmp_removed": stale, "seconds": round(seconds, 2),
           "rows_per_second": round(embedded / seconds, 1) if seconds > 0 else 0.0}
+
+
+def remove_stale_tmp(kind_dir: str) -> int:
+  """Removes the temporary shards a killed run left in kind_dir; returns how many. Only those of
+  the shards this process owns (shard i belongs to process i % process_count) and written by
+  another PID: a file of this process is in progress, another host's is its business."""
+  removed = 0
+  for name in sorted(os.listdir(kind_dir)):
+    match = TMP_SHARD.fullmatch(name)
+    if (match and int(match[1]) % jax.process_count() == jax.process_index()
+        and int(match[2]) != os.getpid()):
+      with contextlib.suppress(FileNotFoundError):   # gone already: nothing to do
+        os.remove(os.path.join(kind_dir, name))
+        removed += 1
+  return removed
 
 
 def _is_complete(path: str, rows: int, bundle_id: bytes) -> bool:

@@ -8,13 +8,18 @@ batch embeddings; here each kind directory written by `launch.py embed`
   <out>/<kind>/items.parquet   row -> entity_index, id, title (what a search result shows)
   <out>/<kind>/index.json      format, size, dim, metric, the tuned parameters, the Recall@10 and
                                QPS measured on held-out queries, the source embeddings (bundle id
-                               and shard sha256s) and the sha256 of items.parquet
+                               and shard sha256s), the sha256 of items.parquet, and "files": the
+                               sha256 and size of every file of the kind directory (ScaNN's
+                               assets included: serialized_partitioner.pb, dataset.npy, ...)
 
 Tree size, leaves searched and reorder size are tuned (`omnisage.serving.index.ann.autotune`) for a
 target Recall@10 against exact search, on the real query embeddings (`<embeddings>/queries`) when
 they exist, else on noisy copies of database rows. A kind is written to a temporary directory and
-renamed into place, so a reader never sees half an index. `load_index` re-checks the hashes and
-shapes and refuses a damaged or mismatched directory with `IndexError_`.
+renamed into place, so a reader never sees half an index. `load_index` re-checks the hashes (of
+every file, before ScaNN reads any: ScaNN's own parsers are not hardened against damaged input)
+and shapes and refuses a damaged, mismatched or unlisted file with `IndexError_` naming it; an
+index.json written before the "files" checksums existed is refused with "rebuild with launch.py
+index".
 
 Usage: `summary = build_index("runs/demo/embeddings", "runs/demo/index")`;
 `indexes = load_index("runs/demo/index"); scores, rows = indexes["pins"].search(q, k=10)`.
@@ -197,7 +202,8 @@ def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
                         "qps": round(result["holdout"]["qps"], 1),
                         "exact_qps": round(result["holdout"]["exact_qps"], 1)},
             "source": data.source,
-            "items_sha256": sha256_of(items_path)}
+            "items_sha256": sha256_of(items_path),
+            "files": _file_checksums(tmp)}
     with open(os.path.join(tmp, "index.json"), "w") as f:
       json.dump(info, f, indent=2)
     old = f"{final}.old-{os.getpid()}"
@@ -208,6 +214,47 @@ def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return info
+
+
+def _files_under(kind_dir: str) -> list[str]:
+  """Every file under kind_dir but index.json, relative to it, sorted."""
+  found = (os.path.relpath(os.path.join(root, name), kind_dir)
+           for root, _, names in os.walk(kind_dir) for name in names)
+  return sorted(rel for rel in found if rel != "index.json")
+
+
+def _file_checksums(kind_dir: str) -> dict:
+  """{path relative to kind_dir: {sha256, bytes}} of every file under it (index.json aside)."""
+  return {rel: {"sha256": sha256_of(os.path.join(kind_dir, rel)),
+                "bytes": os.path.getsize(os.path.join(kind_dir, rel))}
+          for rel in _files_under(kind_dir)}
+
+
+def _verify_files(kind_dir: str, info: dict, info_path: str):
+  """Every file of the kind directory against index.json's "files", before anything parses it:
+  a missing, changed or unlisted file (or a listed name outside the directory) is refused."""
+  files = info["files"]
+  if not isinstance(files, dict) or not all(
+      isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+      for v in files.values()):
+    raise IndexError_(f"{info_path}: field 'files' must map file names to {{sha256, bytes}}")
+  root = os.path.realpath(kind_dir)
+  for name, want in files.items():
+    full = os.path.realpath(os.path.join(root, name))
+    if os.path.isabs(name) or not full.startswith(root + os.sep):
+      raise IndexError_(f"{info_path}: file {name!r} lies outside {kind_dir}")
+    if not os.path.isfile(full):
+      raise IndexError_(f"{os.path.join(kind_dir, name)}: listed in {info_path} but missing: "
+                        "rebuild with launch.py index")
+    if os.path.getsize(full) != want["bytes"] or sha256_of(full) != want["sha256"]:
+      raise IndexError_(f"{os.path.join(kind_dir, name)}: sha256 differs from {info_path} "
+                        "(damaged or changed after the index was built): rebuild with launch.py "
+                        "index")
+  # ScaNN reads whatever scann_assets.pbtxt names: nothing unlisted may sit next to it.
+  unlisted = [rel for rel in _files_under(kind_dir) if rel not in files]
+  if unlisted:
+    raise IndexError_(f"{os.path.join(kind_dir, unlisted[0])}: not listed in {info_path} (not "
+                      "written by launch.py index), refusing to load")
 
 
 class KindIndex:
@@ -281,6 +328,9 @@ def _load_kind(kind_dir: str, kind: str, threads: int) -> KindIndex:
   for key in ("size", "dim", "params", "items_sha256", "metric"):
     if key not in info:
       raise IndexError_(f"{info_path}: no field {key!r}")
+  if "files" not in info:
+    raise IndexError_(f"{info_path}: no 'files' checksums (an index built by an earlier "
+                      "omnisage): rebuild with launch.py index")
   if info["metric"] != METRIC:
     raise IndexError_(f"{info_path}: metric {info['metric']!r} is not {METRIC!r}")
   items_path = os.path.join(kind_dir, "items.parquet")
@@ -301,6 +351,7 @@ def _load_kind(kind_dir: str, kind: str, threads: int) -> KindIndex:
   if os.path.exists(os.path.join(scann_dir, "scann_docids.pkl")):
     # ScaNN would unpickle this file; we never write one, so it is not ours.
     raise IndexError_(f"{scann_dir}/scann_docids.pkl: unexpected pickle file, refusing to load")
+  _verify_files(kind_dir, info, info_path)
   shape = np.load(dataset, mmap_mode="r").shape   # reads the header only
   if shape != (info["size"], info["dim"]):
     raise IndexError_(f"{dataset}: vectors have shape {shape}, {info_path} says size "

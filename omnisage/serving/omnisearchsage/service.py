@@ -37,10 +37,11 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from omnisage.serving.bundle.loader import Bundle, load_bundle
-from omnisage.serving.service import api
+from omnisage.serving.service import api, auth
 from omnisage.serving.service.api import ApiError, EmbedRequest, SearchRequest
 from omnisage.serving.service.batcher import MicroBatcher, Overloaded
 from omnisage.serving.service.cache import DAY_S, TTLCache
+from omnisage.serving.service.limits import Limits
 from omnisage.serving.service.metrics import Metrics
 from omnisage.serving.service.runner import run_until_signal
 
@@ -147,13 +148,14 @@ class QueryService:
 
 
 def create_app(bundle_path, index_path, tokenizer=None, clock=time.monotonic, before_batch=None,
-               **options) -> FastAPI:
+               auth_token: str | None = None, **options) -> FastAPI:
   """Loads, checks and warms everything, then returns the app (not yet serving).
 
   bundle_path / index_path: directories, or an already loaded Bundle / {kind: KindIndex} (tests
   share one across apps). tokenizer: default WordPieceTokenizer.from_bundle(bundle). clock: the
   caches' clock (seconds). before_batch(rows): runs on the encoder thread before each tower
-  call (tests slow or pause it). Other options: see DEFAULTS.
+  call (tests slow or pause it). auth_token: required as a bearer token on every route but
+  /healthz (auth.py); None: no authentication. Other options: see DEFAULTS.
   """
   unknown = set(options) - set(DEFAULTS)
   if unknown:
@@ -184,7 +186,8 @@ def create_app(bundle_path, index_path, tokenizer=None, clock=time.monotonic, be
   app.state.metrics = metrics
   max_text_bytes = 6 * options["max_query_chars"] + 16   # a \uXXXX escape per char, quotes
   api.install(app, max_body_bytes=2 * options["max_queries"] * max_text_bytes + 65536)
-  app.add_middleware(_RequestMetrics, service=service)
+  auth.install(app, auth_token)   # outside the body guard: no body is read for a stranger
+  app.add_middleware(_RequestMetrics, service=service)   # outermost: 401s are counted too
   _add_routes(app, service, options)
   return app
 
@@ -239,10 +242,20 @@ def _add_routes(app: FastAPI, service: QueryService, options: dict) -> None:
 
   @app.get("/healthz")
   async def healthz():
-    return {"status": "ok", "bundle_step": service.bundle.step, "embed_dim": service.dim,
-            "index_sizes": {kind: index.size for kind, index in service.indexes.items()},
-            "queue_depth": service.batcher.depth,
-            "uptime_s": round(time.time() - service.started, 1)}
+    """Never a 500: each field is computed (and made JSON) on its own, and one that fails is null
+    with its error under "errors" (load_bundle refuses a bad manifest; this is the backstop)."""
+    import json
+    fields = {"bundle_step": lambda: service.bundle.step, "embed_dim": lambda: service.dim,
+              "index_sizes": lambda: {k: index.size for k, index in service.indexes.items()},
+              "queue_depth": lambda: service.batcher.depth,
+              "uptime_s": lambda: round(time.time() - service.started, 1)}
+    body, errors = {"status": "ok"}, {}
+    for name, get in fields.items():
+      try:
+        body[name] = json.loads(json.dumps(get(), allow_nan=False))
+      except Exception as error:   # whatever the field holds, the probe gets an answer
+        body[name], errors[name] = None, f"{type(error).__name__}: {error}"
+    return JSONResponse({**body, "errors": errors} if errors else body)
 
   @app.get("/metrics", response_class=Response)
   async def metrics():
@@ -281,22 +294,28 @@ class _RequestMetrics:
 
 def serve_config(config) -> dict:
   """`launch.py serve` of an OmniSearchSage bundle: the options of configs/serve.py."""
+  token_file = config.get("auth_token_file")
   return serve(config.bundle, config.index, host=config.host, port=config.port,
+               limits=Limits.from_config(config),
+               auth_token=auth.read_token(token_file) if token_file else None,
                max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                max_queue=config.max_queue, cache_size=config.cache_size,
                cache_ttl_s=config.cache_ttl_days * DAY_S)
 
 
 def serve(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
-          **options) -> dict:
+          limits: Limits | None = None, auth_token: str | None = None, **options) -> dict:
   """Serves until SIGINT/SIGTERM, then returns a summary (requests, cache hit rate, ...).
 
   One process, one event loop: the compiled query tower is not fork-safe, and micro-batching
-  needs all requests in one place anyway.
+  needs all requests in one place anyway. limits: the connection limits (runner.py, limits.py).
+  auth_token: the bearer token every route but /healthz requires (auth.py; serve_config reads it
+  from config.auth_token_file).
   """
-  app = create_app(bundle_path, index_path, **options)
+  app = create_app(bundle_path, index_path, auth_token=auth_token, **options)
   url, stopped = run_until_signal(
-      app, host, port, "serving {url} (search page), {url}v1/embed, {url}v1/search, {url}metrics")
+      app, host, port, "serving {url} (search page), {url}v1/embed, {url}v1/search, {url}metrics",
+      limits=limits, authenticated=auth_token is not None)
   return {"url": url, **app.state.service.summary(), "stopped_by": stopped}
 
 

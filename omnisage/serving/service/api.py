@@ -5,13 +5,18 @@ Every error a client can cause is a 4xx whose body is
   {"error": {"code": str, "message": str, "field": str | null}}
 never FastAPI's default {"detail": ...} and never a 500:
   400 malformed_json            the body is not JSON
+  401 unauthorized              a missing or wrong bearer token, when the server has one (auth.py)
+  408 request_timeout           the request did not arrive within read_timeout_s (limits.py)
   413 payload_too_large         a query over max_query_chars, more than max_queries queries, or a
                                 body over the byte limit
   415 unsupported_media_type    Content-Type is not application/json
-  422 invalid_request           wrong types, missing or unknown fields, empty strings, k outside
-                                1..100, an unknown entity type
+  422 invalid_request           wrong types, missing or unknown fields, empty strings (or only
+                                whitespace, control or format characters such as NUL and
+                                zero-width spaces), k outside 1..100, an unknown entity type
+  431 headers_too_large         request headers over max_header_bytes or max_headers (limits.py)
   404 / 405                     unknown path / method
-  503 overloaded                the bounded query queue is full (with a Retry-After header)
+  503 overloaded                the bounded query queue is full, or more than max_connections
+                                connections are open (with a Retry-After header)
 `field` names the offending field as a path into the body ("queries[3]", "k"), null when the
 error is about the body as a whole.
 
@@ -19,6 +24,7 @@ Usage: `install(app, max_body_bytes)` adds the handlers and the body guard to a 
 """
 
 import logging
+import unicodedata
 from typing import Literal
 
 from fastapi import FastAPI
@@ -78,7 +84,8 @@ class ErrorBody(BaseModel):
 
 
 ERROR_RESPONSES = {status: {"model": ErrorBody, "description": description} for status, description
-                   in [(400, "Malformed JSON"), (413, "Query too long or too many queries"),
+                   in [(400, "Malformed JSON"), (401, "Missing or wrong bearer token"),
+                       (413, "Query too long or too many queries"),
                        (415, "Content-Type is not application/json"),
                        (422, "Invalid request"), (503, "Overloaded: retry after Retry-After s")]}
 
@@ -99,14 +106,25 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
                       headers=headers)
 
 
+INVISIBLE = frozenset({"Cc", "Cf"})   # control (NUL, ...) and format (zero-width, BOM, ...)
+
+
+def is_blank(text: str) -> bool:
+  """Nothing but whitespace and control/format characters: "", " \\t", "\\x00", "\\u200b\\ufeff"."""
+  return not any(not ch.isspace() and unicodedata.category(ch) not in INVISIBLE for ch in text)
+
+
 def check_text(text: str, field: str, max_chars: int) -> None:
   """Blank strings embed to nothing useful (422); long ones are refused before tokenising (413).
 
+  Blank includes strings of only control or format characters (NUL, zero-width spaces, a BOM):
+  the tokenizer turns them into spaces, so they would embed like the empty string.
   JSON can spell lone UTF-16 surrogates ("\\ud800") that no UTF-8 text holds: refused (422) here
   rather than failing later when the response echoes the query.
   """
-  if not text.strip():
-    raise ApiError(422, "invalid_request", f"{field}: must not be empty or blank", field)
+  if is_blank(text):
+    raise ApiError(422, "invalid_request", f"{field}: must not be empty or blank (only "
+                   "whitespace, control or zero-width characters)", field)
   try:
     text.encode("utf-8")
   except UnicodeEncodeError:

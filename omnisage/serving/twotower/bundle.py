@@ -37,11 +37,21 @@ import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import safetensors.numpy
 
 from omnisage.data.twotower import examples as mlx
-from omnisage.serving.bundle.loader import BundleError, ExportedTowers, sha256_of
-from omnisage.serving.index.embed import BUNDLE_KEY
+from omnisage.serving.bundle.loader import (
+  NUMBER,
+  STR,
+  STR_LIST,
+  BundleError,
+  ExportedTowers,
+  bundle_file,
+  check_manifest,
+  load_safetensors,
+  read_manifest,
+  verify_files,
+)
+from omnisage.serving.index.embed import BUNDLE_KEY, remove_stale_tmp
 
 FORMAT_VERSION = 1
 SYSTEM = "twotower"
@@ -49,6 +59,11 @@ MANIFEST, PARAMS_FILE = "manifest.json", "params.safetensors"
 TOWERS = {"user_tower": ("hist_items", "hist_age", "hist_genres", "user_dense"),
           "item_tower": ("item", "item_genres", "item_year", "item_dense", "item_title")}
 KIND = "items"   # the embeddings / index kind
+DIMS = ("embed_dim", "history_len", "num_genres", "user_dense_dim", "item_dense_dim",
+        "title_tokens", "num_items")
+# The manifest's "features" section (loader.check_manifest: optional, typed when present).
+FEATURES = {"cut": NUMBER, "genres": STR_LIST, "popularity_window_days": NUMBER,
+            "time_unit_of_ages": STR}
 
 
 def is_twotower_bundle(path: str) -> bool:
@@ -56,7 +71,7 @@ def is_twotower_bundle(path: str) -> bool:
   try:
     with open(os.path.join(path, MANIFEST)) as f:
       return json.load(f).get("system") == SYSTEM
-  except (OSError, json.JSONDecodeError, AttributeError):
+  except (OSError, ValueError, RecursionError, AttributeError):   # not ours: load_bundle says why
     return False
 
 
@@ -122,28 +137,16 @@ class TwoTowerBundle(ExportedTowers):
 
 
 def load_twotower_bundle(path: str) -> TwoTowerBundle:
-  """Verifies (format, system, sha256 of every file, params against the programs) and loads."""
-  manifest_path = os.path.join(path, MANIFEST)
-  try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise BundleError(f"{manifest_path}: unreadable ({error})") from error
+  """Verifies (format, system, the manifest's shape, files confined to the bundle and their
+  sha256, params against the programs) and loads."""
+  manifest = read_manifest(path)
   if manifest.get("system") != SYSTEM or manifest.get("format_version") != FORMAT_VERSION:
-    raise BundleError(f"{manifest_path}: not a two-tower bundle of format_version "
+    raise BundleError(f"{os.path.join(path, MANIFEST)}: not a two-tower bundle of format_version "
                       f"{FORMAT_VERSION} (system {manifest.get('system')!r}, format_version "
                       f"{manifest.get('format_version')!r})")
-  files = manifest.get("files", {})
-  for name in (PARAMS_FILE, mlx.ITEMS, *(f"{t}.jaxexport" for t in TOWERS)):
-    if name not in files:
-      raise BundleError(f"{MANIFEST}: no checksum for {name}")
-  for name, info in files.items():
-    full = os.path.join(path, name)
-    if os.path.basename(name) != name or not os.path.isfile(full):
-      raise BundleError(f"{name}: listed in {MANIFEST} but missing")
-    if sha256_of(full) != info.get("sha256"):
-      raise BundleError(f"{name}: sha256 does not match {MANIFEST} (damaged or modified file)")
-  flat = safetensors.numpy.load_file(os.path.join(path, PARAMS_FILE))
+  check_manifest(manifest, tuple(TOWERS), DIMS, {"features": FEATURES})
+  verify_files(path, manifest, (PARAMS_FILE, mlx.ITEMS, *(f"{t}.jaxexport" for t in TOWERS)))
+  flat = load_safetensors(path)
   params, functions = {}, {}
   for name in TOWERS:
     entries = manifest["towers"][name]["params"]
@@ -151,21 +154,25 @@ def load_twotower_bundle(path: str) -> TwoTowerBundle:
     if missing:
       raise BundleError(f"{PARAMS_FILE}: no tensor(s) {missing} of {name}")
     params[name] = {e["key"]: flat[f"{name}/{e['key']}"] for e in entries}
-    with open(os.path.join(path, f"{name}.jaxexport"), "rb") as f:
-      functions[name] = jax.export.deserialize(bytearray(f.read()))
+    fname = manifest["towers"][name]["function"]
+    full = bundle_file(path, manifest, f"towers.{name}.function", fname)
+    try:
+      with open(full, "rb") as f:
+        functions[name] = jax.export.deserialize(bytearray(f.read()))
+    except Exception as error:   # any failure to parse means the same thing: not servable
+      raise BundleError(f"{fname}: cannot be deserialised ({error})") from error
     (taken, *_), _ = jax.tree.unflatten(functions[name].in_tree, functions[name].in_avals)
     if set(taken) != set(params[name]):
       raise BundleError(f"{name}.jaxexport takes params {sorted(taken)}, {PARAMS_FILE} has "
                         f"{sorted(params[name])}")
     out_dim = functions[name].out_avals[0].shape[-1]
     if out_dim != manifest["dims"]["embed_dim"]:
-      raise BundleError(f"{MANIFEST}: dims.embed_dim {manifest['dims']['embed_dim']} but "
+      raise BundleError(f"{MANIFEST}: dims.embed_dim = {manifest['dims']['embed_dim']} but "
                         f"{name}.jaxexport returns {out_dim}")
   dims = manifest["dims"]
   catalogue = mlx.Catalogue.from_file(os.path.join(path, mlx.ITEMS), dims["num_genres"],
                                       dims["title_tokens"])
   return TwoTowerBundle(path, manifest, params, functions, catalogue)
-
 
 def embed_items(bundle_path: str, items_parquet: str, out_dir: str, batch_size: int = 1024
                 ) -> dict:
@@ -201,11 +208,13 @@ def embed_items(bundle_path: str, items_parquet: str, out_dir: str, batch_size: 
                    schema=schema)
   kind_dir = os.path.join(out_dir, KIND)
   os.makedirs(kind_dir, exist_ok=True)
+  stale = remove_stale_tmp(kind_dir)   # a killed run's shard-00000.parquet.tmp-PID
   path = os.path.join(kind_dir, "shard-00000.parquet")
   tmp = f"{path}.tmp-{os.getpid()}"
   pq.write_table(table, tmp)
   os.replace(tmp, path)   # atomic: the final name only ever holds a complete shard
   seconds = time.time() - t0
   return {"kind": KIND, "bundle": bundle_path, "entities": items_parquet, "out": kind_dir,
-          "embed_dim": dim, "rows": len(rows), "seconds": round(seconds, 2),
+          "embed_dim": dim, "rows": len(rows), "stale_tmp_removed": stale,
+          "seconds": round(seconds, 2),
           "rows_per_second": round(len(rows) / max(seconds, 1e-9), 1)}

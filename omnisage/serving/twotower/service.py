@@ -36,8 +36,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from omnisage.data.twotower.examples import user_features
-from omnisage.serving.service import api
+from omnisage.serving.service import api, auth
 from omnisage.serving.service.api import ApiError
+from omnisage.serving.service.limits import Limits
 from omnisage.serving.twotower.bundle import KIND, TOWERS, TwoTowerBundle, load_twotower_bundle
 
 log = logging.getLogger("omnisage")
@@ -129,11 +130,13 @@ def _load_index(index_path, embed_dim: int):
 
 
 def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.time,
-                         **options) -> FastAPI:
+                         auth_token: str | None = None, **options) -> FastAPI:
   """Loads and checks the bundle and the index, compiles the user tower, returns the app.
 
   bundle_path / index_path: directories, or a loaded TwoTowerBundle / {kind: KindIndex}.
   extra_routers: APIRouters mounted as they are (e.g. PinnerSage's). clock: the default `now`.
+  auth_token: required as a bearer token on every route but /healthz, the extra routers' too
+  (auth.py); None: no authentication.
   """
   unknown = set(options) - set(DEFAULTS)
   if unknown:
@@ -153,6 +156,7 @@ def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.t
   app.state.recommender = service
   # ~80 bytes per engagement as JSON, plus headroom for the other fields.
   api.install(app, max_body_bytes=128 * options["max_history"] + 65536)
+  auth.install(app, auth_token)   # outside the body guard: no body is read for a stranger
 
   @app.post("/v1/recommend", response_model=RecommendResponse, responses=api.ERROR_RESPONSES)
   async def recommend(body: RecommendRequest):
@@ -166,9 +170,19 @@ def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.t
 
   @app.get("/healthz")
   async def healthz():
-    return {"status": "ok", "system": "twotower", "bundle_step": bundle.step,
-            "embed_dim": int(bundle.dims["embed_dim"]), "index_size": index.size,
-            "requests": service.requests}
+    """Never a 500: each field is computed (and made JSON) on its own, and one that fails is null
+    with its error under "errors" (the loader refuses a bad manifest; this is the backstop)."""
+    import json
+    fields = {"bundle_step": lambda: bundle.step,
+              "embed_dim": lambda: int(bundle.dims["embed_dim"]),
+              "index_size": lambda: index.size, "requests": lambda: service.requests}
+    body, errors = {"status": "ok", "system": "twotower"}, {}
+    for name, get in fields.items():
+      try:
+        body[name] = json.loads(json.dumps(get(), allow_nan=False))
+      except Exception as error:   # whatever the field holds, the probe gets an answer
+        body[name], errors[name] = None, f"{type(error).__name__}: {error}"
+    return JSONResponse({**body, "errors": errors} if errors else body)
 
   for router in extra_routers:
     app.include_router(router)
@@ -178,6 +192,8 @@ def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.t
 def serve_config(config) -> dict:
   """`launch.py serve` of a two-tower bundle (configs/serve.py): POST /v1/recommend, and the
   PinnerSage routes on the same item index when `config.pinnersage` names a batch-job output."""
+  token_file = config.get("auth_token_file")
+  token = auth.read_token(token_file) if token_file else None   # before loading anything
   index, routers = config.index, ()
   if config.pinnersage:
     from omnisage.serving.index.scann_index import load_index
@@ -190,13 +206,21 @@ def serve_config(config) -> dict:
                                      index=index.get("items"))
     routers = (pinnersage_router(service),)
   return serve_recommend(config.bundle, index, host=config.host, port=config.port,
-                         extra_routers=routers)
+                         extra_routers=routers, limits=Limits.from_config(config),
+                         auth_token=token)
 
 
 def serve_recommend(bundle_path, index_path, host: str = "127.0.0.1", port: int = 8080,
-                    extra_routers=(), **options) -> dict:
-  """Serves until SIGINT/SIGTERM (as omnisearchsage/service.py `serve`), then a summary."""
+                    extra_routers=(), limits: Limits | None = None,
+                    auth_token: str | None = None, **options) -> dict:
+  """Serves until SIGINT/SIGTERM (as omnisearchsage/service.py `serve`), then a summary.
+
+  limits: the connection limits (runner.py, limits.py). auth_token: the bearer token every route
+  but /healthz requires (auth.py; serve_config reads it from config.auth_token_file).
+  """
   from omnisage.serving.service.runner import run_until_signal
-  app = create_recommend_app(bundle_path, index_path, extra_routers, **options)
-  url, stopped = run_until_signal(app, host, port, "serving {url}v1/recommend")
+  app = create_recommend_app(bundle_path, index_path, extra_routers, auth_token=auth_token,
+                             **options)
+  url, stopped = run_until_signal(app, host, port, "serving {url}v1/recommend", limits=limits,
+                                  authenticated=auth_token is not None)
   return {"url": url, "requests": app.state.recommender.requests, "stopped_by": stopped}

@@ -17,16 +17,29 @@ import numpy as np
 
 class BM25Index:
 
-  def __init__(self, corpus: Sequence[str], language: str = "english"):
-    import bm25s  # lazy: only the benchmarks need it (bench extra)
+  def __init__(self, corpus: Sequence[str] | None, language: str = "english"):
+    import bm25s  # lazy: the index build, the query service and the benchmarks need it
     import Stemmer
 
     self._bm25s = bm25s
+    self.language = language
     self.stemmer = Stemmer.Stemmer(language)
     self.stopwords = "en" if language == "english" else None
-    self.size = len(corpus)
+    self.size = 0 if corpus is None else len(corpus)
     self.model = bm25s.BM25()
-    self.model.index(self._tokenize(corpus), show_progress=False)
+    if corpus is not None:
+      self.model.index(self._tokenize(corpus), show_progress=False)
+
+  def save(self, directory: str) -> None:
+    """The index as bm25s' own files (sparse matrix, vocabulary, parameters; no pickle)."""
+    self.model.save(directory, show_progress=False)
+
+  @classmethod
+  def load(cls, directory: str, size: int, language: str = "english") -> "BM25Index":
+    index = cls(None, language)
+    index.model = index._bm25s.BM25.load(directory, show_progress=False, allow_pickle=False)
+    index.size = size
+    return index
 
   def _tokenize(self, texts: Sequence[str]):
     return self._bm25s.tokenize(list(texts), stopwords=self.stopwords, stemmer=self.stemmer,
@@ -43,5 +56,11 @@ class BM25Index:
     return out
 
   def top_k(self, queries: Sequence[str], k: int = 10) -> np.ndarray:
+    return self.search(queries, k)[1]
+
+  def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([len(queries), k'] scores, [len(queries), k'] corpus rows), best first (ties: lower
+    row), k' = min(k, corpus size)."""
     s = self.scores(queries)
-    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+    rows = np.argsort(-s, axis=1, kind="stable")[:, :min(k, self.size)]
+    return np.take_along_axis(s, rows, axis=1), rows

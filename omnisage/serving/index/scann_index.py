@@ -47,6 +47,9 @@ FORMAT_VERSION = 1
 # "items": the home-feed two-tower's item embeddings (SPEC §3, serving/twotower_bundle.py). New
 # kinds go at the end: a kind's position seeds its tuning sample.
 KINDS = ("pins", "products", "queries", "items")
+DEFAULT_FUSION = {"method": "weighted", "weight": 0.5, "tuned": False}
+MODES = ("dense", "lexical", "hybrid")
+HYBRID_DEPTH = 100   # candidates each list contributes to a hybrid search
 METRIC = "dot_product"
 TUNE_QUERIES = 1000   # per split (choose / held-out)
 
@@ -136,8 +139,10 @@ def tuning_queries(vectors: np.ndarray, query_vectors: np.ndarray | None, rng,
 def build_index(embeddings_dir: str, out_dir: str, target_recall: float = 0.95, k: int = 10,
                 seed: int = 0, kinds: tuple[str, ...] | None = None,
                 tune_queries_per_split: int = TUNE_QUERIES, qps_seconds: float = 0.3,
-                threads: int | None = None) -> dict:
-  """Builds out_dir/<kind>/ for every kind directory in embeddings_dir; returns a summary."""
+                threads: int | None = None, lexical: bool = True) -> dict:
+  """Builds out_dir/<kind>/ for every kind directory in embeddings_dir; returns a summary.
+
+  lexical: also a BM25 index over each kind's titles (hybrid.py fuses the two at search time)."""
   if not os.path.isdir(embeddings_dir):
     raise FileNotFoundError(f"{embeddings_dir}: embeddings directory not found (launch.py embed)")
   if not 0.0 < target_recall <= 1.0:
@@ -162,13 +167,13 @@ def build_index(embeddings_dir: str, out_dir: str, target_recall: float = 0.95, 
                                            tune_queries_per_split)
     result = ann.autotune(data.vectors, tune, holdout, target_recall=target_recall, k=k,
                           threads=threads, qps_seconds=qps_seconds)
-    info = write_kind_index(out_dir, kind, data, result, target_recall, k, source)
+    info = write_kind_index(out_dir, kind, data, result, target_recall, k, source, lexical)
     seconds = round(time.time() - t0, 2)
     summary[kind] = {"size": info["size"], "dim": info["dim"], "params": info["params"],
                      "recall@10": info["holdout"]["recall"], "qps": info["holdout"]["qps"],
                      "exact_qps": info["holdout"]["exact_qps"],
                      "tune_recall@10": info["tune"]["recall"], "met_target": info["met_target"],
-                     "build_seconds": seconds}
+                     "lexical": "lexical" in info, "build_seconds": seconds}
     log.info("index %s: %d rows, %s, recall@10 %.4f at %.0f qps (exact %.0f) in %.1fs", kind,
              info["size"], info["params"], info["holdout"]["recall"], info["holdout"]["qps"],
              info["holdout"]["exact_qps"], seconds)
@@ -176,7 +181,7 @@ def build_index(embeddings_dir: str, out_dir: str, target_recall: float = 0.95, 
 
 
 def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
-                     target_recall: float, k: int, source: str) -> dict:
+                     target_recall: float, k: int, source: str, lexical: bool = False) -> dict:
   """Writes out_dir/<kind>/ from an `ann.autotune` result: in a temporary directory, then swapped
   in. Returns the index.json contents."""
   final = os.path.join(out_dir, kind)
@@ -190,6 +195,7 @@ def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
     pq.write_table(pa.table({"entity_index": pa.array(data.entity_index, pa.int64()),
                              "id": pa.array(data.ids, pa.string()),
                              "title": pa.array(data.titles, pa.string())}), items_path)
+    lexical_info = _write_lexical(tmp, data.titles) if lexical else None
     rounded = {"recall": round(result["holdout"]["recall"], 4)}
     info = {"format_version": FORMAT_VERSION, "kind": kind, "size": len(data.vectors),
             "dim": int(data.vectors.shape[1]), "metric": METRIC, "k": k,
@@ -204,6 +210,8 @@ def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
             "source": data.source,
             "items_sha256": sha256_of(items_path),
             "files": _file_checksums(tmp)}
+    if lexical_info is not None:
+      info["lexical"] = lexical_info
     with open(os.path.join(tmp, "index.json"), "w") as f:
       json.dump(info, f, indent=2)
     old = f"{final}.old-{os.getpid()}"
@@ -214,6 +222,43 @@ def write_kind_index(out_dir: str, kind: str, data: Embeddings, result: dict,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return info
+
+
+def _write_lexical(kind_dir: str, titles: list[str]) -> dict | None:
+  """A BM25 index (bm25s files) of the rows' titles in kind_dir/bm25/, and its index.json entry:
+  the default fusion until `set_fusion` stores a tuned one. None (with a warning) when bm25s is
+  not installed: the index is then dense only."""
+  try:
+    from omnisage.baselines.bm25 import BM25Index
+    index = BM25Index([t or "" for t in titles])
+  except ImportError as error:
+    log.warning("no lexical index (%s): install the index extra for hybrid search", error)
+    return None
+  index.save(os.path.join(kind_dir, "bm25"))
+  return {"engine": "bm25s", "language": index.language, "field": "title",
+          "fusion": dict(DEFAULT_FUSION)}
+
+
+def set_fusion(kind_dir: str, method: str, weight: float, tuned_on: dict | None = None) -> dict:
+  """Stores the fusion of a kind's hybrid search in its index.json (e.g. the weight tuned on
+  validation queries by hybrid.tune_weight); returns the entry."""
+  from omnisage.serving.index import hybrid
+  if method not in hybrid.METHODS or not 0.0 <= weight <= 1.0:
+    raise ValueError(f"fusion: method one of {hybrid.METHODS} and weight in [0, 1], got "
+                     f"{method!r}, {weight}")
+  path = os.path.join(kind_dir, "index.json")
+  with open(path) as f:
+    info = json.load(f)
+  if "lexical" not in info:
+    raise IndexError_(f"{path}: no lexical index to fuse with (built without bm25s)")
+  info["lexical"]["fusion"] = {"method": method, "weight": float(weight),
+                               "tuned": tuned_on is not None, **({"tuned_on": tuned_on}
+                                                                 if tuned_on else {})}
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, path)
+  return info["lexical"]["fusion"]
 
 
 def _files_under(kind_dir: str) -> list[str]:
@@ -261,7 +306,7 @@ class KindIndex:
   """A loaded searcher for one kind and the display columns of its rows."""
 
   def __init__(self, kind: str, searcher, info: dict, items: pa.Table, path: str,
-               threads: int = 1):
+               threads: int = 1, lexical=None):
     self.kind = kind
     self.searcher = searcher
     self.info = info
@@ -273,6 +318,8 @@ class KindIndex:
     self.threads = threads
     self.path = path
     self._vectors = None   # the float32 rows, read lazily for the (rare) exact fallback
+    self.lexical = lexical   # a BM25Index over the titles, or None (dense only)
+    self.fusion = dict(info.get("lexical", {}).get("fusion", DEFAULT_FUSION))
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores float32 [B, k'], rows int64 [B, k']), inner product, best first; k' = min(k, size).
@@ -293,6 +340,25 @@ class KindIndex:
       exact_s, exact_r = self._exact(queries[missing], k)
       scores[missing], rows[missing] = exact_s, exact_r
     return scores, rows
+
+  def lexical_search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 over the titles: (scores float32 [B, k'], rows int64 [B, k']), best first."""
+    if self.lexical is None:
+      raise ValueError(f"{self.kind} index has no lexical (BM25) index: rebuild it with "
+                       "launch.py index and bm25s installed")
+    scores, rows = self.lexical.search(list(texts), k)
+    return scores.astype(np.float32), rows.astype(np.int64)
+
+  def hybrid_search(self, queries: np.ndarray, texts: list[str], k: int, method: str | None = None,
+                    weight: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dense and BM25 top HYBRID_DEPTH (at least k) fused by `method` and `weight` (default: the
+    index's stored fusion, hybrid.py); rows -1 where fewer than k candidates exist."""
+    from omnisage.serving.index import hybrid
+    depth = max(k, HYBRID_DEPTH)
+    lexical = self.lexical_search(texts, depth)
+    dense = self.search(queries, depth)
+    return hybrid.fuse(dense, lexical, min(k, self.size), method or self.fusion["method"],
+                       self.fusion["weight"] if weight is None else weight)
 
   def _exact(self, queries, k):
     if self._vectors is None:
@@ -358,4 +424,12 @@ def _load_kind(kind_dir: str, kind: str, threads: int) -> KindIndex:
                       f"{info['size']} x dim {info['dim']}")
   searcher = ann.import_scann().load_searcher(scann_dir, assets_backcompat_shim=False)
   searcher.set_num_threads(threads)
-  return KindIndex(kind, searcher, info, items, kind_dir, threads)
+  lexical = None
+  if "lexical" in info:
+    from omnisage.baselines.bm25 import BM25Index
+    try:
+      lexical = BM25Index.load(os.path.join(kind_dir, "bm25"), info["size"],
+                               info["lexical"].get("language", "english"))
+    except (OSError, ValueError, KeyError) as error:
+      raise IndexError_(f"{kind_dir}/bm25: unreadable lexical index ({error})") from error
+  return KindIndex(kind, searcher, info, items, kind_dir, threads, lexical)

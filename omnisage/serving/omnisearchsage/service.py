@@ -112,27 +112,38 @@ class QueryService:
         self.cache.put(keys[i], vector)
     return vectors, cached
 
-  async def search(self, text: str, k: int, types: list[str]) -> tuple[dict, bool]:
+  async def search(self, text: str, k: int, types: list[str],
+                   mode: str = "dense") -> tuple[dict, bool]:
     self.queries += 1
     rows, keys = self.tokenize([text])
-    result_key = (keys[0], k, tuple(types))
+    # Lexical and hybrid results depend on the words, not only on the token ids.
+    result_key = (keys[0], k, tuple(types)) if mode == "dense" else (text, k, tuple(types), mode)
     results = self.search_cache.get(result_key)
     if results is not None:
       return results, True
-    (vector,), (cached,) = await self._embed_rows(rows, keys)
-    # ScaNN runs off the event loop: small indexes answer in well under a millisecond, but a
-    # large or brute-force one must not stall every other request meanwhile.
-    results = await asyncio.to_thread(self._search_indexes, vector, k, types)
+    vector, cached = None, False
+    if mode != "lexical":
+      (vector,), (cached,) = await self._embed_rows(rows, keys)
+    # ScaNN and BM25 run off the event loop: small indexes answer in well under a millisecond,
+    # but a large or brute-force one must not stall every other request meanwhile.
+    results = await asyncio.to_thread(self._search_indexes, vector, text, k, types, mode)
     self.search_cache.put(result_key, results)
     return results, cached
 
-  def _search_indexes(self, vector: np.ndarray, k: int, types: list[str]) -> dict:
+  def _search_indexes(self, vector: np.ndarray | None, text: str, k: int, types: list[str],
+                      mode: str = "dense") -> dict:
     results = {}
     for kind in types:
       index = self.indexes[kind]
-      scores, rows = index.search(vector[None, :].astype(np.float32), min(k, index.size))
-      results[kind] = [{"id": index.ids[r], "title": index.titles[r], "score": float(s)}
-                       for s, r in zip(scores[0], rows[0]) if r >= 0]
+      k_kind = min(k, index.size)
+      if mode == "lexical":
+        scores, rows = index.lexical_search([text], k_kind)
+      elif mode == "hybrid":
+        scores, rows = index.hybrid_search(vector[None, :].astype(np.float32), [text], k_kind)
+      else:
+        scores, rows = index.search(vector[None, :].astype(np.float32), k_kind)
+      results[kind] = [{"id": index.ids[r], "title": index.titles[r],
+                        "score": float(s)} for s, r in zip(scores[0], rows[0]) if r >= 0]
     return results
 
   def summary(self) -> dict:
@@ -236,8 +247,11 @@ def _add_routes(app: FastAPI, service: QueryService, options: dict) -> None:
       if kind not in service.indexes:
         raise ApiError(422, "invalid_request", f"types[{i}]: no {kind!r} index is loaded "
                        f"(loaded: {sorted(service.indexes)})", f"types[{i}]")
+      if body.mode != "dense" and service.indexes[kind].lexical is None:
+        raise ApiError(422, "invalid_request", f"mode: {body.mode!r} needs a lexical index, and "
+                       f"the {kind!r} index has none (rebuild it with launch.py index)", "mode")
     service.metrics.queries.labels("/v1/search").inc()
-    results, cached = await service.search(body.query, body.k, types)
+    results, cached = await service.search(body.query, body.k, types, body.mode)
     return JSONResponse({"query": body.query, "cached": cached, "results": results})
 
   @app.get("/healthz")

@@ -58,12 +58,16 @@ class SearchRequest(BaseModel):
   k: StrictInt = Field(10, ge=1, le=MAX_K, description="Results per entity type.")
   types: list[Kind] | None = Field(None, min_length=1, description="Entity types to search "
                                    "(default: every type the index holds).")
+  mode: Literal["dense", "lexical", "hybrid"] = Field(
+      "dense", description="dense: the embeddings' nearest neighbours; lexical: BM25 over the "
+      "titles; hybrid: both lists fused (the index's tuned fusion).")
 
 
 class SearchHit(BaseModel):
   id: str
   title: str
-  score: float = Field(description="Inner product of the query and item embeddings.")
+  score: float = Field(description="dense: inner product of the query and item embeddings; "
+                       "lexical: BM25; hybrid: the fused score.")
 
 
 class SearchResponse(BaseModel):

@@ -62,13 +62,33 @@ def test_search_page_shows_the_api_results(browser, url, tmp_path):
   for kind in KINDS:
     shown = [(row.get_attribute("data-id"), row.find_element(By.CLASS_NAME, "title").text,
               float(row.get_attribute("data-score"))) for row in rows(kind)]
-    want = [(hit["id"], hit["title"], hit["score"]) for hit in expected[kind]]
+    want = [(hit["id"], hit["title"] or hit["id"], hit["score"]) for hit in expected[kind]]
     assert [s[:2] for s in shown] == [w[:2] for w in want], kind
     assert [s[2] for s in shown] == pytest.approx([w[2] for w in want], abs=1e-6)
   status = browser.find_element(By.ID, "status").text
   assert "ms" in status and "cached" in status   # the API call above cached the embedding
   browser.save_screenshot(str(tmp_path / "search_page.png"))
   assert (tmp_path / "search_page.png").stat().st_size > 10_000
+  assert "q=summer+garden+party" in browser.current_url and "mode=dense" in browser.current_url
+
+
+def test_a_shared_url_runs_its_search(browser, url):
+  """?q=&k=&mode= fills the form and runs the search: here lexical (BM25), 3 per type."""
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+  query = "summer garden party"
+  expected = httpx.post(url + "/v1/search", json={"query": query, "k": 3,
+                                                  "mode": "lexical"}).json()["results"]
+  browser.get(url + "/?q=summer+garden+party&k=3&mode=lexical")
+
+  def rows(kind):
+    return browser.find_elements(By.CSS_SELECTOR, f"#results-{kind} li.result")
+
+  WebDriverWait(browser, 20).until(lambda _: all(rows(kind) for kind in KINDS))
+  for kind in KINDS:
+    assert [r.get_attribute("data-id") for r in rows(kind)] == [h["id"] for h in expected[kind]]
+  assert browser.find_element(By.ID, "mode").get_attribute("value") == "lexical"
+  assert browser.find_element(By.ID, "k").get_attribute("value") == "3"
 
 
 def test_search_page_reports_errors(browser, url):

@@ -15,6 +15,13 @@ Rows, all in one run:
   omnisage_multi       query->product + query->query + compatibility (the main model)
   multi_no_logq        the main model without logQ correction
   multi_inbatch_only   the main model without random negatives (in-batch negatives only)
+  judged_negatives     the main model plus 2 judged hard negatives per row (relevance < 2)
+  hybrid               BM25 + the best omnisage row (chosen on validation), fused by a weighted
+                       sum of normalised scores whose weight is tuned on validation
+                       (omnisage/serving/index/hybrid.py); not a trained row
+
+The closing JSON's "methods" holds every row under its name, "omnisage" being the best omnisage
+row on validation.
 
 Steps: MiniLM embeds every title and the test/validation queries once (cached under --workdir,
 keyed by the checkpoint and the texts); the title embeddings, PCA-rotated to 256 dims, are the
@@ -44,7 +51,10 @@ VARIANTS = {
     "omnisage_multi": {},
     "multi_no_logq": {"loss.logq": False},
     "multi_inbatch_only": {"loss.random_negatives": 0},
+    "judged_negatives": {"loss.hard_negatives": 2},
 }
+DEFAULT_VARIANTS = ("omnisage_single", "omnisage_multi", "judged_negatives")
+HYBRID_DEPTH = 100   # candidates each list gives the fusion
 LEGACY_DIM = 256
 
 
@@ -53,8 +63,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--datasets", default=default_data)
   p.add_argument("--workdir", default="runs/homedepot")
-  p.add_argument("--variants", default=",".join(VARIANTS),
-                 help="comma-separated omnisage rows to train (bm25 and minilm always run)")
+  p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                 help=f"comma-separated omnisage rows to train, of {', '.join(VARIANTS)} "
+                 "(bm25, minilm and hybrid always run)")
   p.add_argument("--steps", type=int, default=0, help="override train.steps (0: the config's)")
   p.add_argument("--config", default="", help="config argument, e.g. 'tiny' for tests")
   p.add_argument("--max-test-queries", type=int, default=0, help="0: all (tests use fewer)")
@@ -97,6 +108,32 @@ def pca_rotation(x: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
 def evaluate_dense(queries: np.ndarray, corpus: np.ndarray, positives: list[list[int]]) -> dict:
   from omnisage.train.evaluators.corpus import corpus_metrics
   return corpus_metrics(lambda rows: queries[rows] @ corpus.T, positives)
+
+
+def hybrid_lists(dense_q: np.ndarray, corpus: np.ndarray, bm25, texts: list[str],
+                 depth: int = HYBRID_DEPTH) -> tuple[tuple, tuple]:
+  """The two top-`depth` lists ((scores, rows) each, [n, depth]) that hybrid search fuses."""
+  scores = dense_q @ corpus.T
+  rows = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+  dense = (np.take_along_axis(scores, rows, axis=1), rows)
+  return dense, bm25.search(texts, depth)
+
+
+def evaluate_hybrid(dense: tuple, lexical: tuple, positives: list, size: int,
+                    weight: float) -> dict:
+  """Full-corpus metrics of the fused lists: items neither list returned score -inf, which
+  corpus_metrics ranks last (never a hit)."""
+  from omnisage.serving.index import hybrid
+  from omnisage.train.evaluators.corpus import corpus_metrics
+  fused_s, fused_r = hybrid.fuse(dense, lexical, 2 * HYBRID_DEPTH, "weighted", weight)
+
+  def block(rows):
+    out = np.full((len(rows), size), -np.inf)
+    for i, r in enumerate(rows):
+      keep = fused_r[r] >= 0
+      out[i, fused_r[r][keep]] = fused_s[r][keep]
+    return out
+  return corpus_metrics(block, positives)
 
 
 def apply_overrides(config, overrides: dict):
@@ -180,6 +217,7 @@ def main(argv=None) -> dict:
   timings["prepare"] = time.time() - t0
   print(f"  prepared in {timings['prepare']:.0f} s: pairs {prep['pairs']}", flush=True)
 
+  dense_queries, dense_corpus = {}, {}
   for variant in [v for v in args.variants.split(",") if v]:
     if variant not in VARIANTS:
       raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -211,11 +249,29 @@ def main(argv=None) -> dict:
       results.setdefault(variant, {})[split] = evaluate_dense(towers.query_texts(qs), corpus, pos)
     results[variant]["selection"] = {"validation_recall@10_by_step": by_step,
                                      "selected_step": best}
+    dense_queries[variant] = {split: towers.query_texts(qs) for split, (qs, _) in splits.items()}
+    dense_corpus[variant] = corpus
     timings[variant] = summary["train_seconds"]
     results[variant]["train"] = {k: summary[k] for k in ("steps", "train_seconds",
                                                           "examples_per_second", "final_loss")}
     print(f"  {variant}: test recall@10 {results[variant]['test']['recall@10']:.4f} "
           f"({summary['train_seconds']:.0f} s)", flush=True)
+
+  # The best omnisage row on validation, then hybrid = BM25 + it, the weight tuned on validation.
+  trained = [v for v in dense_queries]
+  best_variant = max(trained, key=lambda v: results[v]["validation"]["recall@10"]) \
+      if trained else None
+  if best_variant is not None:
+    from omnisage.serving.index import hybrid
+    t0 = time.time()
+    lists = {split: hybrid_lists(dense_queries[best_variant][split], dense_corpus[best_variant],
+                                 bm25, qs) for split, (qs, _) in splits.items()}
+    weight, by_weight = hybrid.tune_weight(*lists["validation"], splits["validation"][1])
+    results["hybrid"] = {split: evaluate_hybrid(*lists[split], pos, len(titles), weight)
+                         for split, (_, pos) in splits.items()}
+    results["hybrid"]["fusion"] = {"of": ["bm25", best_variant], "method": "weighted",
+                                   "weight": weight, "validation_recall@10_by_weight": by_weight}
+    timings["hybrid"] = time.time() - t0
 
   print("\nHome Depot, test queries (README protocol); validation = held-out training queries")
   print(f"  {'method':<20} {'recall@10':>9} {'pair_recall@10':>14} {'val recall@10':>13} "
@@ -226,7 +282,15 @@ def main(argv=None) -> dict:
           f"{r['validation']['recall@10']:>13.4f} "
           f"{'-' if train_s is None else f'{train_s:.0f}':>8}")
   bm25_r = results["bm25"]["test"]["recall@10"]
+  methods = {name: {"recall@10": r["test"]["recall@10"],
+                    "pair_recall@10": r["test"]["pair_recall@10"],
+                    "validation_recall@10": r["validation"]["recall@10"],
+                    "train_seconds": r.get("train", {}).get("train_seconds")}
+             for name, r in results.items()}
+  if best_variant is not None:
+    methods["omnisage"] = {**methods[best_variant], "variant": best_variant}
   out = {"homedepot": {
+      "methods": methods,
       "results": results, "seconds": {k: round(v, 1) for k, v in timings.items()},
       "total_seconds": round(time.time() - t_start, 1), "world": world,
       "legacy_pca_energy": legacy_energy, "bad_rows": hd.bad.report()["by_reason"],

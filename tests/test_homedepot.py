@@ -107,15 +107,26 @@ def test_benchmark_end_to_end_on_a_slice(tmp_path):
     f.writelines(head)
   result = subprocess.run(
       [sys.executable, "benchmarks/homedepot.py", f"--datasets={tmp_path / 'data'}",
-       f"--workdir={tmp_path / 'w'}", "--config=tiny", "--variants=multi_inbatch_only"],
+       f"--workdir={tmp_path / 'w'}", "--config=tiny",
+       "--variants=multi_inbatch_only,judged_negatives"],
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])["homedepot"]
-  assert set(out["results"]) == {"bm25", "minilm", "multi_inbatch_only"}
+  assert set(out["results"]) == {"bm25", "minilm", "multi_inbatch_only", "judged_negatives",
+                                 "hybrid"}
   for method, r in out["results"].items():
     for split in ("test", "validation"):
       assert 0.0 <= r[split]["recall@10"] <= 1.0 and r[split]["pairs"] > 0, (method, split)
   assert out["results"]["multi_inbatch_only"]["train"]["steps"] == 6
+  assert out["world"]["rows"]["judged_negatives"] > 0   # relevance < 2 judgements of the slice
+  # The JSON keys; "omnisage" is the better trained row on validation, hybrid fuses it
+  # with BM25 at the weight validation chose.
+  methods = out["methods"]
+  assert {"bm25", "minilm", "omnisage", "hybrid"} <= set(methods)
+  best = methods["omnisage"]["variant"]
+  assert best in ("multi_inbatch_only", "judged_negatives")
+  assert out["results"]["hybrid"]["fusion"]["of"] == ["bm25", best]
+  assert 0.0 <= out["results"]["hybrid"]["fusion"]["weight"] <= 1.0
 
   from omnisage.baselines.bm25 import BM25Index
   from omnisage.train.evaluators.corpus import corpus_metrics

@@ -166,6 +166,7 @@ def main(argv=None) -> dict:
   from omnisage.baselines.bm25 import BM25Index
   from omnisage.data.omnisearchsage.prepare import prepare
   from omnisage.data.sources import homedepot
+  from omnisage.train.checkpoint import select_checkpoint
   from omnisage.train.evaluators.corpus import corpus_metrics
   from omnisage.train.omnisearchsage.towers import TrainedTowers
   from omnisage.train.omnisearchsage.trainer import train_and_evaluate
@@ -244,6 +245,8 @@ def main(argv=None) -> dict:
                                      val_pos)["recall@10"]
     best = max(by_step, key=lambda s: (by_step[s], s))
     towers.restore(best)
+    # Recorded in the workdir: `launch.py eval` and `export` of it use this checkpoint.
+    select_checkpoint(workdir, best, metric="validation recall@10", value=by_step[best])
     corpus = towers.entities("products")
     for split, (qs, pos) in splits.items():
       results.setdefault(variant, {})[split] = evaluate_dense(towers.query_texts(qs), corpus, pos)

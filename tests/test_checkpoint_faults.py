@@ -16,7 +16,7 @@ from omnisage.train.checkpoint import (
   fingerprint,
   verify,
 )
-from omnisage.train.loop import NonFiniteError, Trainable, restore_newest, train_loop
+from omnisage.train.loop import NonFiniteError, Trainable, restore_for_eval, train_loop
 from tests.helpers import TINY_CONFIG, common_flags, last_json, run_launch
 from tests.test_loop import config, numpy_reference, trainable, weights
 
@@ -75,7 +75,7 @@ def test_damaged_newest_checkpoint_falls_back_and_is_rewritten(tmp_path, damage)
   np.testing.assert_allclose(weights(state), numpy_reference(12), rtol=1e-4, atol=1e-5)
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["10", "12", "5"]
   assert [d.split("-")[0] for d in os.listdir(os.path.join(work, "checkpoints_corrupt"))] == ["10"]
-  assert restore_newest(config(12), work, trainable().state)[0] == 12
+  assert restore_for_eval(config(12), work, trainable().state)[0] == 12
 
 
 def test_no_intact_checkpoint_refuses_then_restarts_when_allowed(tmp_path):
@@ -89,7 +89,7 @@ def test_no_intact_checkpoint_refuses_then_restarts_when_allowed(tmp_path):
   # Refusing moves nothing: a second try without the flag refuses again.
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["10", "5"]
   with pytest.raises(CorruptCheckpointError):
-    restore_newest(config(12), work, trainable().state)   # eval/export say so too
+    restore_for_eval(config(12), work, trainable().state)   # eval/export say so too
   allowed = config(12)
   allowed.train.restart_if_corrupt = True
   state, summary = train_loop(allowed, work, trainable())

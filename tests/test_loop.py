@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from omnisage.train import sharding
-from omnisage.train.loop import Trainable, restore_newest, train_loop
+from omnisage.train.loop import Trainable, restore_for_eval, train_loop
 from omnisage.train.state import create_state
 
 DIM, BATCH, LR = 4, 8, 0.1
@@ -111,7 +111,7 @@ def test_resume_continues_exactly(tmp_path):
   resumed, summary = train_loop(config(10), str(tmp_path / "b"), trainable())
   assert summary["resumed_from"] == 5
   np.testing.assert_array_equal(weights(resumed), weights(straight))
-  step, restored = restore_newest(config(10), str(tmp_path / "b"), trainable().state)
+  step, restored = restore_for_eval(config(10), str(tmp_path / "b"), trainable().state)
   assert step == 10
   np.testing.assert_array_equal(weights(restored), weights(straight))
 
@@ -137,4 +137,21 @@ def test_progress_bar_shows_step_total_loss_and_rate(tmp_path, capsys):
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    restore_newest(config(1), str(tmp_path), trainable().state)
+    restore_for_eval(config(1), str(tmp_path), trainable().state)
+
+
+def test_selected_checkpoint_is_what_eval_restores_until_training_resumes(tmp_path):
+  from omnisage.train.checkpoint import SELECTED, select_checkpoint
+  work = str(tmp_path)
+  train_loop(config(10), work, trainable())
+  assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 10   # resolved config
+  select_checkpoint(work, 5, metric="validation recall@10", value=0.5)
+  step, state = restore_for_eval(config(10), work, trainable().state)
+  assert step == 5
+  np.testing.assert_allclose(weights(state), numpy_reference(5), rtol=1e-4, atol=1e-5)
+  train_loop(config(12), work, trainable())   # more training: the selection no longer holds
+  assert not (tmp_path / SELECTED).exists()
+  assert restore_for_eval(config(12), work, trainable().state)[0] == 12
+  select_checkpoint(work, 3)   # a step that is not there is a clear error, not the newest
+  with pytest.raises(FileNotFoundError, match="selects step 3"):
+    restore_for_eval(config(12), work, trainable().state)

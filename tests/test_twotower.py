@@ -23,7 +23,7 @@ from omnisage.data.workdir import prepared_dir_of
 from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS
 from omnisage.serving.twotower import bundle as tt_bundle
 from omnisage.train.evaluators import twotower as twotower_eval
-from omnisage.train.loop import restore_newest
+from omnisage.train.loop import restore_for_eval
 from omnisage.train.twotower import trainer as twotower
 from tests.helpers import ROOT, last_json, run_launch, running, subprocess_env
 
@@ -182,7 +182,7 @@ def test_end_to_end_recommend(trained, built, tmp_path):
 
   # The served user vector equals the trained model's on the same features (no skew).
   run, state, statics, _ = built
-  _, params = restore_newest(config, workdir, state)
+  _, params = restore_for_eval(config, workdir, state)
   history = [{"item_id": "3", "timestamp": 1_000_000_000},
              {"item_id": "15", "timestamp": 1_000_086_400}]
   now = 1_000_172_800
@@ -238,8 +238,8 @@ def test_resume_reproduces_the_run_exactly(trained, built, tmp_path):
       return {r["step"]: r["loss"] for r in map(json.loads, f)}
   assert losses(copy) == losses(workdir)
   run, state, _, _ = built
-  a = restore_newest(config, workdir, state)[1].params
-  b = restore_newest(config, copy, state)[1].params
+  a = restore_for_eval(config, workdir, state)[1].params
+  b = restore_for_eval(config, copy, state)[1].params
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -27,6 +27,7 @@ Usage:
   ckpt.save(step, state, iterator.get_state())
 """
 
+import json
 import logging
 import os
 import shutil
@@ -208,6 +209,34 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+SELECTED = "selected_checkpoint.json"
+
+
+def select_checkpoint(workdir: str, step: int, **why) -> dict:
+  """Records `step` as the workdir's chosen checkpoint (e.g. the best on validation): eval and
+  export then use it instead of the newest. `why` is stored with it (metric, value, split)."""
+  record = {"step": int(step), **why}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, SELECTED)
+    with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+      json.dump(record, f, indent=1)
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
+  return record
+
+
+def selected_step(workdir: str) -> int | None:
+  """The step recorded by `select_checkpoint`, or None."""
+  path = os.path.join(workdir, SELECTED)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise ValueError(f"{path}: not a checkpoint selection ({error}); delete it or rerun the "
+                     "selection") from error
 
 
 def no_usable_checkpoint(ckpt: Checkpointer, restart_if_corrupt: bool | None):

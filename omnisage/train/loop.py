@@ -39,7 +39,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from omnisage.train import sharding
-from omnisage.train.checkpoint import Checkpointer, no_usable_checkpoint
+from omnisage.train.checkpoint import (
+  SELECTED,
+  Checkpointer,
+  no_usable_checkpoint,
+  selected_step,
+)
 from omnisage.train.metrics import MetricsWriter
 from omnisage.train.state import abstract_state, shardings_of
 
@@ -74,6 +79,13 @@ def train_loop(config, workdir: str, run: Trainable, progress: bool | None = Non
   """
   os.makedirs(workdir, exist_ok=True)
   train = config.train
+  if jax.process_index() == 0:
+    # The resolved config beside the checkpoints: eval and export of this workdir need no guess.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    if os.path.exists(os.path.join(workdir, SELECTED)):   # more training: choose again
+      os.remove(os.path.join(workdir, SELECTED))
+      log.info("removed %s: the checkpoints change, select again after training", SELECTED)
   ckpt = Checkpointer(workdir, keep=train.keep_checkpoints,
                       async_save=train.get("async_checkpoint", True))
   writer = MetricsWriter(workdir)
@@ -187,11 +199,18 @@ def check_finite(pending: list, metrics: dict, policy: str) -> int:
       "before checkpointing it. Set --config.train.nonfinite=skip to skip such updates instead")
 
 
-def restore_newest(config, workdir: str, state):
-  """(step, state) of the newest checkpoint that restores, for evaluation and export;
-  FileNotFoundError when there is none."""
+def restore_for_eval(config, workdir: str, state):
+  """(step, state) for evaluation and export: the checkpoint recorded by
+  checkpoint.select_checkpoint (the best on validation) when there is one, else the newest that
+  restores; FileNotFoundError when there is none."""
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
   try:
+    chosen = selected_step(workdir)
+    if chosen is not None:
+      if chosen not in ckpt.steps():
+        raise FileNotFoundError(f"{workdir}/{SELECTED} selects step {chosen}, which is not among "
+                                f"the checkpoints {ckpt.steps()}: rerun the selection")
+      return chosen, ckpt.restore(chosen, abstract_state(state))[0]
     restored = ckpt.restore_latest(abstract_state(state))
   finally:
     ckpt.close()
@@ -201,4 +220,4 @@ def restore_newest(config, workdir: str, state):
   return restored[0], restored[1]
 
 
-__all__ = ["Trainable", "train_loop", "restore_newest", "NonFiniteError"]
+__all__ = ["Trainable", "train_loop", "restore_for_eval", "NonFiniteError"]

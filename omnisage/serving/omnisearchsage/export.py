@@ -34,30 +34,26 @@ from omnisage.models import CONTINUOUS_DIM
 from omnisage.serving.bundle.writer import PLATFORMS, publish_bundle, start_bundle, write_towers
 from omnisage.train import sharding
 from omnisage.train.checkpoint import Checkpointer
+from omnisage.train.loop import restore_for_eval
 from omnisage.train.omnisearchsage.state import create_train_state
-from omnisage.train.state import abstract_state
 
 FORMAT_VERSION = 1
 TOWERS = ("query_tower", "entity_tower")
 
 
 def export_bundle(config, workdir: str, out_dir: str) -> dict:
-  """Writes the bundle of the newest checkpoint of `workdir` to `out_dir`; returns a summary."""
+  """Writes the bundle of `workdir`'s selected checkpoint (checkpoint.select_checkpoint), else
+  its newest, to `out_dir`; returns a summary."""
   if jax.process_count() > 1:
     # Every host would write the same directory, and sharded params are not all addressable here.
     raise ValueError("export runs in a single process: drop the multi-host flags")
   prepared = prepared_dir_of(config, workdir)
   vocab_sizes = vocab_sizes_of(prepared)
-  ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  missing = f"no checkpoint under {workdir}/checkpoints: run `launch.py train`"
-  if not ckpt.steps():   # said before the (slow) model build
-    raise FileNotFoundError(missing)
+  if not Checkpointer(workdir).steps():   # said before the (slow) model build
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run `launch.py train`")
   # The same state evaluate_checkpoint builds (without the entity stores, which export never reads).
   state, statics = create_train_state(config, vocab_sizes, sharding.make_mesh(config.mesh))
-  restored = ckpt.restore_latest(abstract_state(state))
-  if restored is None:
-    raise FileNotFoundError(missing)
-  step, trained, _ = restored
+  step, trained = restore_for_eval(config, workdir, state)
   model = statics.model(trained.params)
 
   dims = {"embed_dim": int(config.model.embed_dim), "compat_dim": int(config.model.compat_dim),

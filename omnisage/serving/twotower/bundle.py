@@ -77,12 +77,12 @@ def is_twotower_bundle(path: str) -> bool:
 
 def export(config, workdir: str, out_dir: str) -> dict:
   """`launch.py export` of the two-tower system: the bundle of the newest checkpoint."""
-  from omnisage.train.loop import restore_newest
+  from omnisage.train.loop import restore_for_eval
   from omnisage.train.twotower.trainer import setup
   if jax.process_count() > 1:
     raise ValueError("export runs in a single process: drop the multi-host flags")
   run, state, statics, _ = setup(config, workdir)
-  step, trained = restore_newest(config, workdir, state)
+  step, trained = restore_for_eval(config, workdir, state)
   return write_bundle(statics.model(trained.params), run.meta, run.prepared, int(step), out_dir,
                       config=json.loads(config.to_json()))
 

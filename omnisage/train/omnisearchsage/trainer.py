@@ -22,7 +22,7 @@ from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 from omnisage.data.workdir import prepared_dir_of
 from omnisage.train import sharding
 from omnisage.train.evaluators import build_evaluators, run_all
-from omnisage.train.loop import Trainable, restore_newest, train_loop
+from omnisage.train.loop import Trainable, restore_for_eval, train_loop
 from omnisage.train.metrics import json_line
 from omnisage.train.omnisearchsage.state import create_train_state
 from omnisage.train.omnisearchsage.step import train_step
@@ -86,7 +86,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   mesh, state, statics, stores, prepared = build(config, workdir)
   evaluators = build_evaluators(config, prepared=prepared, stores=stores, mesh=mesh)
   untrained = per_task(run_all(evaluators, statics, state.params))
-  step, trained_state = restore_newest(config, workdir, state)
+  step, trained_state = restore_for_eval(config, workdir, state)
   trained = per_task(run_all(evaluators, statics, trained_state.params))
   recall = {task: {"trained": trained[task], "untrained": untrained[task]} for task in trained}
   print_recall_table(recall)

@@ -33,7 +33,7 @@ from omnisage.data.workdir import prepared_dir_of
 from omnisage.models.pintext import PinText, padded_rows, table_to_numpy
 from omnisage.train import margin_loss, sharding
 from omnisage.train.evaluators.pintext import Evaluator
-from omnisage.train.loop import Trainable, restore_newest, train_loop
+from omnisage.train.loop import Trainable, restore_for_eval, train_loop
 from omnisage.train.state import Statics, TrainState, create_state
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def latest_table(config, workdir: str) -> tuple[int, list[str], np.ndarray, np.n
   """(step, vocab, trained table, untrained table of the same seed) of the newest checkpoint."""
   _, vocab, _, state, _ = build(config, workdir)
   untrained = table_to_numpy(jax.tree.leaves(state.params)[0])
-  step, trained = restore_newest(config, workdir, state)
+  step, trained = restore_for_eval(config, workdir, state)
   return step, vocab, table_to_numpy(jax.tree.leaves(trained.params)[0]), untrained
 
 

@@ -29,7 +29,7 @@ from omnisage.data.workdir import prepared_dir_of
 from omnisage.models.twotower import ITEM_INPUTS, USER_INPUTS, TwoTower
 from omnisage.train import frequency, losses, sharding
 from omnisage.train.evaluators import build_evaluators
-from omnisage.train.loop import Trainable, restore_newest, train_loop
+from omnisage.train.loop import Trainable, restore_for_eval, train_loop
 from omnisage.train.state import Statics, TrainState, create_state, make_optimizer, param_count
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def train(config, workdir: str) -> dict:
 def evaluate(config, workdir: str) -> dict:
   """The evaluators of `config.evals` on the newest checkpoint and on the untrained model."""
   run, state, statics, _ = setup(config, workdir)
-  step, trained = restore_newest(config, workdir, state)
+  step, trained = restore_for_eval(config, workdir, state)
   evaluators = build_evaluators(config, prepared=run.prepared, catalogue=run.catalogue)
   result, untrained = {}, {}
   for evaluator in evaluators.values():

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint serve clean-demo peers
+.PHONY: demo test lint serve serve-homedepot clean-demo peers
 
 # The stamp is rebuilt only when pyproject.toml changes, so repeated runs skip pip entirely.
 $(STAMP): pyproject.toml
@@ -25,6 +25,12 @@ demo: $(STAMP)
 # The query service and search page on the demo's bundle and index (run `make demo` first).
 serve: $(STAMP)
 	$(PY) launch.py serve --config.bundle=$(DEMO_DIR)/bundle --config.index=$(DEMO_DIR)/index --config.host=127.0.0.1 --config.port=8080
+
+# After benchmarks/homedepot.py: the best Home Depot model with its dense + BM25 index, so a person
+# can type "cordless drill" and compare dense, lexical and hybrid results on the search page.
+serve-homedepot: $(STAMP)
+	$(PY) launch.py serve --config.bundle=runs/homedepot/serve/bundle \
+	    --config.index=runs/homedepot/serve/index --config.host=127.0.0.1 --config.port=8080
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -70,6 +70,9 @@ def parse_args(argv=None):
   p.add_argument("--config", default="", help="config argument, e.g. 'tiny' for tests")
   p.add_argument("--max-test-queries", type=int, default=0, help="0: all (tests use fewer)")
   p.add_argument("--skip-minilm", action="store_true", help="no MiniLM row and no legacy vectors")
+  p.add_argument("--serve-dir", default="", help="where the best model's bundle and hybrid "
+                 "index go (default <workdir>/serve)")
+  p.add_argument("--no-serve", action="store_true", help="skip exporting them")
   return p.parse_args(argv)
 
 
@@ -134,6 +137,24 @@ def evaluate_hybrid(dense: tuple, lexical: tuple, positives: list, size: int,
       out[i, fused_r[r][keep]] = fused_s[r][keep]
     return out
   return corpus_metrics(block, positives)
+
+
+def export_for_serving(config, workdir: str, prepared: str, out: str, weight: float,
+                       tuned_on: dict) -> dict:
+  """The selected checkpoint's bundle, products and queries embedded and indexed (dense + BM25),
+  the validation-tuned fusion weight stored with the index: `make serve-homedepot` serves it."""
+  from omnisage.serving.index.embed import embed_entities
+  from omnisage.serving.index.scann_index import build_index, set_fusion
+  from omnisage.serving.omnisearchsage.export import export_bundle
+  bundle, embeddings, index = (os.path.join(out, name) for name in ("bundle", "embeddings",
+                                                                     "index"))
+  exported = export_bundle(config, workdir, bundle)
+  for kind in ("products", "queries"):
+    embed_entities(bundle, os.path.join(prepared, "entities", f"{kind}.parquet"), embeddings)
+  build_index(embeddings, index)
+  fusion = set_fusion(os.path.join(index, "products"), "weighted", weight, tuned_on)
+  print(f"  serving bundle + hybrid index in {out} (make serve-homedepot)", flush=True)
+  return {"dir": out, "step": exported["step"], "fusion": fusion}
 
 
 def apply_overrides(config, overrides: dict):
@@ -218,7 +239,7 @@ def main(argv=None) -> dict:
   timings["prepare"] = time.time() - t0
   print(f"  prepared in {timings['prepare']:.0f} s: pairs {prep['pairs']}", flush=True)
 
-  dense_queries, dense_corpus = {}, {}
+  dense_queries, dense_corpus, runs = {}, {}, {}
   for variant in [v for v in args.variants.split(",") if v]:
     if variant not in VARIANTS:
       raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -254,6 +275,7 @@ def main(argv=None) -> dict:
                                      "selected_step": best}
     dense_queries[variant] = {split: towers.query_texts(qs) for split, (qs, _) in splits.items()}
     dense_corpus[variant] = corpus
+    runs[variant] = (config, workdir)
     timings[variant] = summary["train_seconds"]
     results[variant]["train"] = {k: summary[k] for k in ("steps", "train_seconds",
                                                           "examples_per_second", "final_loss")}
@@ -275,6 +297,13 @@ def main(argv=None) -> dict:
     results["hybrid"]["fusion"] = {"of": ["bm25", best_variant], "method": "weighted",
                                    "weight": weight, "validation_recall@10_by_weight": by_weight}
     timings["hybrid"] = time.time() - t0
+    if not args.no_serve:
+      t0 = time.time()
+      results["hybrid"]["serve"] = export_for_serving(
+          *runs[best_variant], prepared, args.serve_dir or os.path.join(args.workdir, "serve"),
+          weight, {"variant": best_variant, "validation_queries": len(splits["validation"][0]),
+                   "validation_recall@10": by_weight[weight]})
+      timings["serve_export"] = time.time() - t0
 
   print("\nHome Depot, test queries (README protocol); validation = held-out training queries")
   print(f"  {'method':<20} {'recall@10':>9} {'pair_recall@10':>14} {'val recall@10':>13} "

@@ -127,6 +127,11 @@ def test_benchmark_end_to_end_on_a_slice(tmp_path):
   assert best in ("multi_inbatch_only", "judged_negatives")
   assert out["results"]["hybrid"]["fusion"]["of"] == ["bm25", best]
   assert 0.0 <= out["results"]["hybrid"]["fusion"]["weight"] <= 1.0
+  # The served index carries the weight validation chose (make serve-homedepot).
+  from omnisage.serving.index.scann_index import load_index
+  served = load_index(str(tmp_path / "w" / "serve" / "index"))
+  assert served["products"].fusion["weight"] == out["results"]["hybrid"]["fusion"]["weight"]
+  assert served["products"].fusion["tuned"] and served["products"].lexical is not None
 
   from omnisage.baselines.bm25 import BM25Index
   from omnisage.train.evaluators.corpus import corpus_metrics

@@ -21,6 +21,7 @@ By default it starts the server itself (`launch.py serve` on a free loopback por
 Usage:
   .venv/bin/python benchmarks/serving_load.py                       # runs/demo/bundle + index
   .venv/bin/python benchmarks/serving_load.py --url http://127.0.0.1:8080 --endpoint search
+  .venv/bin/python benchmarks/serving_load.py --endpoint search --mode hybrid   # dense + BM25
 Prints a table and ends with one JSON line {"serving_load": {...}}. Exit status 1 when any
 response was a 5xx or a request failed to connect (0 otherwise; missed latency targets are
 reported, not fatal: they depend on the machine).
@@ -59,6 +60,8 @@ def parse_args(argv=None):
   p.add_argument("--endpoint", choices=("embed", "search"), default="embed",
                  help="embed: POST /v1/embed (the SPEC's query-embedding service); search: "
                  "POST /v1/search (embedding + ANN over every type)")
+  p.add_argument("--mode", choices=("dense", "lexical", "hybrid"), default="dense",
+                 help="/v1/search mode: embeddings, BM25 or both fused (hybrid search latency)")
   p.add_argument("--clients", type=int, default=16, help="concurrent client coroutines")
   p.add_argument("--requests", type=int, default=3000, help="requests per phase")
   p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent of query frequency")
@@ -139,11 +142,11 @@ def unseen_queries(texts: list[str], n: int, rng, keys, avoid: set) -> list[str]
 # Requests: (kind, path, body bytes, content type, expected status or None)
 
 
-def good_request(endpoint: str, text: str):
+def good_request(endpoint: str, text: str, mode: str = "dense"):
   if endpoint == "embed":
     return ("ok", "/v1/embed", json.dumps({"queries": [text]}).encode(), "application/json", 200)
-  return ("ok", "/v1/search", json.dumps({"query": text, "k": 10}).encode(), "application/json",
-          200)
+  return ("ok", "/v1/search", json.dumps({"query": text, "k": 10, "mode": mode}).encode(),
+          "application/json", 200)
 
 
 def malformed_requests() -> list[tuple]:
@@ -398,11 +401,11 @@ def main(argv=None) -> int:
   zipf = zipf_stream(texts, args.zipf_a, 2 * args.requests, rng)
   fresh = unseen_queries(texts, args.requests, rng, keys, avoid=set(keys(texts)))
   bad = malformed_requests()
-  mixed = [good_request(args.endpoint, t) for t in zipf[args.requests:]]
+  mixed = [good_request(args.endpoint, t, args.mode) for t in zipf[args.requests:]]
   for i in np.flatnonzero(rng.random(len(mixed)) < args.malformed):
     mixed[i] = bad[rng.integers(len(bad))]
-  phases = {"uncached": [good_request(args.endpoint, t) for t in fresh],
-            "zipf": [good_request(args.endpoint, t) for t in zipf[: args.requests]],
+  phases = {"uncached": [good_request(args.endpoint, t, args.mode) for t in fresh],
+            "zipf": [good_request(args.endpoint, t, args.mode) for t in zipf[: args.requests]],
             "malformed": mixed}
   print(f"{len(texts)} query texts from {source}; endpoint /v1/{args.endpoint}, "
         f"{args.clients} clients, {args.requests} requests per phase, zipf a={args.zipf_a}")
@@ -425,7 +428,8 @@ def main(argv=None) -> int:
   errors_5xx = sum(s["status_5xx"] for s in results.values())
   conn = sum(s["connection_errors"] for s in results.values())
   summary = {
-      "url": url, "endpoint": args.endpoint, "clients": args.clients, "requests": args.requests,
+      "url": url, "endpoint": args.endpoint, "mode": args.mode, "clients": args.clients,
+      "requests": args.requests,
       "zipf_a": args.zipf_a, "malformed_share": args.malformed, "query_texts": len(texts),
       "targets_ms": TARGETS_MS, "phases": results,
       # The SPEC's figures are for the live, cached (Zipfian) stream.

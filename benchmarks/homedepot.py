@@ -16,6 +16,10 @@ Rows, all in one run:
   multi_no_logq        the main model without logQ correction
   multi_inbatch_only   the main model without random negatives (in-batch negatives only)
   judged_negatives     the main model plus 2 judged hard negatives per row (relevance < 2)
+  mined_negatives      the main model trained half-way, negatives mined from that checkpoint and
+                       BM25 (launch.py mine), then the second half with 2 mined negatives per row
+  full_finetune        the main model with no frozen query-tower layer
+  all_together         judged + mined negatives and full fine-tuning
   hybrid               BM25 + the best omnisage row (chosen on validation), fused by a weighted
                        sum of normalised scores whose weight is tuned on validation
                        (omnisage/serving/index/hybrid.py); not a trained row
@@ -52,7 +56,13 @@ VARIANTS = {
     "multi_no_logq": {"loss.logq": False},
     "multi_inbatch_only": {"loss.random_negatives": 0},
     "judged_negatives": {"loss.hard_negatives": 2},
+    # Mined (ANCE): half the steps without, then `mine` (the checkpoint's and BM25's ranks
+    # 10-100, never a positive), then the other half with 2 mined negatives per row.
+    "mined_negatives": {"loss.hard_negatives": 2},
+    "full_finetune": {"model.query.frozen_layers": 0},
+    "all_together": {"loss.hard_negatives": 2, "model.query.frozen_layers": 0},
 }
+MINED = ("mined_negatives", "all_together")   # variants trained in two halves around `mine`
 DEFAULT_VARIANTS = ("omnisage_single", "omnisage_multi", "judged_negatives")
 HYBRID_DEPTH = 100   # candidates each list gives the fusion
 LEGACY_DIM = 256
@@ -157,6 +167,35 @@ def export_for_serving(config, workdir: str, prepared: str, out: str, weight: fl
   return {"dir": out, "step": exported["step"], "fusion": fusion}
 
 
+def train_with_mining(config, workdir: str, keep_judged: bool) -> dict:
+  """Half of train.steps without hard negatives, `mine` from that checkpoint (model and BM25)
+  into the run's own table directory (beside a copy of the judged table when the variant keeps
+  it: all_together), then the rest with them. Train seconds add up both halves."""
+  import ml_collections
+
+  from omnisage.data.omnisearchsage.hard_negatives import table_dir
+  from omnisage.train.omnisearchsage.mine import mine_hard_negatives
+  from omnisage.train.omnisearchsage.trainer import train_and_evaluate
+  total, k = int(config.train.steps), int(config.loss.hard_negatives)
+  own = os.path.join(workdir, "hard_negatives")
+  os.makedirs(own, exist_ok=True)
+  if keep_judged:
+    judged = os.path.join(table_dir(config.data.prepared_dir), "q2product.judged.parquet")
+    if os.path.exists(judged):
+      shutil.copy(judged, own)
+  first = ml_collections.ConfigDict(config.to_dict())
+  first.train.steps, first.loss.hard_negatives = total // 2, 0
+  half = train_and_evaluate(first, workdir)
+  config.data.hard_negatives_dir = own
+  config.mine.sources, config.mine.tasks = ("model", "bm25"), ("q2product",)
+  mined = mine_hard_negatives(config, workdir)
+  config.loss.hard_negatives = k
+  rest = train_and_evaluate(config, workdir)
+  rest["train_seconds"] = round(half["train_seconds"] + rest["train_seconds"], 2)
+  rest["mined"] = mined["tables"]
+  return rest
+
+
 def apply_overrides(config, overrides: dict):
   for dotted, value in overrides.items():
     node = config
@@ -254,7 +293,10 @@ def main(argv=None) -> dict:
     workdir = os.path.join(args.workdir, variant)
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"  training {variant} ({config.train.steps} steps)...", flush=True)
-    summary = train_and_evaluate(config, workdir)
+    if variant in MINED:
+      summary = train_with_mining(config, workdir, keep_judged=variant == "all_together")
+    else:
+      summary = train_and_evaluate(config, workdir)
     # Model selection on the VALIDATION queries: every kept checkpoint is scored on them and the
     # best one (ties: the later) is the one measured on test.
     towers = TrainedTowers(config, workdir)
@@ -279,6 +321,10 @@ def main(argv=None) -> dict:
     timings[variant] = summary["train_seconds"]
     results[variant]["train"] = {k: summary[k] for k in ("steps", "train_seconds",
                                                           "examples_per_second", "final_loss")}
+    if "mined" in summary:
+      results[variant]["train"]["mined"] = {t: {k: m[k] for k in ("queries", "negatives",
+                                                                  "by_source")}
+                                            for t, m in summary["mined"].items()}
     print(f"  {variant}: test recall@10 {results[variant]['test']['recall@10']:.4f} "
           f"({summary['train_seconds']:.0f} s)", flush=True)
 

@@ -108,12 +108,12 @@ def test_benchmark_end_to_end_on_a_slice(tmp_path):
   result = subprocess.run(
       [sys.executable, "benchmarks/homedepot.py", f"--datasets={tmp_path / 'data'}",
        f"--workdir={tmp_path / 'w'}", "--config=tiny",
-       "--variants=multi_inbatch_only,judged_negatives"],
+       "--variants=multi_inbatch_only,judged_negatives,mined_negatives"],
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])["homedepot"]
   assert set(out["results"]) == {"bm25", "minilm", "multi_inbatch_only", "judged_negatives",
-                                 "hybrid"}
+                                 "mined_negatives", "hybrid"}
   for method, r in out["results"].items():
     for split in ("test", "validation"):
       assert 0.0 <= r[split]["recall@10"] <= 1.0 and r[split]["pairs"] > 0, (method, split)
@@ -124,7 +124,12 @@ def test_benchmark_end_to_end_on_a_slice(tmp_path):
   methods = out["methods"]
   assert {"bm25", "minilm", "omnisage", "hybrid"} <= set(methods)
   best = methods["omnisage"]["variant"]
-  assert best in ("multi_inbatch_only", "judged_negatives")
+  assert best in ("multi_inbatch_only", "judged_negatives", "mined_negatives")
+  # mined: trained in two halves around `mine` (model + BM25 negatives of its training queries)
+  mined = out["results"]["mined_negatives"]["train"]
+  assert mined["steps"] == 6
+  assert mined["mined"]["q2product"]["negatives"] > 0
+  assert set(mined["mined"]["q2product"]["by_source"]) <= {"model", "bm25"}
   assert out["results"]["hybrid"]["fusion"]["of"] == ["bm25", best]
   assert 0.0 <= out["results"]["hybrid"]["fusion"]["weight"] <= 1.0
   # The served index carries the weight validation chose (make serve-homedepot).

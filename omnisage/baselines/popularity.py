@@ -51,3 +51,14 @@ def cooccurrence_scores(train_users: np.ndarray, train_items: np.ndarray, users:
   norm = 1.0 / np.sqrt(np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0))   # 1/sqrt(n_j)
   d = sp.diags(norm)
   return np.asarray((((history @ d) @ x.T) @ x @ d).todense())
+
+
+def item_knn_weights(x) -> np.ndarray:
+  """[items, items] cosine similarity of the items' user sets, zero diagonal (item-based kNN,
+  Sarwar et al. 2001, all neighbours kept): scores(u) = x_u S."""
+  x = sp.csr_matrix(x, dtype=np.float64)
+  co = np.asarray((x.T @ x).todense())
+  norm = np.sqrt(np.maximum(np.diag(co), 1e-12))
+  s = co / norm[:, None] / norm[None, :]
+  s[np.diag_indices_from(s)] = 0.0
+  return s

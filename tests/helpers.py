@@ -90,15 +90,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(app):
-  """Serves `app` on 127.0.0.1:<free port> in a thread; yields the base URL (no trailing /)."""
+def running(app, make_config=None):
+  """Serves `app` on 127.0.0.1:<free port> in a thread; yields the base URL (no trailing /).
+
+  make_config(app, host, port) -> uvicorn.Config (default: plain uvicorn, quiet)."""
   import uvicorn
   sock = socket.socket()
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                         access_log=False))
+  if make_config is None:
+    make_config = lambda app, host, port: uvicorn.Config(app, host=host, port=port,
+                                                         log_level="warning", access_log=False)
+  server = uvicorn.Server(make_config(app, "127.0.0.1", port))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.time() + 30

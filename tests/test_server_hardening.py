@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 
@@ -26,7 +25,7 @@ from omnisage.serving.index.scann_index import load_index
 from omnisage.serving.omnisearchsage.service import create_app
 from omnisage.serving.service import auth, runner
 from omnisage.serving.service.limits import Limits
-from tests.helpers import ROOT, build_tiny_index, free_port, subprocess_env
+from tests.helpers import ROOT, build_tiny_index, free_port, running, subprocess_env
 
 TOKEN = "s3cret-token-\u00e9"   # non-ASCII too: compared as UTF-8 bytes
 BEARER = ("Bearer " + TOKEN).encode()   # the Authorization header (httpx sends str as ASCII)
@@ -52,26 +51,11 @@ def make_app(world, **options):
 
 @contextlib.contextmanager
 def serving(app, **limits):
-  """Serves `app` on 127.0.0.1:<free port> in a thread with runner.uvicorn_config; yields port."""
-  import uvicorn
-  sock = socket.socket()
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  sock.bind(("127.0.0.1", 0))
-  port = sock.getsockname()[1]
-  server = uvicorn.Server(runner.uvicorn_config(app, "127.0.0.1", port, Limits(**limits)))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  deadline = time.time() + 30
-  while not server.started:
-    if time.time() > deadline or not thread.is_alive():
-      raise RuntimeError("uvicorn did not start")
-    time.sleep(0.01)
-  try:
-    yield port
-  finally:
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+  """Serves `app` on 127.0.0.1:<free port> with runner.uvicorn_config (the production limits);
+  yields the port."""
+  config = lambda app, host, port: runner.uvicorn_config(app, host, port, Limits(**limits))
+  with running(app, config) as url:
+    yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")

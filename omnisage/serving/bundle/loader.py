@@ -105,15 +105,7 @@ def load_bundle(path: str) -> Bundle:
     bundle_file(path, manifest, "tokenizer.vocab", manifest["tokenizer"]["vocab"])
 
   params = _load_params(path, manifest)
-  functions = {}
-  for name in TOWERS:
-    fname = manifest["towers"][name]["function"]
-    full = bundle_file(path, manifest, f"towers.{name}.function", fname)
-    try:
-      with open(full, "rb") as f:
-        functions[name] = jax.export.deserialize(bytearray(f.read()))
-    except Exception as error:   # any failure to parse means the same thing: not servable
-      raise BundleError(f"{fname}: cannot be deserialised ({error})") from error
+  functions = {name: load_function(path, manifest, name) for name in TOWERS}
   _check_dims(manifest, params, functions)
   return Bundle(path=path, manifest=manifest, params=params, functions=functions)
 
@@ -225,6 +217,17 @@ def _check(value, key: str, kind):
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "int", float: "float",
                bool: "bool", type(None): "null"}
+
+
+def load_function(path: str, manifest: dict, tower: str):
+  """The deserialised `jax.export` program of a tower (its confined, checksummed file)."""
+  fname = manifest["towers"][tower]["function"]
+  full = bundle_file(path, manifest, f"towers.{tower}.function", fname)
+  try:
+    with open(full, "rb") as f:
+      return jax.export.deserialize(bytearray(f.read()))
+  except Exception as error:   # any failure to parse means the same thing: not servable
+    raise BundleError(f"{fname}: cannot be deserialised ({error})") from error
 
 
 def bundle_file(path: str, manifest: dict, key: str, name: str) -> str:

@@ -256,20 +256,11 @@ def _add_routes(app: FastAPI, service: QueryService, options: dict) -> None:
 
   @app.get("/healthz")
   async def healthz():
-    """Never a 500: each field is computed (and made JSON) on its own, and one that fails is null
-    with its error under "errors" (load_bundle refuses a bad manifest; this is the backstop)."""
-    import json
-    fields = {"bundle_step": lambda: service.bundle.step, "embed_dim": lambda: service.dim,
-              "index_sizes": lambda: {k: index.size for k, index in service.indexes.items()},
-              "queue_depth": lambda: service.batcher.depth,
-              "uptime_s": lambda: round(time.time() - service.started, 1)}
-    body, errors = {"status": "ok"}, {}
-    for name, get in fields.items():
-      try:
-        body[name] = json.loads(json.dumps(get(), allow_nan=False))
-      except Exception as error:   # whatever the field holds, the probe gets an answer
-        body[name], errors[name] = None, f"{type(error).__name__}: {error}"
-    return JSONResponse({**body, "errors": errors} if errors else body)
+    return api.health({
+        "bundle_step": lambda: service.bundle.step, "embed_dim": lambda: service.dim,
+        "index_sizes": lambda: {k: index.size for k, index in service.indexes.items()},
+        "queue_depth": lambda: service.batcher.depth,
+        "uptime_s": lambda: round(time.time() - service.started, 1)})
 
   @app.get("/metrics", response_class=Response)
   async def metrics():

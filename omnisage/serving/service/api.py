@@ -23,6 +23,7 @@ error is about the body as a whole.
 Usage: `install(app, max_body_bytes)` adds the handlers and the body guard to a FastAPI app.
 """
 
+import json
 import logging
 import unicodedata
 from typing import Literal
@@ -175,6 +176,19 @@ async def _http_error(request, exc: StarletteHTTPException) -> JSONResponse:
 async def _unexpected(request, exc: Exception) -> JSONResponse:
   log.exception("unexpected error on %s", request.url.path)
   return error_response(500, "internal", f"internal error ({type(exc).__name__})")
+
+
+def health(fields: dict, **constant) -> JSONResponse:
+  """A /healthz answer that is never a 500: each of `fields` ({name: callable}) is computed and
+  made JSON on its own; one that fails is null, with its error under "errors" (the loaders refuse
+  a bad manifest; this is the backstop)."""
+  body, errors = {"status": "ok", **constant}, {}
+  for name, get in fields.items():
+    try:
+      body[name] = json.loads(json.dumps(get(), allow_nan=False))
+    except Exception as error:   # whatever the field holds, the probe gets an answer
+      body[name], errors[name] = None, f"{type(error).__name__}: {error}"
+  return JSONResponse({**body, "errors": errors} if errors else body)
 
 
 def install(app: FastAPI, max_body_bytes: int) -> None:

@@ -45,8 +45,8 @@ from omnisage.serving.bundle.loader import (
   STR_LIST,
   BundleError,
   ExportedTowers,
-  bundle_file,
   check_manifest,
+  load_function,
   load_safetensors,
   read_manifest,
   verify_files,
@@ -154,13 +154,7 @@ def load_twotower_bundle(path: str) -> TwoTowerBundle:
     if missing:
       raise BundleError(f"{PARAMS_FILE}: no tensor(s) {missing} of {name}")
     params[name] = {e["key"]: flat[f"{name}/{e['key']}"] for e in entries}
-    fname = manifest["towers"][name]["function"]
-    full = bundle_file(path, manifest, f"towers.{name}.function", fname)
-    try:
-      with open(full, "rb") as f:
-        functions[name] = jax.export.deserialize(bytearray(f.read()))
-    except Exception as error:   # any failure to parse means the same thing: not servable
-      raise BundleError(f"{fname}: cannot be deserialised ({error})") from error
+    functions[name] = load_function(path, manifest, name)
     (taken, *_), _ = jax.tree.unflatten(functions[name].in_tree, functions[name].in_avals)
     if set(taken) != set(params[name]):
       raise BundleError(f"{name}.jaxexport takes params {sorted(taken)}, {PARAMS_FILE} has "

@@ -19,7 +19,9 @@ Rows, all in one run:
   mined_negatives      the main model trained half-way, negatives mined from that checkpoint and
                        BM25 (launch.py mine), then the second half with 2 mined negatives per row
   full_finetune        the main model with no frozen query-tower layer
-  all_together         judged + mined negatives and full fine-tuning
+  lexical              the main model with the query tower's lexical path (the query's n-grams
+                       through the product tower's hash table; model.query.lexical)
+  all_together         lexical path, judged + mined negatives and full fine-tuning
   hybrid               BM25 + the best omnisage row (chosen on validation), fused by a weighted
                        sum of normalised scores whose weight is tuned on validation
                        (omnisage/serving/index/hybrid.py); not a trained row
@@ -60,7 +62,10 @@ VARIANTS = {
     # 10-100, never a positive), then the other half with 2 mined negatives per row.
     "mined_negatives": {"loss.hard_negatives": 2},
     "full_finetune": {"model.query.frozen_layers": 0},
-    "all_together": {"loss.hard_negatives": 2, "model.query.frozen_layers": 0},
+    # The query's n-grams through the product tower's hash table (models/lexical_path.py).
+    "lexical": {"model.query.lexical": True},
+    "all_together": {"model.query.lexical": True, "loss.hard_negatives": 2,
+                     "model.query.frozen_layers": 0},
 }
 MINED = ("mined_negatives", "all_together")   # variants trained in two halves around `mine`
 DEFAULT_VARIANTS = ("omnisage_single", "omnisage_multi", "judged_negatives")

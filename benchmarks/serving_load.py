@@ -104,10 +104,10 @@ def token_keys(args):
   """text -> the server's cache key (token ids cropped to query_len), when the bundle is here;
   else the text itself (distinct texts may then collide in the server's cache)."""
   try:
-    from omnisage.data.tokenizer import WordPieceTokenizer
+    from omnisage.data.omnisearchsage.query_input import QueryEncoder
     with open(os.path.join(args.bundle, "manifest.json"), encoding="utf-8") as f:
       length = json.load(f)["dims"]["query_len"]
-    tokenizer = WordPieceTokenizer.from_bundle(args.bundle)
+    tokenizer = QueryEncoder.from_bundle(args.bundle)
   except (OSError, KeyError, ValueError) as error:
     print(f"note: no tokenizer from {args.bundle} ({error}); uniqueness checked on text only")
     return lambda texts: list(texts)

@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # most ~13 tokens, so padding to 64 would spend 4x the query-tower compute on padding; queries
   # longer than this are truncated and counted in the train log.
   d.batch_query_len = 16
+  d.query_lexical_len = 48   # a query's n-gram ids with model.query.lexical (cropped beyond)
   d.trigram_vocab = 4_000 if tiny else 30_000
   d.unigram_vocab = 2_000 if tiny else 30_000
   d.bigram_vocab = 4_000 if tiny else 60_000
@@ -88,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   q.pooling = "cls"          # "cls" (the paper) or "mean" (sentence-transformers checkpoints)
   q.frozen_layers = 0        # pretrained start: freeze embeddings + this many bottom layers
   q.projection_init = ""     # .npy [hidden, embed_dim] start for the projection head; "": random
+  # Lexical path (models/lexical_path.py): the query's n-grams through the entity tower's hash
+  # table, added to the projection; exact words, sizes and part numbers reach the query vector.
+  q.lexical = False
 
   # --- tasks and loss (omnisage/train/losses.py) -------------------------------------------
   t = c.tasks = ml_collections.ConfigDict()

@@ -74,11 +74,11 @@ def print_retrieval_table(kinds: dict):
 
 def print_example_searches(bundle_path: str, index_path: str, top: int = 3):
   """Three real queries (spread over the query table) through tokenizer -> bundle -> index."""
-  from omnisage.data.tokenizer import WordPieceTokenizer
+  from omnisage.data.omnisearchsage.query_input import QueryEncoder
   from omnisage.serving.bundle.loader import load_bundle
   from omnisage.serving.index.scann_index import load_index
   bundle = load_bundle(bundle_path)
-  tokenizer = WordPieceTokenizer.from_bundle(bundle)
+  tokenizer = QueryEncoder.from_bundle(bundle)
   indexes = load_index(index_path)
   titles = indexes["queries"].titles
   texts = [titles[i] for i in (0, len(titles) // 3, 2 * len(titles) // 3)]

@@ -10,14 +10,21 @@ Build it inside `jax.set_mesh(mesh)` to place the hash tables row-sharded over "
 Usage:
   model = build_model(config, {"query": 8000, "ngram": meta["ngram_vocab_size"]})
   q = model.query_tower(query_tokens); p = model.entity_tower(tokens, fields, continuous)
+
+`model.query.lexical` adds the query tower's lexical path (lexical_path.py), which reads the
+entity tower's hash table: query_tokens are then packed rows (data/omnisearchsage/query_input.py).
 """
+
+import dataclasses
 
 import jax.numpy as jnp
 from flax import nnx
 
+from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import FIELDS
 from omnisage.models.entity_tower import CONTINUOUS_DIM, EntityTower
 from omnisage.models.hf_import import query_tower_from_config
+from omnisage.models.lexical_path import LexicalPath
 from omnisage.models.query_tower import QueryTower
 
 
@@ -39,4 +46,8 @@ def build_model(config, vocab_sizes: dict) -> OmniSearchSage:
                              continuous_dim=CONTINUOUS_DIM, mlp_hidden=m.mlp_hidden,
                              embed_dim=m.embed_dim, hash_seed=m.hash_seed, rngs=rngs,
                              legacy_skip=bool(m.get("legacy_skip", False)))
+  width = lexical_len(config)
+  if width:   # built last, so a model without it initialises exactly as before
+    query_tower.config = dataclasses.replace(query_tower.config, lexical_len=width)
+    query_tower.lexical = nnx.data(LexicalPath(entity_tower.hash, m.embed_dim, rngs))
   return OmniSearchSage(query_tower, entity_tower, config.loss.temperature_init)

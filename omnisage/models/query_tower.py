@@ -42,10 +42,13 @@ class QueryConfig:
   layer_norm_eps: float = 1e-12  # BERT / DistilBERT value
   pooling: str = "cls"      # "cls" or "mean"
   frozen_layers: int = 0    # freeze embeddings + this many bottom layers (0: train everything)
+  lexical_len: int = 0      # n-gram ids packed after the WordPiece ids (lexical_path.py); 0: none
 
   def __post_init__(self):
     if self.pooling not in ("cls", "mean"):
       raise ValueError(f"pooling {self.pooling!r} is not 'cls' or 'mean'")
+    if self.lexical_len < 0:
+      raise ValueError(f"lexical_len {self.lexical_len} is negative")
     if not 0 <= self.frozen_layers <= self.layers:
       raise ValueError(f"frozen_layers {self.frozen_layers} is not in 0..{self.layers}")
 
@@ -98,6 +101,9 @@ class QueryTower(nnx.Module):
     self.embed_norm = nnx.LayerNorm(c.hidden, epsilon=c.layer_norm_eps, rngs=rngs)
     self.layers = nnx.List([TransformerLayer(c, rngs) for _ in range(c.layers)])
     self.projection = nnx.Linear(c.hidden, c.embed_dim, rngs=rngs)
+    # The lexical path (lexical_path.LexicalPath) shares the entity tower's hash table, so the
+    # model that owns both attaches it: `tower.lexical = nnx.data(LexicalPath(...))`.
+    self.lexical = None
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """Final hidden states [B, L, H] of tokens [B, L] (0 = padding, attended by nothing)."""
@@ -124,9 +130,18 @@ class QueryTower(nnx.Module):
     return (h * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Query embeddings [B, embed_dim]: pooled state, linear projection, L2 normalisation."""
+    """Query embeddings [B, embed_dim]: pooled state, linear projection (plus the lexical path's
+    output when config.lexical_len > 0: tokens are then [B, Lq + lexical_len]), L2 normalisation."""
+    lexical_len = self.config.lexical_len
+    if lexical_len:
+      if self.lexical is None:
+        raise ValueError("lexical_len > 0 but no lexical path is attached")
+      tokens, ngram_ids = tokens[:, :-lexical_len], tokens[:, -lexical_len:]
     if self.config.pooling == "mean":
       pooled = self.mean_pooled(tokens)
     else:
       pooled = self.encode(tokens)[:, 0]
-    return l2_normalize(self.projection(pooled))
+    y = self.projection(pooled)
+    if lexical_len:
+      y = y + self.lexical(ngram_ids)
+    return l2_normalize(y)

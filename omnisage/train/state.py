@@ -54,7 +54,8 @@ def param_labels(params, model_config=None):
   """Optimizer group of every parameter: "frozen" (the embeddings and the bottom
   `model.query.frozen_layers` layers of the query tower), "pretrained" (the rest of the query
   tower's encoder, a projection head given by `projection_init`, the entity tower's identity-
-  initialised legacy path) or "default" (everything trained from scratch)."""
+  initialised legacy path) or "default" (everything trained from scratch, the query tower's
+  lexical path included; its hash table is the entity tower's and is labelled there)."""
   q = model_config.query if model_config is not None else None
   frozen = int(q.get("frozen_layers", 0)) if q is not None else 0
 
@@ -68,7 +69,7 @@ def param_labels(params, model_config=None):
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     if tuple(names[:2]) in gentle:
       return "pretrained"
-    if names[0] != "query_tower" or names[1] == "projection":
+    if names[0] != "query_tower" or names[1] in ("projection", "lexical"):
       return "default"
     if frozen and (names[1] in _EMBEDDINGS or (names[1] == "layers" and int(names[2]) < frozen)):
       return "frozen"

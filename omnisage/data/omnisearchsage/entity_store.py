@@ -60,7 +60,8 @@ def continuous_vectors(kind: str, legacy: np.ndarray, visual: np.ndarray) -> np.
 class EntityStore:
   """Padded features of one entity kind; row i is entity_index i."""
   kind: str
-  tokens: np.ndarray                  # [N, L] int32 stacked n-gram ids (queries: WordPiece ids)
+  tokens: np.ndarray                  # [N, L] int32 stacked n-gram ids (queries: the query
+                                      # tower's input rows, query_input.py)
   fields: np.ndarray | None = None    # [N, L] int8 field of each token (pins/products)
   legacy: np.ndarray | None = None    # [N, 256] float32 PinSage/ItemSage, zeros where missing
   has_legacy: np.ndarray | None = None  # [N] bool
@@ -73,7 +74,10 @@ class EntityStore:
     return self.tokens.shape[0]
 
   @classmethod
-  def load(cls, prepared_dir: str, kind: str, max_tokens: int) -> "EntityStore":
+  def load(cls, prepared_dir: str, kind: str, max_tokens: int,
+           lexical_len: int = 0) -> "EntityStore":
+    """lexical_len > 0 (queries only): each query row is its WordPiece ids padded to max_tokens,
+    then its n-gram ids padded to lexical_len (query_input.py), the lexical query tower's input."""
     path = os.path.join(prepared_dir, "entities", f"{kind}.parquet")
     table = pq.read_table(path)
     index = table.column("entity_index").to_numpy()
@@ -83,6 +87,14 @@ class EntityStore:
     lengths = np.diff(table.column("tokens").combine_chunks().offsets.to_numpy())
     truncated = int(np.sum(lengths > max_tokens))
     if kind == "queries":
+      if lexical_len:
+        if "lexical" not in table.column_names:
+          raise ValueError(f"{path} has no 'lexical' column (model.query.lexical needs it): "
+                           "rerun `launch.py prepare`")
+        lexical = table.column("lexical")
+        tokens = np.concatenate([tokens, pad_list_column(lexical, lexical_len, np.int32)], 1)
+        lex_lengths = np.diff(lexical.combine_chunks().offsets.to_numpy())
+        truncated += int(np.sum(lex_lengths > lexical_len))
       return cls(kind, tokens, titles=np.asarray(table.column("text").to_pylist(), object),
                  truncated=truncated)
     fields = pad_list_column(table.column("fields"), max_tokens, np.int8)

@@ -36,6 +36,7 @@ from grain.experimental import ZipMapDataset
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.entity_store import EntityStore
 from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir
+from omnisage.data.omnisearchsage.query_input import lexical_len
 
 STEPS_LIMIT = 1 << 40  # batches per task stream; far beyond any run
 
@@ -49,28 +50,45 @@ def shard_paths(prepared_dir: str, split: str, task: str) -> list[str]:
 
 
 class DecodePair(grain.transforms.Map):
-  """Record bytes -> fixed-shape arrays (query tokens padded with 0 to max_len)."""
+  """Record bytes -> fixed-shape arrays (query tokens padded with 0 to max_len).
 
-  def __init__(self, max_len: int):
+  queries: the query store's rows ([num_queries, W], EntityStore.tokens) when they differ from
+  the record's WordPiece ids (the lexical query tower's packed rows): a pair's query tokens are
+  then its query's row.
+  """
+
+  def __init__(self, max_len: int, queries: np.ndarray | None = None):
     self.max_len = max_len
+    self.queries = queries
 
   def map(self, record: bytes) -> dict:
     pair = schema.decode_pair(record)
-    tokens = np.zeros(self.max_len, np.int32)
-    n = min(len(pair["query_tokens"]), self.max_len)
-    tokens[:n] = pair["query_tokens"][:n]
+    if self.queries is not None:
+      tokens = self.queries[pair["query_index"]]
+    else:
+      tokens = np.zeros(self.max_len, np.int32)
+      n = min(len(pair["query_tokens"]), self.max_len)
+      tokens[:n] = pair["query_tokens"][:n]
     return {"query_tokens": tokens,
             "query_ids": np.int32(pair["query_index"]),
             "pos_ids": np.int32(pair["entity_index"])}
 
 
-def load_stores(prepared_dir: str, data_config) -> dict[str, EntityStore]:
-  """Entity stores keyed by entity kind (pins, products, queries)."""
+def load_stores(prepared_dir: str, data_config, lexical_len: int = 0) -> dict[str, EntityStore]:
+  """Entity stores keyed by entity kind (pins, products, queries); lexical_len: the query rows'
+  n-gram width (query_input.lexical_len of the config; 0 without the lexical path)."""
   return {
       "pins": EntityStore.load(prepared_dir, "pins", data_config.max_entity_tokens),
       "products": EntityStore.load(prepared_dir, "products", data_config.max_entity_tokens),
-      "queries": EntityStore.load(prepared_dir, "queries", data_config.batch_query_len),
+      "queries": EntityStore.load(prepared_dir, "queries", data_config.batch_query_len,
+                                  lexical_len),
   }
+
+
+def packed_queries(stores: dict, data_config) -> np.ndarray | None:
+  """The query store's rows when they are packed with n-gram ids (DecodePair's `queries`)."""
+  rows = stores["queries"].tokens
+  return rows if rows.shape[1] != data_config.batch_query_len else None
 
 
 def task_batch_sizes(config) -> dict[str, int]:
@@ -140,7 +158,8 @@ class TrainData:
                process_count: int | None = None):
     self.config = config
     self.prepared_dir = prepared_dir
-    self.stores = stores if stores is not None else load_stores(prepared_dir, config.data)
+    self.stores = stores if stores is not None else load_stores(prepared_dir, config.data,
+                                                                lexical_len(config))
     self.tasks = list(task_batch_sizes(config))
     # Default: this JAX process; explicit values let a test build every host's pipeline in one.
     self.process_index = jax.process_index() if process_index is None else process_index
@@ -158,7 +177,7 @@ class TrainData:
       source = grain.sources.ArrayRecordDataSource(shard_paths(self.prepared_dir, "train", task))
       ds = grain.MapDataset.source(source)
       ds = (ds.seed(cfg.seed + 1000 * i).shuffle().repeat()
-            .map(DecodePair(cfg.data.batch_query_len))
+            .map(DecodePair(cfg.data.batch_query_len, packed_queries(self.stores, cfg.data)))
             .batch(self._per_host(cfg.tasks[task], f"tasks.{task}"), drop_remainder=True))
       # This host's rows of every global batch (MapDatasets are lazy: other rows are never read).
       ds = ds[self.process_index::self.process_count]
@@ -199,12 +218,13 @@ class TrainData:
 
 
 def read_pairs(prepared_dir: str, split: str, task: str, max_pairs: int, seed: int,
-               max_len: int) -> dict[str, np.ndarray]:
-  """All (or a seeded random `max_pairs` subset of) a split's pairs of one task, as arrays."""
+               max_len: int, queries: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """All (or a seeded random `max_pairs` subset of) a split's pairs of one task, as arrays
+  (queries: packed query rows, see DecodePair)."""
   source = grain.sources.ArrayRecordDataSource(shard_paths(prepared_dir, split, task))
   n = len(source)
   order = np.random.default_rng(seed).permutation(n)[:max_pairs] if max_pairs < n else np.arange(n)
-  decode = DecodePair(max_len)
+  decode = DecodePair(max_len, queries)
   rows = [decode.map(source[int(i)]) for i in np.sort(order)]
   if not rows:
     raise ValueError(f"{split}/{task} has no pairs under {prepared_dir}")

@@ -32,20 +32,22 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from omnisage.data import text
 from omnisage.data.omnisearchsage import features, schema
+from omnisage.data.omnisearchsage.entity_rows import (
+  RowChecks,
+  encode_entities,
+  field_items,
+  normalized_texts,
+  valid_entities,
+)
 from omnisage.data.omnisearchsage.raw_tables import read_raw_table
 
 DAY = 86_400
-# Bad-row reasons in precedence order (a row with several defects counts once, under the first).
-REASONS = ("missing_field", "undecodable_text", "absurd_length", "empty_text", "invalid_value",
-           "negative_timestamp", "timestamp_out_of_range", "nan_vector", "bad_vector",
-           "duplicate_id", "unknown_query", "unknown_entity")
 # Timestamps (seconds since 1970 UTC) are valid in [TIME_MIN, the start of prepare + 1 day]: below
 # zero is `negative_timestamp`, otherwise outside is `timestamp_out_of_range`. A log with an
 # explicit `split` column is not split by time (Home Depot has no time and writes 0), so there, and
@@ -53,38 +55,14 @@ REASONS = ("missing_field", "undecodable_text", "absurd_length", "empty_text", "
 TIME_MIN = 946_684_800  # 2000-01-01 00:00 UTC
 ALLOWED = {"pins": ("save", "long_click"), "products": ("save", "long_click", "add_to_cart",
            "checkout"), "queries": ("click",)}
-VISUAL_BYTES = schema.VISUAL_DIM // 8
 # Values of the optional queries_log column `split` -> split code (0 train, 2 eval; 1 is the time
 # gap, which an explicit split does not have).
 SPLITS = {"train": 0, "eval": 2}
 
 
-class _Rows:
-  """Per-row reason codes of one table (0 = good); the higher-precedence reason wins."""
-
-  def __init__(self, n: int):
-    self.code = np.zeros(n, np.int8)
-
-  def flag(self, mask, reason: str) -> None:
-    r = REASONS.index(reason) + 1
-    self.code[np.asarray(mask) & ((self.code == 0) | (self.code > r))] = r
-
-  @property
-  def good(self) -> np.ndarray:
-    return self.code == 0
-
-  def counts(self) -> dict:
-    c = np.bincount(self.code, minlength=len(REASONS) + 1)[1:]
-    return {r: int(n) for r, n in zip(REASONS, c) if n}
-
-
 def _member(values: np.ndarray, known) -> np.ndarray:
   # A set lookup per row: np.isin on object arrays can degrade to comparing every pair.
   return np.fromiter((v in known for v in values), bool, len(values))
-
-
-def _chunk(col) -> pa.Array:
-  return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
 def _needed_entities(config) -> dict:
@@ -93,7 +71,7 @@ def _needed_entities(config) -> dict:
   return {schema.TASK_ENTITY[t]: t for t in ("q2pin", "q2product") if tasks.get(t, 1) > 0}
 
 
-def _timestamps(col, rows: _Rows, lo: int, hi: int) -> np.ndarray:
+def _timestamps(col, rows: RowChecks, lo: int, hi: int) -> np.ndarray:
   """int64 seconds (0 where null) of a conformed column; flags null, negative, out-of-range rows."""
   null = col.is_null().to_numpy(zero_copy_only=False)
   ts = col.fill_null(0).to_numpy().astype(np.int64)
@@ -103,118 +81,11 @@ def _timestamps(col, rows: _Rows, lo: int, hi: int) -> np.ndarray:
   return ts
 
 
-def _texts(col, rows: _Rows, max_chars: int, required: bool) -> np.ndarray:
-  """Normalised texts (object array, None where null) of a string or binary column.
-
-  Flags missing (if `required`), undecodable UTF-8, over-long and (if required) empty-after-
-  normalisation rows. Works on distinct values: logs repeat the same query many times.
-  """
-  enc = _chunk(col).dictionary_encode()
-  idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-  uniq = enc.dictionary.to_pylist()
-  norm = np.empty(len(uniq) + 1, object)  # last slot: null rows (idx -1)
-  reason = np.zeros(len(uniq) + 1, np.int8)
-  for i, v in enumerate(uniq):
-    if isinstance(v, bytes):
-      try:
-        v = v.decode("utf-8")
-      except UnicodeDecodeError:
-        reason[i] = 1
-        continue
-    if len(v) > max_chars:
-      reason[i] = 2
-      continue
-    norm[i] = text.normalize(v)
-    reason[i] = 3 if required and not norm[i] else 0
-  rows.flag(reason[idx] == 1, "undecodable_text")
-  rows.flag(reason[idx] == 2, "absurd_length")
-  rows.flag(reason[idx] == 3, "empty_text")
-  if required:
-    rows.flag(idx < 0, "missing_field")
-  return norm[idx]
-
-
-def _vectors(col, rows: _Rows, dim: int) -> None:
-  """Flags non-null list<float> rows of the wrong length or with non-finite values."""
-  arr = _chunk(col)
-  present = arr.is_valid().to_numpy(zero_copy_only=False)
-  offsets = arr.offsets.to_numpy()
-  values = arr.values.to_numpy(zero_copy_only=False).astype(np.float64)
-  bad = np.r_[0, np.cumsum(~np.isfinite(values))]  # null floats became NaN: also bad
-  rows.flag(present & (np.diff(offsets) != dim), "bad_vector")
-  rows.flag(present & (bad[offsets[1:]] - bad[offsets[:-1]] > 0), "nan_vector")
-
-
-def _bits(values: pa.Array) -> np.ndarray:
-  """Binary values of VISUAL_BYTES each -> [n, VISUAL_DIM] uint8 of 0/1."""
-  data = b"".join(values.to_pylist())
-  return np.unpackbits(np.frombuffer(data, np.uint8).reshape(-1, VISUAL_BYTES), axis=1)
-
-
-def _float_lists(x: np.ndarray, present: np.ndarray) -> pa.Array:
-  """[n_present, d] rows scattered into a nullable list<float32> column of len(present) rows."""
-  d = x.shape[1] if x.ndim == 2 else 0
-  offsets = np.r_[0, np.cumsum(present * d)].astype(np.int32)
-  return pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.reshape(-1), pa.float32()),
-                                  mask=pa.array(~present))
-
-
-def _entities(table: pa.Table, kind: str, d, bad: dict) -> dict:
-  """Valid rows of the pins or products table: ids, normalised texts, legacy and visual columns."""
-  rows = _Rows(table.num_rows)
-  ids = table["id"].to_numpy(zero_copy_only=False)
-  rows.flag(np.fromiter((not i for i in ids), bool, len(ids)), "missing_field")
-  texts = {f: _texts(table[f], rows, d.max_text_chars, required=False)
-           for f in ("title", "description", "caption") if f in table.column_names}
-  legacy_col = "pinsage" if kind == "pins" else "itemsage"
-  _vectors(table[legacy_col], rows, schema.LEGACY_DIM)
-  if kind == "pins":
-    vis = _chunk(table["visual_bits"])
-    lengths = pc.binary_length(vis).fill_null(VISUAL_BYTES).to_numpy(zero_copy_only=False)
-    rows.flag(lengths != VISUAL_BYTES, "bad_vector")
-  else:
-    vis = _chunk(table["image_bits"])
-    img_len = pc.binary_length(vis.values).fill_null(-1).to_numpy(zero_copy_only=False)
-    wrong = np.r_[0, np.cumsum(img_len != VISUAL_BYTES)]
-    off = vis.offsets.to_numpy()
-    rows.flag(wrong[off[1:]] - wrong[off[:-1]] > 0, "bad_vector")
-  first = {}
-  for i in np.flatnonzero(rows.good):  # duplicate ids: the first valid row wins
-    first.setdefault(ids[i], i)
-  dup = rows.good.copy()
-  dup[list(first.values())] = False
-  rows.flag(dup, "duplicate_id")
-  bad[kind] = rows.counts()
-
-  keep = np.flatnonzero(rows.good)
-  out = dict(ids=ids[keep], **{f: t[keep] for f, t in texts.items()})
-  out["legacy"] = _chunk(table[legacy_col]).take(pa.array(keep)).cast(pa.list_(pa.float32()))
-  vis = vis.take(pa.array(keep))
-  present = vis.is_valid().to_numpy(zero_copy_only=False)
-  if kind == "pins":
-    bits = _bits(vis.drop_null()) if present.any() else np.zeros((0, schema.VISUAL_DIM))
-    out["visual"] = _float_lists(bits.astype(np.float32), present)
-  else:  # a product's visual feature is the mean of its images' bits (SPEC §1)
-    n_img = vis.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-    present &= n_img > 0
-    flat = vis.flatten()
-    bits = _bits(flat) if len(flat) else np.zeros((0, schema.VISUAL_DIM), np.uint8)
-    starts = np.cumsum(n_img) - n_img
-    sums = np.zeros((len(keep), schema.VISUAL_DIM), np.float32)
-    # Add the j-th image of every product that has one: total work = number of images, and far
-    # faster than a segmented sum along axis 0.
-    for j in range(int(n_img.max(initial=0))):
-      has = np.flatnonzero(n_img > j)
-      sums[has] += bits[starts[has] + j]
-    out["visual"] = _float_lists(sums[present] / n_img[present, None], present)
-  return out
-
-
 def _log(table: pa.Table, entity_ids: dict, d, bad: dict, time_range) -> dict:
   """Valid log rows: normalised query and target, kind, engagement code, timestamp."""
-  rows = _Rows(table.num_rows)
-  query = _texts(table["query"], rows, d.max_text_chars, required=True)
-  target = _texts(table["entity_id"], rows, d.max_text_chars, required=True)
+  rows = RowChecks(table.num_rows)
+  query = normalized_texts(table["query"], rows, d.max_text_chars, required=True)
+  target = normalized_texts(table["entity_id"], rows, d.max_text_chars, required=True)
   kind = table["entity_kind"].to_numpy(zero_copy_only=False)
   eng = table["engagement"].to_numpy(zero_copy_only=False)
   ts = _timestamps(table["timestamp"], rows, *time_range)
@@ -243,8 +114,8 @@ def _log(table: pa.Table, entity_ids: dict, d, bad: dict, time_range) -> dict:
 
 
 def _saves(table: pa.Table, pin_ids: dict, d, bad: dict, time_range) -> dict:
-  rows = _Rows(table.num_rows)
-  title = _texts(table["board_title"], rows, d.max_text_chars, required=True)
+  rows = RowChecks(table.num_rows)
+  title = normalized_texts(table["board_title"], rows, d.max_text_chars, required=True)
   pins = table["pin_id"].to_numpy(zero_copy_only=False)
   ts = _timestamps(table["timestamp"], rows, *time_range)
   rows.flag(pins == None, "missing_field")  # noqa: E711
@@ -255,43 +126,10 @@ def _saves(table: pa.Table, pin_ids: dict, d, bad: dict, time_range) -> dict:
               timestamp=ts[keep])
 
 
-def _field_items(ent: dict, boards: dict, engaged: dict) -> list[list[list[str]]]:
-  """Per entity, per schema.FIELDS entry, the list of texts encoded one after another."""
-  out = []
-  for i in range(len(ent["ids"])):
-    per_field = []
-    for name in schema.FIELDS:
-      if name == "board_titles":
-        per_field.append(boards.get(i, []))
-      elif name.startswith("engaged_queries_"):
-        code = schema.ENGAGEMENT_INDEX[name[len("engaged_queries_"):]]
-        per_field.append([q for q, _ in engaged.get((i, code), [])])
-      else:  # a plain text column (products have no caption)
-        value = ent[name][i] if name in ent else None
-        per_field.append([value] if value else [])
-    out.append(per_field)
-  return out
-
-
-def _encode_entities(items, vocab: text.NgramVocab, d, desc: str) -> tuple[pa.Array, pa.Array]:
-  """Stacked n-gram tokens and their field ids, capped per field and in total."""
-  toks, flds, lengths = [], [], []
-  for per_field in tqdm(items, desc=desc, mininterval=2, leave=False):
-    n = 0
-    for f, texts in enumerate(per_field):
-      if not texts or n >= d.max_entity_tokens:
-        continue
-      ids = vocab.encode(texts[0]) if len(texts) == 1 else np.concatenate(
-          [vocab.encode(t) for t in texts])
-      ids = ids[:min(d.field_max_tokens, d.max_entity_tokens - n)]
-      toks.append(ids)
-      flds.append(np.full(len(ids), f, np.int8))
-      n += len(ids)
-    lengths.append(n)
-  offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
-  cat = lambda xs, t: np.concatenate(xs) if xs else np.zeros(0, t)
-  return (pa.ListArray.from_arrays(offsets, pa.array(cat(toks, np.int32), pa.int32())),
-          pa.ListArray.from_arrays(offsets, pa.array(cat(flds, np.int8), pa.int8())))
+def _int32_lists(rows) -> pa.Array:
+  offsets = np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int32)
+  values = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+  return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
 
 
 def _write_shards(records: list[bytes], directory: str, num_shards: int, rng) -> None:
@@ -345,8 +183,8 @@ def _judged_negatives(raw_dir: str, d, index: dict, q_index: dict, train_queries
   if not os.path.exists(os.path.join(raw_dir, "judged_negatives.parquet")):
     return {}
   table = read_raw_table(raw_dir, "judged_negatives")
-  rows = _Rows(table.num_rows)
-  query = _texts(table["query"], rows, d.max_text_chars, required=True)
+  rows = RowChecks(table.num_rows)
+  query = normalized_texts(table["query"], rows, d.max_text_chars, required=True)
   kind = table["entity_kind"].to_numpy(zero_copy_only=False)
   ids = table["entity_id"].to_numpy(zero_copy_only=False)
   rows.flag((kind == None) | (ids == None), "missing_field")  # noqa: E711
@@ -384,7 +222,7 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   time_range = (0 if "split" in raw["queries_log"].column_names else TIME_MIN,
                 int(time.time()) + DAY)
   bad: dict = {}
-  ents = {k: _entities(raw[k], k, d, bad) for k in ("pins", "products")}
+  ents = {k: valid_entities(raw[k], k, d, bad) for k in ("pins", "products")}
   for k in needed:
     if not len(ents[k]["ids"]):
       raise ValueError(f"{where[k]} has no valid row (all {raw[k].num_rows} bad: {bad[k]}), "
@@ -442,7 +280,7 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   for k in ("pins", "products"):
     engaged[k], uncertain[k] = _engaged_queries(log, train & (log["kind"] == k),
                                                 d.engaged_queries_top, d.engaged_refresh_days)
-  items = {k: _field_items(ents[k], boards if k == "pins" else {}, engaged[k]) for k in ents}
+  items = {k: field_items(ents[k], boards if k == "pins" else {}, engaged[k]) for k in ents}
   vocab = text.NgramVocab.build((t for k in items for per in items[k] for f in per for t in f),
                                 d.trigram_vocab, d.unigram_vocab, d.bigram_vocab)
   vocab.save(os.path.join(out_dir, "ngram_vocab"))
@@ -451,18 +289,19 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   # --- entity tables ---
   os.makedirs(os.path.join(out_dir, "entities"), exist_ok=True)
   for k, e in ents.items():
-    tokens, fields = _encode_entities(items[k], vocab, d, f"encode {k}")
+    tokens, fields = encode_entities(items[k], vocab, d, f"encode {k}")
     pq.write_table(pa.table(dict(
         entity_index=pa.array(np.arange(len(e["ids"]), dtype=np.int32)),
         id=pa.array(e["ids"], pa.string()), tokens=tokens, fields=fields,
         legacy=e["legacy"], visual=e["visual"], title=pa.array(e["title"], pa.string()))),
         os.path.join(out_dir, "entities", f"{k}.parquet"))
-  q_offsets = np.r_[0, np.cumsum([len(t) for t in q_tokens])].astype(np.int32)
+  # tokens: the query tower's WordPiece ids; lexical: the same n-gram ids an entity title gets
+  # (the query tower's lexical path, models/lexical_path.py).
   pq.write_table(pa.table(dict(
       entity_index=pa.array(np.arange(len(q_texts), dtype=np.int32)),
       text=pa.array(q_texts, pa.string()),
-      tokens=pa.ListArray.from_arrays(pa.array(q_offsets), pa.array(
-          np.concatenate(q_tokens) if q_tokens else np.zeros(0, np.int32), pa.int32())))),
+      tokens=_int32_lists(q_tokens),
+      lexical=_int32_lists([vocab.encode(q) for q in q_texts]))),
       os.path.join(out_dir, "entities", "queries.parquet"))
   seconds["entities"] = time.perf_counter() - clock - sum(seconds.values())
 

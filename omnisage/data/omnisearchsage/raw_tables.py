@@ -107,12 +107,18 @@ def read_raw_table(raw_dir: str, name: str) -> pa.Table:
     table = pq.read_table(path)
   except pa.ArrowException as error:
     raise ValueError(f"{name} table {path}: not a readable Parquet file ({error})") from None
+  return conform_raw_table(table, name, f"{name} table {path}")
+
+
+def conform_raw_table(table: pa.Table, name: str, where: str) -> pa.Table:
+  """`table` as raw table `name`: its required columns present (a missing one is a ValueError
+  naming it: never read as empty), each typed column checked and cast (schema.RAW_TYPES)."""
   required = {**schema.RAW_TABLES, **schema.OPTIONAL_RAW_TABLES}[name]
   missing = [c for c in required if c not in table.column_names]
   if missing:  # a whole column missing is a loader bug, not a bad row
-    raise ValueError(f"{name} table {path} lacks columns {missing}")
+    raise ValueError(f"{where} lacks columns {missing}")
   for col, family in schema.RAW_TYPES[name].items():
     if col in table.column_names:
       i = table.column_names.index(col)
-      table = table.set_column(i, col, _conform(table[col], family, f"{name} table {path}", col))
+      table = table.set_column(i, col, _conform(table[col], family, where, col))
   return table

@@ -26,6 +26,8 @@ Queries table columns:
   entity_index  int32
   text          string   normalised query text
   tokens        list<int32>   WordPiece ids including [CLS] ... [SEP], length <= query_max_len
+  lexical       list<int32>   the text's stacked n-gram ids, as an entity title's (the query
+                              tower's lexical path; query_input.py)
 
 Stacked id space (SPEC §1): id 0 is padding; trigram ids 1..T; unigram ids T+1..T+U; bigram ids
 T+U+1..T+U+B; V = 1 + T + U + B. Out-of-vocabulary tokens are dropped.

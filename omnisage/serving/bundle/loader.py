@@ -72,9 +72,25 @@ class ExportedTowers:
 class Bundle(ExportedTowers):
   """The OmniSearchSage bundle: query and entity towers."""
 
+  @property
+  def query_lexical_len(self) -> int:
+    """Width of the n-gram part of a query row (the lexical path); 0: WordPiece ids only."""
+    return int(self.dims.get("query_lexical_len", 0))
+
   def embed_queries(self, tokens) -> np.ndarray:
-    """tokens: int [B, L] WordPiece ids (0 = padding), padded/cropped to query_len -> [B, D]."""
-    tokens = _fit(_int_matrix(tokens, "tokens"), self.dims["query_len"])
+    """tokens: int [B, L] WordPiece ids (0 = padding), padded/cropped to query_len -> [B, D].
+    A lexical bundle takes packed rows [B, query_len + query_lexical_len] exactly
+    (`omnisage.data.omnisearchsage.query_input.QueryEncoder.from_bundle` makes them)."""
+    tokens = _int_matrix(tokens, "tokens")
+    if self.query_lexical_len:
+      width = self.dims["query_len"] + self.query_lexical_len
+      if tokens.shape[1] != width:
+        raise ValueError(f"this bundle's query tower has a lexical path: tokens must be "
+                         f"[B, {width}] (query_len {self.dims['query_len']} WordPiece ids, then "
+                         f"{self.query_lexical_len} n-gram ids), got {list(tokens.shape)}; use "
+                         "QueryEncoder.from_bundle")
+    else:
+      tokens = _fit(tokens, self.dims["query_len"])
     return self._run("query_tower", tokens)
 
   def embed_entities(self, tokens, fields, continuous) -> np.ndarray:
@@ -318,7 +334,11 @@ def _check_dims(manifest: dict, params: dict, functions: dict):
 
   (query_tokens,), query_out = signatures["query_tower"]
   (tokens, fields, continuous), entity_out = signatures["entity_tower"]
-  expect("query_len", query_tokens[1], "query_tower.jaxexport's tokens input")
+  lexical = dims.get("query_lexical_len", 0)   # optional: bundles without the lexical path
+  if not _is_int(lexical) or lexical < 0:
+    raise BundleError(f"{MANIFEST}: dims.query_lexical_len must be an int >= 0, got {lexical!r}")
+  expect("query_len", query_tokens[1] - lexical,
+         "query_tower.jaxexport's tokens input (less dims.query_lexical_len)")
   expect("entity_tokens", tokens[1], "entity_tower.jaxexport's tokens input")
   expect("entity_tokens", fields[1], "entity_tower.jaxexport's fields input")
   expect("continuous_dim", continuous[1], "entity_tower.jaxexport's continuous input")

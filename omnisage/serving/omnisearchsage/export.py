@@ -10,13 +10,15 @@ Bundle layout (`<out>/`):
   manifest.json            format_version, versions, checkpoint step, dims, tokenizer and hashing
                            config, each
                            tower's param keys/shapes/dtypes (its flat params argument), file sha256
-  query_tower.jaxexport    fn(params, tokens[b, query_len] int32) -> [b, embed_dim]
+  query_tower.jaxexport    fn(params, tokens[b, query_len + query_lexical_len] int32)
+                              -> [b, embed_dim] (query_input.py: WordPiece then n-gram ids)
   entity_tower.jaxexport   fn(params, tokens[b, T] int32, fields[b, T] int32,
                               continuous[b, continuous_dim] float32) -> [b, embed_dim]
   params.safetensors       every tower's variables, keys "<tower>/<key>" (key: the variable's path
                            joined by '/', as in the program's flat params dict argument): the
                            trained params AND the constants the tower reads (the hash-index table)
-  query_vocab.txt, ngram_vocab/*.txt   the prepared vocabularies (tokenisation happens outside)
+  query_vocab.txt, ngram_vocab/*.txt   the prepared vocabularies (tokenisation happens outside;
+                           the query tower's lexical path and the entity tower share ngram_vocab)
 
 Usage: `summary = export_bundle(config, "runs/demo", "runs/demo/bundle")`.
 """
@@ -28,6 +30,7 @@ import jax
 import numpy as np
 
 import omnisage
+from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import FIELDS, vocab_sizes_of
 from omnisage.data.workdir import prepared_dir_of
 from omnisage.models import CONTINUOUS_DIM
@@ -39,6 +42,7 @@ from omnisage.train.omnisearchsage.state import create_train_state
 
 FORMAT_VERSION = 1
 TOWERS = ("query_tower", "entity_tower")
+FEATURIZATION = ("field_max_tokens", "max_entity_tokens", "max_text_chars")
 
 
 def export_bundle(config, workdir: str, out_dir: str) -> dict:
@@ -60,9 +64,12 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
           "query_len": int(config.data.batch_query_len),
           "entity_tokens": int(config.data.max_entity_tokens),
           "continuous_dim": int(CONTINUOUS_DIM), "num_fields": len(FIELDS)}
+  if lexical_len(config):   # the query tower reads packed rows: WordPiece, then n-gram ids
+    dims["query_lexical_len"] = lexical_len(config)   # (query_input.py)
   b = jax.export.symbolic_shape("b")[0]
   inputs = {
-      "query_tower": (jax.ShapeDtypeStruct((b, dims["query_len"]), np.int32),),
+      "query_tower": (jax.ShapeDtypeStruct(
+          (b, dims["query_len"] + dims.get("query_lexical_len", 0)), np.int32),),
       "entity_tower": (jax.ShapeDtypeStruct((b, dims["entity_tokens"]), np.int32),
                        jax.ShapeDtypeStruct((b, dims["entity_tokens"]), np.int32),
                        jax.ShapeDtypeStruct((b, dims["continuous_dim"]), np.float32)),
@@ -84,6 +91,8 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
       "tokenizer": {"kind": "bert_wordpiece", "vocab": "query_vocab.txt",
                     "lower_case": bool(config.data.query_lower_case),
                     "max_len": int(config.data.query_max_len)},
+      # What featurises a RAW pin/product row exactly as prepare did (raw_entities.py).
+      "featurization": {key: int(config.data[key]) for key in FEATURIZATION},
       "hashing": {"hash_rows": int(config.model.hash_rows),
                   "hash_seed": int(config.model.hash_seed), "V": int(vocab_sizes["ngram"])},
       "towers": {name: {"function": f"{name}.jaxexport", "params": trees[name]} for name in TOWERS},

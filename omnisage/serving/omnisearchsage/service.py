@@ -163,7 +163,7 @@ def create_app(bundle_path, index_path, tokenizer=None, clock=time.monotonic, be
   """Loads, checks and warms everything, then returns the app (not yet serving).
 
   bundle_path / index_path: directories, or an already loaded Bundle / {kind: KindIndex} (tests
-  share one across apps). tokenizer: default WordPieceTokenizer.from_bundle(bundle). clock: the
+  share one across apps). tokenizer: default QueryEncoder.from_bundle(bundle). clock: the
   caches' clock (seconds). before_batch(rows): runs on the encoder thread before each tower
   call (tests slow or pause it). auth_token: required as a bearer token on every route but
   /healthz (auth.py); None: no authentication. Other options: see DEFAULTS.
@@ -175,8 +175,8 @@ def create_app(bundle_path, index_path, tokenizer=None, clock=time.monotonic, be
   bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
   indexes = _load_indexes(index_path, int(bundle.dims["embed_dim"]))
   if tokenizer is None:
-    from omnisage.data.tokenizer import WordPieceTokenizer
-    tokenizer = WordPieceTokenizer.from_bundle(bundle)
+    from omnisage.data.omnisearchsage.query_input import QueryEncoder
+    tokenizer = QueryEncoder.from_bundle(bundle)
   metrics = Metrics(options["max_batch"])
   service = QueryService(bundle, tokenizer, indexes, metrics, options, clock, before_batch)
   if options["warmup"]:

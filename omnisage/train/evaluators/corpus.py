@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from omnisage.data.omnisearchsage import schema
-from omnisage.data.omnisearchsage.pipeline import read_pairs
+from omnisage.data.omnisearchsage.pipeline import packed_queries, read_pairs
 from omnisage.train.evaluators.recall import TowerRunner, query_tower_fn, require_finite
 
 
@@ -93,7 +93,7 @@ class Evaluator:
       raise ValueError(f"config.evals corpus task={task!r}: one of {sorted(schema.TASK_ENTITY)}")
     self.task, self.k, self.kind = task, int(k), schema.TASK_ENTITY[task]
     pairs = read_pairs(prepared, "eval", task, config.eval.max_pairs, config.seed,
-                       config.data.batch_query_len)
+                       config.data.batch_query_len, packed_queries(stores, config.data))
     self.queries, inverse = np.unique(pairs["query_tokens"], axis=0, return_inverse=True)
     self.positives = [[] for _ in range(len(self.queries))]
     for row, entity in zip(inverse.ravel(), pairs["pos_ids"]):

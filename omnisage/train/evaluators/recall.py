@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from omnisage.data.omnisearchsage import schema
-from omnisage.data.omnisearchsage.pipeline import read_pairs
+from omnisage.data.omnisearchsage.pipeline import packed_queries, read_pairs
 from omnisage.models import compat
 from omnisage.train.sharding import DATA
 
@@ -119,7 +119,8 @@ class Evaluator:
         continue
       try:
         self.pairs[task] = read_pairs(prepared_dir, "eval", task, config.eval.max_pairs,
-                                      config.seed, config.data.batch_query_len)
+                                      config.seed, config.data.batch_query_len,
+                                      packed_queries(stores, config.data))
       except ValueError:  # the eval window has no pair of this task: nothing to report for it
         continue
       n = stores[kind].size

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.models import build_model
 from omnisage.models.entity_tower import CONTINUOUS_DIM
 from omnisage.train import flops as flops_lib
@@ -67,12 +68,13 @@ def abstract_batch(config) -> dict:
   """ShapeDtypeStructs of one GLOBAL batch as TrainData yields it (per task, keys as in
   pipeline.DecodePair + EntityStore.gather + AddFeaturesAndNegatives)."""
   d, n = config.data, int(config.loss.random_negatives)
+  query_width = d.batch_query_len + lexical_len(config)
   sds = jax.ShapeDtypeStruct
   i32, f32 = jnp.int32, jnp.float32
 
   def entity(kind: str, rows: int, prefix: str, legacy: bool) -> dict:
-    if kind == "queries":   # EntityStore of queries: WordPiece ids padded to batch_query_len
-      return {f"{prefix}_tokens": sds((rows, d.batch_query_len), i32)}
+    if kind == "queries":   # EntityStore of queries: the query tower's input rows
+      return {f"{prefix}_tokens": sds((rows, query_width), i32)}
     width = d.max_entity_tokens
     out = {f"{prefix}_tokens": sds((rows, width), i32), f"{prefix}_fields": sds((rows, width), i32),
            f"{prefix}_continuous": sds((rows, CONTINUOUS_DIM), f32)}
@@ -86,7 +88,7 @@ def abstract_batch(config) -> dict:
     b = int(config.tasks[task])
     if b <= 0:
       continue
-    t = {"query_tokens": sds((b, d.batch_query_len), i32), "query_ids": sds((b,), i32),
+    t = {"query_tokens": sds((b, query_width), i32), "query_ids": sds((b,), i32),
          "pos_ids": sds((b,), i32)}
     t.update(entity(kind, b, "pos", legacy=True))
     t.update({"neg_ids": sds((n,), i32), "neg_log_q": sds((n,), f32)})

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from omnisage.data import text
+from omnisage.data.omnisearchsage.query_input import QueryEncoder, lexical_len
 from omnisage.data.tokenizer import WordPieceTokenizer
 from omnisage.train.checkpoint import Checkpointer
 from omnisage.train.evaluators.recall import entity_tower_fn, query_tower_fn, to_host
@@ -78,12 +79,16 @@ class TrainedTowers:
 
   def query_texts(self, texts: list[str]) -> np.ndarray:
     """Raw query texts -> embeddings, normalised and tokenised exactly as `prepare` does (the
-    pure-Python WordPiece equals prepare's tensorflow-text one), cropped to the batch length."""
+    pure-Python WordPiece equals prepare's tensorflow-text one; the lexical path's n-grams use
+    the prepared vocabulary), cropped to the batch length."""
     d = self.config.data
     tokenizer = WordPieceTokenizer(os.path.join(self.prepared, "query_vocab.txt"),
                                    d.query_lower_case, d.query_max_len)
-    return self.queries(tokenizer.encode_batch([text.normalize(t) for t in texts],
-                                               d.batch_query_len))
+    width = lexical_len(self.config)
+    vocab = text.NgramVocab.load(os.path.join(self.prepared, "ngram_vocab")) if width else None
+    encoder = QueryEncoder(tokenizer, vocab, width)
+    return self.queries(encoder.encode_batch([text.normalize(t) for t in texts],
+                                             d.batch_query_len))
 
   def entities(self, kind: str) -> np.ndarray:
     store = self.stores[kind]

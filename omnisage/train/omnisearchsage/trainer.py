@@ -18,6 +18,7 @@ import os
 import jax
 
 from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
+from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 from omnisage.data.workdir import prepared_dir_of
 from omnisage.train import sharding
@@ -37,7 +38,7 @@ def build(config, workdir: str):
   prepared = prepared_dir_of(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
-  stores = load_stores(prepared, config.data)
+  stores = load_stores(prepared, config.data, lexical_len(config))
   return mesh, state, statics, stores, prepared
 
 

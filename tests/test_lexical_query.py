@@ -1,0 +1,194 @@
+"""The query tower's lexical path (models/lexical_path.py; Huang et al. KDD 2020): the query's
+n-grams through the entity tower's OWN hash table, against a NumPy reference; it starts as a
+no-op; prepare's n-gram ids equal the pure-Python serving encoder's; and a trained lexical model
+gives the same query vectors through its bundle (raw text -> QueryEncoder -> bundle) as through
+the model (TrainedTowers.query_texts)."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from flax import nnx
+
+from omnisage.data import text
+from omnisage.data.omnisearchsage.query_input import QueryEncoder, lexical_len, pad_rows
+from tests.helpers import common_flags, last_json, run_launch, tiny_config
+
+LEXICAL = ("--config.model.query.lexical=True",)
+
+
+def lexical_config(width: int = 12):
+  config = tiny_config()
+  config.model.query.lexical = True
+  config.data.query_lexical_len = width
+  return config
+
+
+def build(config, ngram_vocab: int = 300):
+  from omnisage.models.omnisearchsage import build_model
+  return build_model(config, {"query": 500, "ngram": ngram_vocab})
+
+
+def packed_rows(rng, batch: int, config, ngram_vocab: int = 300) -> np.ndarray:
+  lq, ll = config.data.batch_query_len, lexical_len(config)
+  wordpiece = np.zeros((batch, lq), np.int32)
+  wordpiece[:, 0] = 2
+  wordpiece[:, 1:5] = rng.integers(5, 500, (batch, 4))
+  ngrams = np.where(np.arange(ll) < rng.integers(0, ll + 1, (batch, 1)),
+                    rng.integers(1, ngram_vocab, (batch, ll)), 0).astype(np.int32)
+  return np.concatenate([wordpiece, ngrams], 1)
+
+
+def test_lexical_len_is_zero_unless_switched_on():
+  config = tiny_config()
+  assert lexical_len(config) == 0
+  config.model.query.lexical = True
+  assert lexical_len(config) == config.data.query_lexical_len > 0
+  config.data.query_lexical_len = 0
+  with pytest.raises(ValueError, match="query_lexical_len"):
+    lexical_len(config)
+
+
+def test_shares_the_entity_hash_table_and_starts_as_a_no_op():
+  config = lexical_config()
+  model = build(config)
+  assert model.query_tower.lexical.hash is model.entity_tower.hash
+  # One copy in the model's state (a shared variable is stored once, under the entity tower).
+  params = nnx.state(model, nnx.Param)
+  paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
+  assert sum(p.endswith("hash/table") for p in paths) == 1
+  rows = packed_rows(np.random.default_rng(0), 5, config)
+  plain = build(tiny_config())   # same seed, no lexical path: the same transformer weights
+  np.testing.assert_allclose(model.query_tower(jnp.asarray(rows)),
+                             plain.query_tower(jnp.asarray(rows[:, :config.data.batch_query_len])),
+                             atol=1e-6)
+
+
+def test_matches_the_numpy_reference():
+  config = lexical_config()
+  model = build(config)
+  tower = model.query_tower
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=tower.lexical.projection.kernel.shape).astype(np.float32)
+  tower.lexical.projection.kernel[...] = kernel
+  rows = packed_rows(rng, 7, config)
+  got = np.asarray(tower(jnp.asarray(rows)))
+
+  lq = config.data.batch_query_len
+  h = model.entity_tower.hash
+  table, weights = np.asarray(h.table[...]), np.asarray(h.token_weights[...])
+  index = np.asarray(h.hash_indices[...])
+  ngrams = rows[:, lq:]
+  emb = np.einsum("blk,blkd->bld", weights[ngrams], table[index[ngrams]])
+  summed = (emb * (ngrams != 0)[..., None]).sum(1)
+  normed = (summed - summed.mean(-1, keepdims=True)) / np.sqrt(summed.var(-1, keepdims=True) + 1e-6)
+  title = 0   # FIELDS.index("title")
+  lexical = normed * np.asarray(h.field_scale[...])[title] + np.asarray(h.field_bias[...])[title]
+  lexical *= (ngrams != 0).any(1, keepdims=True)   # a query without n-grams adds nothing
+  transformer = np.asarray(tower.projection(tower.encode(jnp.asarray(rows[:, :lq]))[:, 0]))
+  want = transformer + lexical @ kernel
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_query_gradient_reaches_the_shared_table():
+  config = lexical_config()
+  model = build(config)
+  model.query_tower.lexical.projection.kernel[...] = jnp.ones_like(
+      model.query_tower.lexical.projection.kernel[...])
+  rows = jnp.asarray(packed_rows(np.random.default_rng(2), 4, config))
+  grads = nnx.grad(lambda m: m.query_tower(rows).sum() ** 2)(model)
+  table_grad = np.asarray(grads["entity_tower"]["hash"]["table"][...])
+  assert np.abs(table_grad).sum() > 0
+
+
+def test_prepared_ngram_ids_equal_the_serving_encoder(tiny_prepared):
+  config, prepared = tiny_prepared
+  table = pq.read_table(os.path.join(prepared, "entities", "queries.parquet"))
+  vocab = text.NgramVocab.load(os.path.join(prepared, "ngram_vocab"))
+  texts = table.column("text").to_pylist()
+  stored = table.column("lexical").to_pylist()
+  assert sum(map(len, stored)) > len(stored)   # queries do share n-grams with entity text
+  for query, ids in zip(texts, stored):
+    assert vocab.encode(query).tolist() == ids
+    # Serving sees the raw text (any case, extra spaces): the same ids.
+    assert vocab.encode("  " + query.upper() + " ").tolist() == ids
+  padded, cut = pad_rows(stored, 4)
+  assert padded.shape == (len(stored), 4)
+  assert cut == sum(len(r) > 4 for r in stored)
+
+
+def test_store_without_lexical_column_is_a_clear_error(tiny_prepared, tmp_path):
+  import shutil
+
+  from omnisage.data.omnisearchsage.entity_store import EntityStore
+  _, prepared = tiny_prepared
+  (tmp_path / "entities").mkdir()
+  table = pq.read_table(os.path.join(prepared, "entities", "queries.parquet"))
+  pq.write_table(table.drop(["lexical"]), tmp_path / "entities" / "queries.parquet")
+  with pytest.raises(ValueError, match="no 'lexical' column"):
+    EntityStore.load(str(tmp_path), "queries", 16, lexical_len=8)
+  shutil.rmtree(tmp_path / "entities")
+
+
+@pytest.fixture(scope="module")
+def lexical_bundle(tiny_prepared, tmp_path_factory):
+  config, prepared = tiny_prepared
+  workdir = tmp_path_factory.mktemp("lexical_run")
+  trained = run_launch("train", *common_flags(workdir, prepared), *LEXICAL,
+                       "--config.train.steps=8")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  bundle = str(workdir / "bundle")
+  exported = run_launch("export", *common_flags(workdir, prepared), *LEXICAL, f"--out={bundle}")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert last_json(exported)["export"]["dims"]["query_lexical_len"] == 48
+  return workdir, bundle
+
+
+def test_bundle_equals_model_on_raw_text(tiny_prepared, lexical_bundle):
+  from omnisage.serving.bundle.loader import load_bundle
+  from omnisage.train.omnisearchsage.towers import TrainedTowers
+  config, prepared = tiny_prepared
+  workdir, bundle_dir = lexical_bundle
+  config = tiny_config()
+  config.data.prepared_dir = prepared
+  config.model.query.lexical = True
+  towers = TrainedTowers(config, str(workdir))
+  texts = pq.read_table(os.path.join(prepared, "entities", "queries.parquet")
+                        ).column("text").to_pylist()[:9] + ["  Cordless DRILL 18v  "]
+  want = towers.query_texts(texts)
+
+  bundle = load_bundle(bundle_dir)
+  encoder = QueryEncoder.from_bundle(bundle)
+  rows = encoder.encode_batch([text.normalize(t) for t in texts], bundle.dims["query_len"])
+  assert rows.shape == (len(texts), 16 + 48)
+  np.testing.assert_allclose(bundle.embed_queries(rows), want, atol=2e-5)
+  # The lexical path was trained: it moves the vectors (the packed n-grams matter).
+  no_ngrams = rows.copy()
+  no_ngrams[:, 16:] = 0
+  assert np.abs(bundle.embed_queries(no_ngrams) - want).max() > 1e-4
+  with pytest.raises(ValueError, match="lexical path"):
+    bundle.embed_queries(rows[:, :16])
+
+
+def test_served_search_uses_the_lexical_encoder(lexical_bundle, tiny_prepared, tmp_path):
+  """The HTTP service tokenises with QueryEncoder.from_bundle: its vectors equal the bundle's."""
+  from omnisage.serving.bundle.loader import load_bundle
+  from omnisage.serving.omnisearchsage.service import create_app
+  from tests.helpers import build_tiny_index, running
+  config, prepared = tiny_prepared
+  workdir, bundle_dir = lexical_bundle
+  index = build_tiny_index((config, prepared, str(workdir), bundle_dir, None), tmp_path)[2]
+  import httpx
+  bundle = load_bundle(bundle_dir)
+  rows = QueryEncoder.from_bundle(bundle).encode_batch(["red velvet cake"],
+                                                       bundle.dims["query_len"])
+  want = bundle.embed_queries(rows)[0]
+  with running(create_app(bundle_dir, index)) as url:
+    reply = httpx.post(f"{url}/v1/embed", json={"queries": ["red velvet cake"]}, timeout=30)
+  assert reply.status_code == 200, reply.text
+  got = np.asarray(reply.json()["embeddings"][0], np.float32)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+

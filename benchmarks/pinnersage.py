@@ -1,77 +1,95 @@
-"""PinnerSage on MovieLens: next-period Recall@400 of user representations, as lifts over the
-last engaged item (SPEC §4; the paper reports +88% recall for Ward + medoid + lambda 0.01 and +14%
-for a decayed average).
+"""PinnerSage on MovieLens, measured as the paper measured it, and the speed of its daily job.
 
-Protocols (both run by default; the same code, different cuts):
-  global    movielens.time_split(ratings, 0.8): one cut for every user; history = the user's
-            ratings in the 90 days before the cut; next period = the user's ratings after it.
-            Only users with both count, and MovieLens users are bursty, so few qualify (~14).
-  per_user  movielens.time_split applied to EACH user's timestamps (0.8): the cut, 90-day history
-            and next period are the user's own (~600 users). Item embeddings still see only
-            ratings before each rater's own cut, so no target leaks into them, but one user's
-            train ratings may be later in calendar time than another's targets.
-Validation (alpha tuning): the same split applied again to the training side only (the global
-train rows, or each user's pre-cut rows); embeddings for it are rebuilt from that side alone. The
-test period is never looked at before alpha is fixed.
+PinnerSage (Pal et al., KDD 2020; SPEC §4) is compared with single-embedding user
+representations by the recall of a fixed candidate budget, as lifts over the last engaged item.
 
-Item embeddings (default): a cheap collaborative embedding from the TRAINING side only: the
-item-item co-occurrence of users' rating sets (movies rated by >= --min-count users), positive
-PMI, a rank-64 randomized SVD (U sqrt(S)), rows L2-normalised. --item-embeddings takes any
-embeddings instead (a Parquet file with id = movie id, embedding; or an embed.py directory).
-Movies without an embedding are counted and left out of histories and targets.
+Protocol (omnisage/data/user_split.py): each user's last 20% of ratings (at least 1) are TEST
+items, everything before is HISTORY; every choice (Ward's alpha, k of k-means) is made on the
+VALIDATION split carved the same way out of the histories, and the test split is scored once.
+Every representation is built from the user's history of the last --window-days (90) before
+the user's last history engagement (`now` of the importances); candidates are the exact
+inner-product top items over every embedded movie with the user's whole history excluded, the
+same budget (400) for every method. Recall@400 = |candidates ∩ targets| / min(|targets|, 400),
+where targets are (a) all test items and (b) the next --horizon (10) engagements; test movies
+without an embedding count as misses for every method alike. Means over users with standard
+errors; lifts over `last` are paired ratios with delta-method standard errors.
 
-Candidates: exact inner-product top-k over all embedded movies, the user's training movies
-excluded (for every method alike); Recall@400 = |candidates ∩ next-period movies| /
-min(|next-period movies|, 400), averaged over users. Methods (all retrieve 400):
-  last          the last engaged item
-  decayed_avg   sum_i exp(-0.01 age_days_i) P_i
-  kmeans5       k-means (k = min(5, n), k-means++ init, 25 Lloyd steps): 3 centroids sampled by
-                importance (lambda 0.01), merged as PinnerSage does
-  ward_centroid Ward (alpha tuned) + cluster centroids, lambda 0.01
-  ward_medoid   Ward + medoids, lambda in {0, 0.01, 0.1} (the paper's method: lambda 0.01)
-Sampled methods are averaged over --seeds seeds (fixed: 0..seeds-1).
+Item embeddings: nothing trained with average pooling (a model trained to average item vectors
+would favour the averaging methods): a rank-64 SVD of the positive PMI of item co-occurrence in
+the users' HISTORY sets (validation: the validation histories), rows L2-normalised. The two-tower
+item tower is not used: its user tower pools history items with learned decay weights (an
+average), and retraining it on these histories costs 15-30 min of a shared 2-core box.
 
-Default sizes finish in a few minutes on a 2-core box (the Ward clustering of ~600 users for each
-alpha of the grid dominates).
+Methods (all 400 candidates):
+  last              the last engaged item
+  average           the plain average of the history
+  decayed_average   sum_i exp(-0.01 age_days_i) P_i
+  kmeans            k-means (k chosen on validation), 3 centroids sampled by importance
+  ward_centroid     Ward (alpha chosen on validation) + centroids, 3 sampled (lambda 0.01)
+  ward_medoid_l*    Ward + medoids, lambda 0 / 0.01 / 0.1, 3 medoids sampled by importance
+                    (the paper's method: lambda 0.01), merged round robin
+  ward_medoid_all   Ward + ALL medoids, each given a share of the 400 proportional to its
+                    importance (largest remainder), lambda 0.01
+Sampled methods are averaged over --seeds seeds per user. Users are also bucketed by how
+diverse their history is: the number of Ward clusters at the chosen alpha.
+
+Speed: the batch job's per-user clustering (`cluster_user`: Ward + cut + medoids + importances)
+against SciPy's `fcluster(linkage(P, "ward"), alpha, "distance")` per user, and a NumPy
+nearest-neighbour-chain, at history lengths 128, 512, 1024, 4096 (64-d unit vectors around 20
+centres); then the whole batch job (`run_batch`) over every MovieLens user's ratings.
 
 Usage:
-  .venv/bin/python benchmarks/pinnersage.py [--datasets ../shared/datasets] [--protocol both]
-Prints the tables and ends with one JSON line {"pinnersage": {...}}.
+  .venv/bin/python benchmarks/pinnersage.py [--datasets ../shared/datasets]
+Prints the tables and ends with one JSON line {"pinnersage": {...}} whose
+"ward_speed_vs_scipy" maps each history length to (our users/s) / (SciPy's users/s).
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
-import numpy as np
+# Before NumPy loads: on a small shared box, OpenBLAS's threads make the many small [3, D] x [D, N]
+# products of the retrieval loop several times slower than one thread does. Ward (SciPy's C) and
+# the medoids use no BLAS, so the speed comparison is unaffected.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from omnisage.data.sources import movielens
-from omnisage.models import pinnersage as model
-from omnisage.serving.pinnersage import batch as ps_batch
-from omnisage.serving.pinnersage import service as ps
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from omnisage.data.sources import movielens  # noqa: E402
+from omnisage.data.user_split import per_user_split, validation_split  # noqa: E402
+from omnisage.models import pinnersage as model  # noqa: E402
+from omnisage.serving.pinnersage import batch as ps_batch  # noqa: E402
+from omnisage.serving.pinnersage import service as ps  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = model.DAY_S
-ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8)
+ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8, 2.4, 3.2)
+KMEANS_KS = (3, 5, 10, 20)
 LAMBDAS = (0.0, 0.01, 0.1)
+BUCKETS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 10**9))
+SPEED_USERS = {128: 100, 512: 20, 1024: 8, 4096: 2}
 
 
-def ppmi_svd(users, movies, dim: int, min_count: int, seed: int) -> ps_batch.Items:
-  """Rank-`dim` SVD of the positive PMI of item-item co-occurrence in users' rating sets."""
-  ids, counts = np.unique(movies, return_counts=True)
+# --- item embeddings ---------------------------------------------------------------------------
+
+def ppmi_svd(histories: dict, dim: int, min_count: int, seed: int) -> ps_batch.Items:
+  """Rank-`dim` SVD (U sqrt(S), rows L2-normalised) of the positive PMI of item co-occurrence in
+  the users' history sets; movies in fewer than `min_count` histories get no embedding."""
+  users = sorted(histories)
+  ids, counts = np.unique(np.concatenate([histories[u] for u in users]), return_counts=True)
   ids = ids[counts >= min_count]
-  col = {m: i for i, m in enumerate(ids)}
-  uniq_users = {u: i for i, u in enumerate(np.unique(users))}
-  x = np.zeros((len(uniq_users), len(ids)), np.float32)
-  for u, m in zip(users, movies):
-    if m in col:
-      x[uniq_users[u], col[m]] = 1.0
+  col = {m: i for i, m in enumerate(ids.tolist())}
+  x = np.zeros((len(users), len(ids)), np.float32)
+  for r, u in enumerate(users):
+    x[r, [col[m] for m in histories[u].tolist() if m in col]] = 1.0
   co = x.T @ x
   np.fill_diagonal(co, 0.0)
-  total = co.sum()
-  marg = co.sum(axis=1)
+  total, marg = co.sum(), co.sum(axis=1)
   with np.errstate(divide="ignore", invalid="ignore"):
     pmi = np.log(co * total / np.outer(marg, marg))
   ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0).astype(np.float32)
@@ -80,15 +98,95 @@ def ppmi_svd(users, movies, dim: int, min_count: int, seed: int) -> ps_batch.Ite
   q = ppmi @ rng.standard_normal((len(ids), dim + 16)).astype(np.float32)
   for _ in range(3):   # power iterations (ppmi is symmetric)
     q, _ = np.linalg.qr(ppmi @ q)
-  q, _ = np.linalg.qr(q)
   u_small, s, _ = np.linalg.svd(q.T @ ppmi, full_matrices=False)
   emb = (q @ u_small[:, :dim]) * np.sqrt(s[:dim])[None, :]
   emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
   return ps_batch.Items.create([str(m) for m in ids], emb)
 
 
+# --- one evaluation (validation or test) -------------------------------------------------------
+
+class Task:
+  """Embeddings, each user's windowed history (rows, times, now), exclusions and targets."""
+
+  def __init__(self, split, args):
+    self.items = ppmi_svd(split.history, args.dim, args.min_count, args.seed)
+    self.vectors = self.items.vectors
+    self.vectors_t = np.ascontiguousarray(self.vectors.T)   # [D, N]: the fast product layout
+    row = self.items.row
+    self.rows, self.times, self.now, self.exclude = {}, {}, {}, {}
+    self.targets_all, self.targets_next = {}, {}
+    self.left_out = {"users_without_embedded_history": 0}
+    unembedded = total = 0
+    for u in split.users:
+      hist = np.asarray([row.get(str(m), -1) for m in split.history[u].tolist()], np.int64)
+      times = split.history_times[u]
+      now = int(times[-1])
+      keep = (hist >= 0) & (times >= now - args.window_days * DAY)
+      if not keep.any():
+        self.left_out["users_without_embedded_history"] += 1
+        continue
+      test = [row.get(str(m), -1) for m in split.test[u].tolist()]
+      unembedded += sum(r < 0 for r in test)
+      total += len(test)
+      self.rows[u], self.times[u], self.now[u] = hist[keep], times[keep], now
+      self.exclude[u] = hist[hist >= 0]
+      self.targets_all[u] = test
+      self.targets_next[u] = test[:args.horizon]
+    self.users = sorted(self.rows)
+    self.left_out["test_items_without_embedding"] = f"{unembedded} of {total}"
+    self.linkage = {}
+
+  def ages(self, u):
+    return (self.now[u] - self.times[u]) / DAY
+
+  def ward(self, alpha):
+    """user -> canonical labels at alpha (one SciPy linkage per user, cut at any alpha)."""
+    if not self.linkage:
+      for u in self.users:
+        self.linkage[u] = model.ward_linkage(self.vectors[self.rows[u]])
+    return {u: model.cut_linkage(self.linkage[u], len(self.rows[u]), alpha) for u in self.users}
+
+
+def ranked(vectors_t, queries, exclude, depth):
+  """Per query, the `depth` best item rows by inner product, excluded rows left out."""
+  scores = np.asarray(queries, np.float32) @ vectors_t
+  scores[:, exclude] = -np.inf
+  depth = min(depth, scores.shape[1] - len(exclude))
+  top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+  order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+  return np.take_along_axis(top, order, 1)
+
+
+def round_robin(task, u, queries, budget):
+  lists = ranked(task.vectors_t, queries, task.exclude[u], budget)
+  return ps.merge_round_robin(lists.tolist(), budget)
+
+
+def proportional(task, u, queries, importance, budget):
+  """All queries, query c getting a share of the budget proportional to its importance (largest
+  remainder), taken in order of importance; duplicates are skipped so the budget is filled."""
+  w = np.asarray(importance, np.float64)
+  share = budget * w / w.sum()
+  b = np.floor(share).astype(int)
+  b[np.argsort(-(share - b), kind="stable")[:budget - b.sum()]] += 1
+  order = [c for c in np.argsort(-w, kind="stable") if b[c] > 0]
+  lists = ranked(task.vectors_t, queries[order], task.exclude[u], budget)
+  seen, out = set(), []
+  for c, lst in zip(order, lists.tolist()):
+    got = 0
+    for r in lst:
+      if got == b[c]:
+        break
+      if r not in seen:
+        seen.add(r)
+        out.append(r)
+        got += 1
+  return out
+
+
 def kmeans(x: np.ndarray, k: int, rng, steps: int = 25) -> np.ndarray:
-  """Labels of Lloyd's k-means with k-means++ seeding."""
+  """Canonical labels of Lloyd's k-means with k-means++ seeding."""
   centres = [x[rng.integers(len(x))]]
   for _ in range(1, k):
     d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
@@ -97,233 +195,354 @@ def kmeans(x: np.ndarray, k: int, rng, steps: int = 25) -> np.ndarray:
   for _ in range(steps):
     labels = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
     c = np.asarray([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(k)])
-  return labels
+  return model.canonical(labels)
 
 
-class Task:
-  """One evaluation: embeddings, each user's history (rows, times, now), targets, exclusions."""
-
-  def __init__(self, items, histories, nows, targets, exclude, left_out):
-    self.items, self.histories, self.nows = items, histories, nows
-    self.targets, self.exclude, self.left_out = targets, exclude, left_out
-    self.users = sorted(histories)
+def centroids(x, labels):
+  k = labels.max() + 1
+  return np.stack([x[labels == j].mean(0) for j in range(k)])
 
 
-def make_task(ratings, train_mask, cut_of, args, items=None) -> Task:
-  """train_mask: rows on the training side; cut_of[u]: user u's cut (now)."""
-  users, movies, ts = ratings
-  if items is None:
-    items = ppmi_svd(users[train_mask], movies[train_mask], args.dim, args.min_count, args.seed)
-  rows = np.asarray([items.row.get(str(m), -1) for m in movies], np.int64)
-  histories, nows, targets, exclude = {}, {}, {}, {}
-  left = {"train_rows_without_embedding": int(((rows < 0) & train_mask).sum()),
-          "target_rows_without_embedding": 0, "users_without_history": 0,
-          "users_without_targets": 0}
-  order = np.lexsort((movies, ts, users))
-  for u in np.unique(users):
-    sel = order[users[order] == u]
-    if u not in cut_of:
-      continue
-    now = cut_of[u]
-    train = sel[train_mask[sel] & (rows[sel] >= 0)]
-    window = train[ts[train] >= now - args.window_days * DAY]
-    test = sel[~train_mask[sel] & (ts[sel] >= now)]
-    if args.horizon_days:
-      test = test[ts[test] < now + args.horizon_days * DAY]
-    left["target_rows_without_embedding"] += int((rows[test] < 0).sum())
-    test = test[rows[test] >= 0]
-    if not len(window):
-      left["users_without_history"] += 1
-      continue
-    if not len(test):
-      left["users_without_targets"] += 1
-      continue
-    histories[u] = (rows[window], ts[window])
-    nows[u] = now
-    targets[u] = set(rows[test].tolist())
-    exclude[u] = set(rows[train].tolist())
-  return Task(items, histories, nows, targets, exclude, left)
+def per_user_recall(task, candidates_of, seeds, budget) -> dict:
+  """{"all": [U], "next": [U]} recall per user, averaged over seeds; candidates_of(u, rng)."""
+  out = {"all": np.zeros(len(task.users)), "next": np.zeros(len(task.users))}
+  for i, u in enumerate(task.users):
+    for seed in range(seeds):
+      got = set(candidates_of(u, np.random.default_rng([seed, int(u)])))
+      for name, targets in (("all", task.targets_all[u]), ("next", task.targets_next[u])):
+        hits = sum(1 for r in targets if r in got)
+        out[name][i] += hits / min(len(targets), budget) / seeds
+  return out
 
 
-def search_fn(items):
-  def search(queries, k):
-    scores = np.asarray(queries, np.float32) @ items.vectors.T
-    k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-    return [list(r) for r in np.take_along_axis(top, order, 1)]
-  return search
-
-
-def recall(task, queries_of, budget) -> float:
-  """Mean Recall@budget; queries_of(u) -> [q, D] query vectors of user u (merged round robin)."""
-  search = search_fn(task.items)
-  per_user = []
-  for u in task.users:
-    got = ps.candidates(queries_of(u), search, budget, task.exclude[u])
-    per_user.append(len(task.targets[u] & set(got)) / min(len(task.targets[u]), budget))
-  return float(np.mean(per_user))
-
-
-def ward(task, alpha, lam):
-  """user -> UserState of every history, importances measured from the user's own cut."""
-  t0 = time.perf_counter()
-  found = model.cluster_histories(
-      task.items.vectors, [task.histories[u][0] for u in task.users],
-      [(task.nows[u] - task.histories[u][1]) / DAY for u in task.users], alpha, lam)
-  seconds = time.perf_counter() - t0
-  states = {u: ps_batch.UserState(*task.histories[u], c, task.nows[u])
-            for u, c in zip(task.users, found)}
-  return states, seconds
-
-
-def evaluate(task, alpha, args, methods=None) -> tuple[dict, dict]:
-  """{method: recall}, {timings} for one task."""
-  v = task.items.vectors
-  out, timing = {}, {}
-  want = lambda m: methods is None or m in methods
-  if want("last"):
-    out["last"] = recall(task, lambda u: v[task.histories[u][0][-1:]], args.budget)
-  if want("decayed_avg"):
-    def avg(u):
-      rows, times = task.histories[u]
-      w = np.exp(-0.01 * (task.nows[u] - times) / DAY)
-      return (w[:, None] * v[rows]).sum(0, keepdims=True)
-    out["decayed_avg"] = recall(task, avg, args.budget)
-  seeds = range(args.seeds)
+def methods(task, args, alpha, k_means, only=None) -> dict:
+  """{method: per-user recalls} on `task` at Ward cut `alpha` and k-means k."""
+  v, budget = task.vectors, args.budget
+  want = lambda m: only is None or m in only
+  out = {}
+  single = {
+      "last": lambda u: v[task.rows[u][-1:]],
+      "average": lambda u: v[task.rows[u]].mean(0, keepdims=True),
+      "decayed_average": lambda u: (np.exp(-0.01 * task.ages(u))[:, None]
+                                    * v[task.rows[u]]).sum(0, keepdims=True)}
+  for name, query in single.items():
+    if want(name):
+      out[name] = per_user_recall(
+          task, lambda u, rng, q=query: round_robin(task, u, q(u), budget), 1, budget)
 
   def sampled(reps_of):
-    """reps_of(u, rng) -> (vectors [k, D], importance [k]); 3 sampled, averaged over seeds."""
-    values = []
-    for seed in seeds:
-      rngs = {u: np.random.default_rng([seed, int(u)]) for u in task.users}
+    def cands(u, rng):
+      reps, imp = reps_of(u, rng)
+      return round_robin(task, u, reps[ps.sample_clusters(imp, rng)], budget)
+    return per_user_recall(task, cands, args.seeds, budget)
 
-      def queries(u):
-        reps, imp = reps_of(u, rngs[u])
-        return reps[ps.sample_clusters(imp, rngs[u])]
-      values.append(recall(task, queries, args.budget))
-    return float(np.mean(values))
-
-  if want("kmeans5"):
+  if want("kmeans"):
     def km(u, rng):
-      rows, times = task.histories[u]
-      x = v[rows].astype(np.float64)
-      labels = kmeans(x, min(5, len(x)), rng)
-      k = labels.max() + 1
-      cent = np.stack([x[labels == j].mean(0) if (labels == j).any() else np.zeros(x.shape[1])
-                       for j in range(k)])
-      imp = np.bincount(labels, np.exp(-0.01 * (task.nows[u] - times) / DAY), minlength=k)
-      return cent, imp
-    out["kmeans5"] = sampled(km)
-  if not any(want(m) for m in ("ward_centroid", *(f"ward_medoid_l{lam:g}" for lam in LAMBDAS))):
-    return out, timing
-  states, seconds = ward(task, alpha, 0.01)
-  if methods is None:   # the test run: time it again, compiled (steady-state users/s)
-    _, warm = ward(task, alpha, 0.01)
-    timing.update(ward_seconds_with_compile=round(seconds, 2), ward_seconds=round(warm, 2),
-                  users_per_s=round(len(states) / warm, 1))
-  timing["clusters_per_user"] = round(float(np.mean(
-      [len(s.clusters.importance) for s in states.values()])), 2)
+      x = v[task.rows[u]].astype(np.float64)
+      labels = kmeans(x, min(k_means, len(np.unique(x, axis=0))), rng)
+      return centroids(x, labels), model.importances(labels, task.ages(u), 0.01)
+    out["kmeans"] = sampled(km)
+  wards = [m for m in ("ward_centroid", "ward_medoid_all", *(f"ward_medoid_l{lam:g}"
+                                                               for lam in LAMBDAS)) if want(m)]
+  if not wards:
+    return out
+  labels = task.ward(alpha)
+  meds = {u: model.medoids(v[task.rows[u]], labels[u]) for u in task.users}
   for lam in LAMBDAS:
-    # The partition and medoids do not depend on lambda: only the importances change.
-    imp = {u: np.bincount(s.clusters.labels, np.exp(-lam * (s.now - s.times) / DAY))
-           for u, s in states.items()}
-    name = f"ward_medoid_l{lam:g}"
-    if want(name):
-      out[name] = sampled(lambda u, rng, imp=imp: (
-          v[states[u].rows[states[u].clusters.medoids]], imp[u]))
+    # The partition and medoids do not depend on lambda: only the importances do.
+    imp = {u: model.importances(labels[u], task.ages(u), lam) for u in task.users}
+    if want(f"ward_medoid_l{lam:g}"):
+      out[f"ward_medoid_l{lam:g}"] = sampled(
+          lambda u, rng, imp=imp: (v[task.rows[u][meds[u]]], imp[u]))
     if lam == 0.01 and want("ward_centroid"):
-      def centroid(u, rng, imp=imp):
-        s = states[u]
-        x = v[s.rows]
-        cent = np.stack([x[s.clusters.labels == j].mean(0) for j in range(len(imp[u]))])
-        return cent, imp[u]
-      out["ward_centroid"] = sampled(centroid)
-  return out, timing
+      out["ward_centroid"] = sampled(
+          lambda u, rng, imp=imp: (centroids(v[task.rows[u]], labels[u]), imp[u]))
+    if lam == 0.01 and want("ward_medoid_all"):
+      out["ward_medoid_all"] = per_user_recall(
+          task, lambda u, rng, imp=imp: proportional(task, u, v[task.rows[u][meds[u]]], imp[u],
+                                                     budget), 1, budget)
+  return out
 
 
-def split_cuts(ratings, side_mask, quantile, per_user):
-  """(train mask within side_mask, cut per user) of the global or the per-user split."""
-  users, _, ts = ratings
-  if not per_user:
-    cut = movielens.time_split(ts[side_mask], quantile)
-    return side_mask & (ts < cut), {u: cut for u in np.unique(users)}
-  train, cuts = np.zeros_like(side_mask), {}
-  for u in np.unique(users[side_mask]):
-    sel = side_mask & (users == u)
-    try:
-      cuts[u] = movielens.time_split(ts[sel], quantile)
-    except ValueError:   # every rating at one second: no split for this user
+# --- statistics --------------------------------------------------------------------------------
+
+def mean_se(x) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def lift_se(a, b) -> tuple[float, float]:
+  """mean(a) / mean(b) - 1 over paired users, with its delta-method standard error."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if len(a) < 2 or b.mean() == 0:
+    return float("nan"), float("nan")
+  r = a.mean() / b.mean()
+  return float(r - 1), float(np.std(a - r * b, ddof=1) / np.sqrt(len(a)) / b.mean())
+
+
+# --- protocol ----------------------------------------------------------------------------------
+
+def choose_alpha(val, args, log) -> tuple[float, dict]:
+  """Best validation Recall@400 of ward_medoid_l0.01 (all later items); the grid is widened
+  until the best alpha is interior, or until an edge is a limit where a further step changes
+  nothing: every user one cluster (top) or every action its own cluster (bottom)."""
+  grid, scores = sorted(args.alphas), {}
+  singletons = np.mean([len(val.rows[u]) for u in val.users])   # clusters/user at alpha -> 0
+  for _ in range(30):
+    for alpha in grid:
+      if alpha not in scores:
+        rec = methods(val, args, alpha, 0, only={"ward_medoid_l0.01"})["ward_medoid_l0.01"]
+        k = np.mean([lab.max() + 1 for lab in val.ward(alpha).values()])
+        scores[alpha] = {"recall": round(mean_se(rec["all"])[0], 4), "clusters_per_user":
+                         round(float(k), 2)}
+        log(f"  validation alpha {alpha:<6.3g} ward_medoid_l0.01 recall@{args.budget} "
+            f"{scores[alpha]['recall']:.4f}  clusters/user {k:.2f}")
+    best = max(grid, key=lambda a: (scores[a]["recall"], -a))
+    if best == grid[-1] and scores[best]["clusters_per_user"] > 1.0:
+      grid.append(round(grid[-1] * 1.35, 3))
+    elif best == grid[0] and scores[best]["clusters_per_user"] < singletons:
+      grid.insert(0, round(grid[0] / 1.35, 4))
+    else:
+      return best, scores
+  return best, scores
+
+
+def choose_k(val, args, log) -> tuple[int, dict]:
+  scores = {}
+  for k in args.kmeans_ks:
+    rec = methods(val, args, 0.0, k, only={"kmeans"})["kmeans"]
+    scores[k] = round(mean_se(rec["all"])[0], 4)
+    log(f"  validation k-means k {k:<4d} recall@{args.budget} {scores[k]:.4f}")
+  return max(scores, key=lambda k: (scores[k], -k)), scores
+
+
+def bucket_name(lo, hi):
+  return str(lo) if lo == hi else f"{lo}+" if hi > 10**8 else f"{lo}-{hi}"
+
+
+def protocol(ml, args, log) -> dict:
+  r = ml.ratings
+  users, movies, ts = (r[c].to_numpy() for c in ("user", "movie", "timestamp"))
+  split = per_user_split(users, movies, ts, args.test_fraction)
+  val_split = validation_split(split, args.test_fraction)
+  t0 = time.time()
+  val = Task(val_split, args)
+  alpha, alpha_scores = choose_alpha(val, args, log)
+  k_means, k_scores = choose_k(val, args, log)
+  log(f"  chosen on validation: alpha {alpha}, k-means k {k_means} ({time.time() - t0:.0f} s)")
+  del val
+  test = Task(split, args)   # the test split, scored once
+  per_user = methods(test, args, alpha, k_means)
+  base = per_user["last"]
+  out = {"users": len(test.users), "items": len(test.items.ids), "alpha": alpha,
+         "kmeans_k": k_means, "validation": {"alpha": alpha_scores, "kmeans_k": k_scores},
+         "left_out": test.left_out, "skipped": split.skipped, "recall": {}, "lift_vs_last": {}}
+  for targets in ("all", "next"):
+    out["recall"][targets] = {m: mean_se(p[targets]) for m, p in per_user.items()}
+    out["lift_vs_last"][targets] = {m: lift_se(p[targets], base[targets])
+                                    for m, p in per_user.items()}
+  clusters = np.asarray([lab.max() + 1 for lab in test.ward(alpha).values()])
+  out["clusters_per_user"] = {"mean": round(float(clusters.mean()), 2),
+                              "median": float(np.median(clusters)), "max": int(clusters.max())}
+  out["by_diversity"] = {}
+  for lo, hi in BUCKETS:
+    sel = (clusters >= lo) & (clusters <= hi)
+    if sel.sum() < 2:
       continue
-    train |= sel & (ts < cuts[u])
-  return train, cuts
+    out["by_diversity"][bucket_name(lo, hi)] = {
+        "users": int(sel.sum()), "last_recall": mean_se(base["all"][sel]),
+        "lift": {m: lift_se(p["all"][sel], base["all"][sel]) for m, p in per_user.items()
+                 if m != "last"}}
+  return out
 
 
-def run_protocol(ratings, args, per_user, external) -> dict:
-  all_rows = np.ones(len(ratings[0]), bool)
-  train, cuts = split_cuts(ratings, all_rows, args.quantile, per_user)
-  val_train, val_cuts = split_cuts(ratings, train, args.quantile, per_user)
-  # Validation: targets are the training side after the validation cut (never the test period).
-  val_ratings = tuple(r[train] for r in ratings)
-  val_task = make_task(val_ratings, val_train[train], val_cuts, args, external)
-  tuning = {}
-  for alpha in args.alphas:
-    res, _ = evaluate(val_task, alpha, args, methods={"ward_medoid_l0.01"})
-    tuning[alpha] = round(res["ward_medoid_l0.01"], 4)
-    print(f"  validation alpha {alpha:<5g} ward_medoid_l0.01 recall@{args.budget} "
-          f"{tuning[alpha]:.4f}", flush=True)
-  alpha = max(tuning, key=lambda a: (tuning[a], -a))
-  task = make_task(ratings, train, cuts, args, external)
-  results, timing = evaluate(task, alpha, args)
-  base = results["last"]
-  return {"users": len(task.users), "items": len(task.items.ids), "alpha": alpha,
-          "validation_users": len(val_task.users), "validation": tuning,
-          "recall": {k: round(r, 4) for k, r in results.items()},
-          "lift_vs_last": {k: round(r / base - 1, 3) if base else None
-                           for k, r in results.items()},
-          "left_out": task.left_out, **timing}
+# --- speed -------------------------------------------------------------------------------------
+
+def nn_chain_numpy(x: np.ndarray, alpha: float) -> np.ndarray:
+  """Ward by the nearest-neighbour chain in NumPy (O(N^2): each step is one O(N) row scan or
+  Lance-Williams row update), cut at alpha: the side-by-side alternative to SciPy's C."""
+  from scipy.sparse import coo_matrix
+  from scipy.sparse.csgraph import connected_components
+  n = len(x)
+  sq = np.einsum("nd,nd->n", x, x)
+  d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+  np.fill_diagonal(d2, np.inf)
+  size = np.ones(n)
+  active = np.ones(n, bool)
+  chain, edges = [], []
+  for _ in range(n - 1):
+    if not chain:
+      chain.append(int(np.argmax(active)))
+    while True:
+      a = chain[-1]
+      b = int(np.argmin(d2[a]))
+      if len(chain) > 1 and d2[a, chain[-2]] <= d2[a, b]:
+        b = chain[-2]
+      if len(chain) > 1 and b == chain[-2]:
+        break
+      chain.append(b)
+    a, b = chain.pop(), chain.pop()
+    lo, hi = min(a, b), max(a, b)
+    h2 = d2[a, b]
+    new = ((size[a] + size) * d2[a] + (size[b] + size) * d2[b] - size * h2) / (
+        size[a] + size[b] + size)
+    d2[lo, :] = new
+    d2[:, lo] = new
+    d2[hi, :] = np.inf
+    d2[:, hi] = np.inf
+    d2[lo, lo] = np.inf
+    size[lo] += size[hi]
+    size[hi] = 0.0
+    active[hi] = False
+    if h2 <= alpha * alpha:
+      edges.append((lo, hi))
+  e = np.asarray(edges, np.int64).reshape(-1, 2)
+  graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+  return model.canonical(connected_components(graph, directed=False)[1])
+
+
+def speed(args, log) -> dict:
+  from scipy.cluster.hierarchy import fcluster, linkage
+  rng = np.random.default_rng(0)
+  out = {}
+  for n in args.lengths:
+    users = max(1, int(SPEED_USERS.get(n, 2) * args.speed_scale))
+    data = []
+    for _ in range(users):
+      centre = rng.standard_normal((20, 64))
+      x = centre[rng.integers(0, 20, n)] + 0.7 * rng.standard_normal((n, 64))
+      x /= np.linalg.norm(x, axis=1, keepdims=True)
+      data.append((x.astype(np.float32), np.sort(rng.uniform(0, 90 * DAY, n))))
+    # Same answer first (partition up to label permutation).
+    x0 = data[0][0].astype(np.float64)
+    ref = model.canonical(fcluster(linkage(x0, "ward"), args.speed_alpha, "distance"))
+    assert np.array_equal(model.cluster_user(*data[0], 90 * DAY, args.speed_alpha).labels, ref)
+    runs = {
+        "ours": lambda x, t: model.cluster_user(x, t, 90 * DAY, args.speed_alpha, 0.01),
+        "scipy": lambda x, t: fcluster(linkage(x, "ward"), args.speed_alpha, "distance"),
+        "nn_chain_numpy": lambda x, t: nn_chain_numpy(x.astype(np.float64), args.speed_alpha)}
+    assert np.array_equal(runs["nn_chain_numpy"](*data[0]), ref)
+    best = {name: np.inf for name in runs}
+    for _ in range(args.speed_repeats):   # interleaved, best of: the box is shared
+      for name, fn in runs.items():
+        if name == "nn_chain_numpy" and n > 1024 and best[name] < np.inf:
+          continue   # one pass is enough to see it lose at 4096
+        t0 = time.perf_counter()
+        for x, t in data:
+          fn(x, t)
+        best[name] = min(best[name], time.perf_counter() - t0)
+    ups = {name: users / s for name, s in best.items()}
+    out[n] = {"users": users, "users_per_s": {k: round(v, 2) for k, v in ups.items()},
+              "ratio_vs_scipy": round(ups["ours"] / ups["scipy"], 3),
+              "nn_chain_numpy_vs_scipy": round(ups["nn_chain_numpy"] / ups["scipy"], 3)}
+    log(f"  N={n:<5d} users/s: ours {ups['ours']:9.2f}  scipy {ups['scipy']:9.2f}  "
+        f"numpy nn-chain {ups['nn_chain_numpy']:9.2f}   ours/scipy {out[n]['ratio_vs_scipy']:.3f}")
+  return out
+
+
+def whole_job(ml, items, alpha, log) -> dict:
+  """run_batch over every MovieLens rating (no window cut: every user's whole history)."""
+  r = ml.ratings
+  with tempfile.TemporaryDirectory() as tmp:
+    emb = os.path.join(tmp, "items.parquet")
+    pq.write_table(pa.table({"id": items.ids, "embedding": pa.array(
+        list(items.vectors), pa.list_(pa.float32(), items.vectors.shape[1]))}), emb)
+    actions = os.path.join(tmp, "actions.parquet")
+    pq.write_table(pa.table({"user_id": r["user"].to_numpy().astype(str),
+                             "item_id": r["movie"].to_numpy().astype(str),
+                             "timestamp": r["timestamp"].to_numpy().astype(np.int64)}), actions)
+    summary = ps_batch.run_batch(emb, actions, os.path.join(tmp, "out"), alpha=alpha,
+                                 window_days=1e5, max_history=4096)
+  keys = ("users", "actions", "actions_clustered", "clusters", "cluster_seconds", "users_per_s",
+          "seconds")
+  out = {k: summary[k] for k in keys}
+  log(f"  run_batch over all {out['users']} users, {out['actions_clustered']} ratings: "
+      f"{out['seconds']} s in all, clustering {out['cluster_seconds']} s "
+      f"({out['users_per_s']} users/s)")
+  return out
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+def fmt(pair, pct=False):
+  m, s = pair
+  if pct:
+    return f"{m:+.1%} ± {s:.1%}"
+  return f"{m:.4f} ± {s:.4f}"
+
+
+def print_tables(r, args, log):
+  log(f"\nper-user temporal protocol: {r['users']} users, {r['items']} embedded movies, "
+      f"alpha {r['alpha']}, k-means k {r['kmeans_k']}, Ward clusters/user "
+      f"{r['clusters_per_user']}; left out {r['left_out']}")
+  log(f"\n| method | Recall@{args.budget}, all later | lift vs last | "
+      f"Recall@{args.budget}, next {args.horizon} | lift vs last |")
+  log("|---|---|---|---|---|")
+  for m in r["recall"]["all"]:
+    log(f"| {m} | {fmt(r['recall']['all'][m])} | {fmt(r['lift_vs_last']['all'][m], True)} | "
+        f"{fmt(r['recall']['next'][m])} | {fmt(r['lift_vs_last']['next'][m], True)} |")
+  buckets = r["by_diversity"]
+  log("\nlift vs last (all later items) by Ward clusters in the history:")
+  log("| method | " + " | ".join(f"{b} ({v['users']} users)" for b, v in buckets.items()) + " |")
+  log("|---|" + "---|" * len(buckets))
+  log("| last: Recall | " + " | ".join(fmt(v["last_recall"]) for v in buckets.values()) + " |")
+  for m in next(iter(buckets.values()))["lift"]:
+    log(f"| {m} | " + " | ".join(fmt(v["lift"][m], True) for v in buckets.values()) + " |")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--datasets", default=os.environ.get(
       "OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets")))
-  parser.add_argument("--item-embeddings", default=None,
-                      help="embeddings with id = movie id (default: PPMI-SVD of train data)")
-  parser.add_argument("--protocol", choices=("global", "per_user", "both"), default="both")
   parser.add_argument("--budget", type=int, default=ps.BUDGET)
   parser.add_argument("--window-days", type=float, default=90.0)
-  parser.add_argument("--horizon-days", type=float, default=0.0,
-                      help="next period length (0: everything after the cut)")
-  parser.add_argument("--quantile", type=float, default=0.8)
+  parser.add_argument("--horizon", type=int, default=10, help="next N test engagements")
+  parser.add_argument("--test-fraction", type=float, default=0.2)
   parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+  parser.add_argument("--kmeans-ks", type=int, nargs="+", default=list(KMEANS_KS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--dim", type=int, default=64)
   parser.add_argument("--min-count", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max-users", type=int, default=0, help="0: all (tests use fewer)")
+  parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 4096])
+  parser.add_argument("--speed-scale", type=float, default=1.0, help="users per length x this")
+  parser.add_argument("--speed-repeats", type=int, default=3)
+  parser.add_argument("--speed-alpha", type=float, default=1.4)
+  parser.add_argument("--skip", choices=("protocol", "speed"), nargs="*", default=[])
   args = parser.parse_args()
+  for name, value in (("budget", args.budget), ("horizon", args.horizon), ("seeds", args.seeds)):
+    if value < 1:
+      parser.error(f"--{name} must be >= 1, got {value}")
   t0 = time.time()
+  log = lambda s: print(s, flush=True)
   try:
     ml = movielens.load(os.path.join(args.datasets, "movielens-latest-small"))
-    external = ps_batch.read_items(args.item_embeddings) if args.item_embeddings else None
   except (FileNotFoundError, ValueError) as error:
     print(json.dumps({"pinnersage": {"error": str(error)}}))
     sys.exit(2)
-  ratings = (ml.ratings["user"].to_numpy(), ml.ratings["movie"].to_numpy(),
-             ml.ratings["timestamp"].to_numpy())
-  protocols = ["global", "per_user"] if args.protocol == "both" else [args.protocol]
+  if args.max_users:
+    keep = np.isin(ml.ratings["user"].to_numpy(), np.unique(ml.ratings["user"].to_numpy())[
+        :args.max_users])
+    ml.ratings = ml.ratings.filter(pa.array(keep))
   summary = {}
-  for name in protocols:
-    print(f"protocol {name}:", flush=True)
-    summary[name] = run_protocol(ratings, args, name == "per_user", external)
-    r = summary[name]
-    print(f"  {r['users']} users, {r['items']} items, alpha {r['alpha']} (validation), "
-          f"{r.get('clusters_per_user')} clusters/user, Ward {r.get('users_per_s')} users/s")
-    print(f"  {'method':<20} recall@{args.budget:<5} lift vs last")
-    for method, value in r["recall"].items():
-      print(f"  {method:<20} {value:<12.4f} {r['lift_vs_last'][method]:+.1%}")
-  summary.update(budget=args.budget, window_days=args.window_days, seeds=args.seeds,
-                 embeddings=args.item_embeddings or f"ppmi_svd{args.dim}",
+  if "protocol" not in args.skip:
+    log("protocol (per-user temporal split; choices on validation):")
+    result = protocol(ml, args, log)
+    print_tables(result, args, log)
+    summary["protocol"] = result
+  if "speed" not in args.skip:
+    log("\nWard per user: users/s of cluster_user vs SciPy fcluster(linkage) (best of "
+        f"{args.speed_repeats}, interleaved)")
+    sp = speed(args, log)
+    summary["speed"] = sp
+    summary["ward_speed_vs_scipy"] = {str(n): v["ratio_vs_scipy"] for n, v in sp.items()}
+    split = per_user_split(*(ml.ratings[c].to_numpy() for c in ("user", "movie", "timestamp")))
+    items = ppmi_svd(split.history, args.dim, args.min_count, args.seed)
+    alpha = summary.get("protocol", {}).get("alpha", ps_batch.DEFAULTS["alpha"])
+    summary["whole_job"] = whole_job(ml, items, alpha, log)
+  summary.update(budget=args.budget, window_days=args.window_days, horizon=args.horizon,
+                 seeds=args.seeds, embeddings=f"ppmi_svd{args.dim} of the histories",
                  seconds=round(time.time() - t0, 1))
   print(json.dumps({"pinnersage": summary}))
 

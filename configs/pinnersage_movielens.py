@@ -22,9 +22,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.item_embeddings = "runs/twotower/embeddings"
   c.item_kind = config_dict.placeholder(str)   # kind directory to read (default: the only one)
   c.actions = config_dict.placeholder(str)     # Parquet: user_id, item_id, timestamp (required)
-  c.alpha = 1.4            # Ward cut height in embedding units (best on MovieLens validation)
+  # Ward cut height in embedding units: keeps a few clusters per user on unit-norm embeddings.
+  # MovieLens validation with PMI-SVD embeddings prefers ~4.3, i.e. about one cluster per user
+  # (docs/pinnersage.md): choose it per embedding with benchmarks/pinnersage.py.
+  c.alpha = 1.4
   c.lam = 0.01             # importance decay per day, exp(-lambda * age_days) (SPEC §4)
   c.window_days = 90.0     # days of history clustered (SPEC §4)
   c.now = config_dict.placeholder(int)   # unix seconds the window ends at (default: last action)
-  c.max_history = 1024     # most recent actions kept per user (bounds the merge loop)
+  c.max_history = 4096     # most recent actions kept per user (bounds O(n^2) time and memory)
   return c

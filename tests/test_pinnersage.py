@@ -1,7 +1,11 @@
-"""PinnerSage (SPEC §4): Ward clustering vs scipy, medoids and importances vs NumPy, the online
-pass vs a from-scratch reference, online + reconcile == batch, launch.py pinnersage, HTTP."""
+"""PinnerSage (SPEC §4): Ward clustering vs SciPy on random inputs, medoids and importances vs
+NumPy, the online pass vs a from-scratch reference, online + reconcile == batch, launch.py
+pinnersage, HTTP, and the benchmark on a slice of MovieLens."""
 
+import json
 import os
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -14,81 +18,115 @@ from omnisage.models import pinnersage as model
 from omnisage.serving.index.scann_index import build_index, load_index
 from omnisage.serving.pinnersage import batch as ps_batch
 from omnisage.serving.pinnersage import service as ps
-from tests.helpers import last_json, run_launch, running
+from tests.helpers import ROOT, last_json, run_launch, running, subprocess_env
 
 JSON = {"content-type": "application/json"}
 DAY = 86_400
 T0 = 1_700_000_000
 
 
-def padded(rng, sizes, dim):
-  points = np.zeros((len(sizes), max(sizes), dim), np.float32)
-  mask = np.zeros((len(sizes), max(sizes)), bool)
-  for b, n in enumerate(sizes):
-    points[b, :n] = rng.standard_normal((n, dim))
-    mask[b, :n] = True
-  return points, mask
-
-
 def scipy_labels(x, alpha):
   if len(x) == 1:
     return np.zeros(1, np.int32)
-  return model.canonical(fcluster(linkage(x.astype(np.float64), "ward"), alpha,
-                                  criterion="distance")[None])[0]
+  return model.canonical(fcluster(linkage(np.asarray(x, np.float64), "ward"), alpha,
+                                  criterion="distance"))
 
 
-@pytest.mark.parametrize("dim", [2, 16])
+def same_partition(a, b) -> bool:
+  """Equal up to a permutation of the labels: the same co-membership of every pair."""
+  a, b = np.asarray(a), np.asarray(b)
+  return a.shape == b.shape and bool(((a[:, None] == a[None, :]) == (b[:, None] == b[None, :]))
+                                     .all())
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64])
 def test_ward_cut_equals_scipy_fcluster_distance(dim):
+  """cluster_user's partition is fcluster(linkage(P, "ward"), alpha, "distance") on random inputs,
+  at cuts spread over the merge heights (never within 1e-9 of one)."""
   rng = np.random.default_rng(dim)
-  sizes = [1, 2, 3, 7, 16, 33, 64, 100]
-  points, mask = padded(rng, sizes, dim)
-  heights = np.concatenate([linkage(points[b, :n].astype(np.float64), "ward")[:, 2]
-                            for b, n in enumerate(sizes) if n > 1])
-  # Cuts between heights (never within 1e-3 of one: float32 vs float64 round-off).
-  alphas = [0.0] + [float(np.quantile(heights, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)] + [1e3]
-  alphas = [a + 2e-3 if np.abs(heights - a).min() < 1e-3 else a for a in alphas]
-  for alpha in alphas:
-    labels = model.ward_labels(points, mask, alpha)
-    for b, n in enumerate(sizes):
-      np.testing.assert_array_equal(labels[b, :n], scipy_labels(points[b, :n], alpha),
-                                    err_msg=f"alpha {alpha} user {b} (n={n})")
-      assert (labels[b, n:] == -1).all()
-  # The two ends: singletons at alpha 0 (no ties), one cluster above every height.
-  assert (model.ward_labels(points, mask, 0.0)[mask] == np.concatenate(
-      [np.arange(n) for n in sizes])).all()
-  assert (model.ward_labels(points, mask, 1e3)[mask] == 0).all()
+  for n in [1, 2, 3, 7, 16, 33, 64, 100, 257]:
+    for trial in range(3):
+      x = rng.standard_normal((n, dim))
+      if trial == 2 and n > 3:   # exact duplicates: ties at height 0
+        x[rng.integers(0, n, n // 3)] = x[0]
+      times = np.sort(rng.uniform(T0 - 90 * DAY, T0, n))
+      heights = linkage(x, "ward")[:, 2] if n > 1 else np.zeros(1)
+      alphas = [0.0] + [float(np.quantile(heights, q)) for q in (0.1, 0.4, 0.7, 0.95)] + [1e3]
+      alphas = [a + 1e-6 if np.abs(heights - a).min() < 1e-9 else a for a in alphas]
+      for alpha in alphas:
+        got = model.cluster_user(x, times, T0, alpha).labels
+        ref = scipy_labels(x, alpha)
+        assert same_partition(got, ref), f"n={n} dim={dim} alpha={alpha}"
+        np.testing.assert_array_equal(got, ref)   # and canonical: numbered by first member
+  assert (model.ward_labels(rng.standard_normal((20, 3)), 1e6) == 0).all()
 
 
 def test_cut_count_is_number_of_heights_above_alpha():
   """fcluster 'distance' at alpha keeps the merges with height <= alpha: n - #merges clusters."""
   rng = np.random.default_rng(1)
-  x = rng.standard_normal((40, 5)).astype(np.float32)
-  heights = linkage(x.astype(np.float64), "ward")[:, 2]
+  x = rng.standard_normal((40, 5))
+  z = model.ward_linkage(x)
+  heights = z[:, 2]
+  assert (np.diff(heights) >= 0).all()
   for merges in (0, 1, 10, 25, 39):
     alpha = 0.0 if merges == 0 else float(heights[merges - 1] + heights[min(merges, 38)]) / 2
     if merges == 39:
       alpha = float(heights[-1]) + 1.0
-    labels = model.ward_labels(x[None], np.ones((1, 40), bool), alpha)[0]
-    assert labels.max() + 1 == 40 - merges
+    assert model.cut_linkage(z, 40, alpha).max() + 1 == 40 - merges
 
 
-def test_medoids_and_importances_vs_numpy():
+def test_numpy_nn_chain_equals_scipy():
+  """The benchmark's side-by-side NumPy nearest-neighbour chain is the same clustering."""
+  from benchmarks.pinnersage import nn_chain_numpy
+  rng = np.random.default_rng(11)
+  for n in (2, 5, 40, 150):
+    x = rng.standard_normal((n, 8))
+    heights = linkage(x, "ward")[:, 2]
+    for alpha in (float(np.quantile(heights, 0.3)) + 1e-7, float(np.quantile(heights, 0.8)) + 1e-7):
+      assert same_partition(nn_chain_numpy(x, alpha), scipy_labels(x, alpha))
+
+
+def test_cluster_user_medoids_and_importances_vs_numpy():
   rng = np.random.default_rng(2)
-  sizes = [1, 5, 30, 64]
-  points, mask = padded(rng, sizes, 8)
-  labels = model.ward_labels(points, mask, 3.0)
-  medoids = model.medoids(points, labels)
-  ages = rng.uniform(0, 90, mask.shape)
-  for lam in (0.0, 0.01, 0.1):
-    imps = model.importances(labels, ages, lam)
-    for b, n in enumerate(sizes):
-      x = points[b, :n].astype(np.float64)
-      for c in range(labels[b, :n].max() + 1):
-        members = np.flatnonzero(labels[b, :n] == c)
-        cost = [((x[m] - x[members]) ** 2).sum() for m in members]
-        assert medoids[b, c] == members[int(np.argmin(cost))]
-        np.testing.assert_allclose(imps[b][c], np.exp(-lam * ages[b, members]).sum(), rtol=1e-12)
-      assert (medoids[b, labels[b, :n].max() + 1:] == -1).all()
+  for n in (1, 5, 30, 64, 200):
+    x = rng.standard_normal((n, 8))
+    times = np.sort(rng.uniform(T0 - 90 * DAY, T0, n)).astype(np.int64)
+    for lam in (0.0, 0.01, 0.1):
+      c = model.cluster_user(x.astype(np.float32), times, T0, 3.0, lam)
+      assert len(c.medoids) == len(c.importance) == len(c.sizes) == c.labels.max() + 1
+      ages = (T0 - times) / DAY
+      x64 = x.astype(np.float32).astype(np.float64)
+      for k in range(c.labels.max() + 1):
+        members = np.flatnonzero(c.labels == k)
+        cost = [((x64[m] - x64[members]) ** 2).sum() for m in members]   # the paper's definition
+        assert c.medoids[k] == members[int(np.argmin(cost))]
+        assert c.sizes[k] == len(members)
+        np.testing.assert_allclose(c.importance[k], np.exp(-lam * ages[members]).sum(),
+                                   rtol=1e-12)
+
+
+def test_medoid_ties_go_to_the_earliest_action():
+  x = np.asarray([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [10.0, 0.0], [10.0, 0.0]])
+  labels = np.asarray([0, 0, 0, 0, 1, 1])
+  # Cluster 0: items 1 and 2 are the same point, the centroid: the earlier one (1) is the medoid.
+  np.testing.assert_array_equal(model.medoids(x, labels), [1, 4])
+
+
+def test_cluster_user_bad_input():
+  x = np.zeros((3, 4))
+  t = np.asarray([1, 2, 3])
+  with pytest.raises(ValueError, match="at least one"):
+    model.cluster_user(np.zeros((0, 4)), np.zeros(0), 0, 1.0)
+  with pytest.raises(ValueError, match="NaN"):
+    model.cluster_user(np.full((3, 4), np.nan), t, 3, 1.0)
+  with pytest.raises(ValueError, match="alpha"):
+    model.cluster_user(x, t, 3, -1.0)
+  with pytest.raises(ValueError, match="timestamps"):
+    model.cluster_user(x, t[:2], 3, 1.0)
+  with pytest.raises(ValueError, match=r"\[n, dim\]"):
+    model.cluster_user(np.zeros(4), t, 3, 1.0)
+  with pytest.raises(ValueError, match="lam"):
+    model.cluster_user(x, t, 3, 1.0, lam=-0.1)
 
 
 def online_reference(labels, old, new, alpha):
@@ -119,7 +157,7 @@ def test_online_assign_vs_reference():
     old = rng.standard_normal((n, 4))
     new = rng.standard_normal((m, 4))
     # Any canonical partition will do (no JAX here: the pass is NumPy).
-    labels = model.canonical(rng.integers(0, max(n // 4, 1), (1, n)))[0]
+    labels = model.canonical(rng.integers(0, max(n // 4, 1), n))
     got = model.online_assign(labels, old, new, alpha)
     np.testing.assert_array_equal(got, online_reference(labels, old, new, alpha))
     assert (got[:n] == labels).all()
@@ -288,3 +326,41 @@ def test_http_update_and_recommend(tmp_path):
     assert r.status_code == 422 and r.json()["error"]["field"] == "actions[0].timestamp"
     r = client.post("/v1/pinnersage/update", content=b"{", headers=JSON)
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+
+
+# --- benchmarks/pinnersage.py on a slice of MovieLens ------------------------------------------
+
+DATASETS = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
+
+
+def test_benchmark_on_a_slice():
+  if not os.path.isdir(os.path.join(DATASETS, "movielens-latest-small")):
+    pytest.skip(f"{DATASETS}/movielens-latest-small not found (../shared/datasets)")
+  result = subprocess.run(
+      [sys.executable, "benchmarks/pinnersage.py", f"--datasets={DATASETS}", "--max-users=40",
+       "--lengths", "128", "--speed-scale=0.2", "--speed-repeats=1", "--seeds=2",
+       "--kmeans-ks", "3", "5"],
+      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])["pinnersage"]
+  p = out["protocol"]
+  assert p["users"] + p["left_out"]["users_without_embedded_history"] == 40
+  methods = {"last", "average", "decayed_average", "kmeans", "ward_centroid", "ward_medoid_all",
+             "ward_medoid_l0", "ward_medoid_l0.01", "ward_medoid_l0.1"}
+  for targets in ("all", "next"):
+    assert set(p["recall"][targets]) == methods
+    for mean, se in p["recall"][targets].values():
+      assert 0.0 <= mean <= 1.0 and se > 0.0
+    assert p["lift_vs_last"][targets]["last"] == [0.0, 0.0]
+  # The choices come from validation: alpha is interior to its (widened) grid or at a limit.
+  grid = sorted(float(a) for a in p["validation"]["alpha"])
+  scores = {float(a): v for a, v in p["validation"]["alpha"].items()}
+  assert p["alpha"] == max(grid, key=lambda a: (scores[a]["recall"], -a))
+  # An edge is chosen only after the grid was widened past it to a limit.
+  assert p["alpha"] != grid[-1] or scores[grid[-1]]["clusters_per_user"] == 1.0
+  assert p["alpha"] != grid[0] or grid[0] < 0.3
+  assert p["kmeans_k"] in (3, 5)
+  assert sum(b["users"] for b in p["by_diversity"].values()) <= p["users"]
+  assert set(out["ward_speed_vs_scipy"]) == {"128"} and out["ward_speed_vs_scipy"]["128"] > 0
+  assert out["whole_job"]["users"] == 40
+  assert "| method |" in result.stdout   # the tables

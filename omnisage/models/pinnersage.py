@@ -1,150 +1,200 @@
-"""PinnerSage user representation: Ward clusters of a user's items, medoids, importances (SPEC §4).
+"""PinnerSage user representation: Ward clusters of a user's items, medoids, importances.
 
-Pure functions over FIXED item embeddings (nothing is learned):
+PinnerSage (Pal et al., "PinnerSage: Multi-Modal User Embedding Framework for Recommendations at
+Pinterest", KDD 2020; SPEC §4) represents a user by several embeddings instead of one: the user's
+recent engagements are clustered with Ward's method over FIXED item embeddings (nothing is
+learned), each cluster is summarised by its medoid (a real item, so the index can be queried with
+it as with any item) and weighted by an importance that decays with the age of its engagements.
 
-- `ward_labels(points, mask, alpha)`: Ward agglomerative clustering of every user of a padded
-  batch at once ([B, N, D] points, [B, N] mask). One jitted, vmapped merge loop: each iteration
-  merges the closest active pair of one user and updates its distances with the Lance-Williams
-  recurrence of Ward's method, written for SQUARED distances as in SPEC §4,
+`cluster_user(embeddings, timestamps, now, alpha, lam)` does that for ONE user's history and is
+the stable entry point of the daily batch job (serving/pinnersage/batch.py, and a Ray Data job
+that calls it per group). It is O(N^2) time per user:
+
+- Ward clustering is SciPy's `linkage(P, "ward")`, whose C implementation is the
+  nearest-neighbour-chain algorithm (O(N^2) time, O(N^2) memory for the condensed distances).
+  The paper's cut at alpha keeps every merge whose height is <= alpha, which is exactly
+  `fcluster(Z, alpha, "distance")`. Ward's heights never decrease along the merge order that
+  linkage returns, so the kept merges are a prefix of Z; `cut_linkage` applies that prefix with
+  vectorised pointer jumping (O(N log N)) instead of fcluster's per-call validation.
+  SciPy's heights are sqrt of the Lance-Williams recurrence of SPEC §4 on squared distances,
     d2(Ci u Cj, Ck) = ((ni+nk) d2_ik + (nj+nk) d2_jk - nk d2_ij) / (ni+nj+nk),
-  starting from d2_ij = ||P_i - P_j||^2. A user whose next merge lies above the cut stops (its
-  state is frozen by the masked while_loop) while the others go on.
-- "Cut at alpha" is exactly scipy's `fcluster(linkage(P, "ward"), alpha, criterion="distance")`:
-  scipy's Ward heights are sqrt(d2) of the recurrence above (for two singletons, the Euclidean
-  distance; in general sqrt(2 ni nj / (ni+nj)) ||c_i - c_j||), and fcluster keeps every merge whose
-  height is <= alpha. Ward heights never decrease along the merge sequence, so this is the same
-  as merging greedily while the smallest d2 is <= alpha^2 and stopping at the first one above it.
-  alpha is therefore in the units of the embeddings (a Euclidean distance).
-- `medoids(points, mask, labels)`: per cluster, argmin_{m in C} sum_{j in C} ||P_m - P_j||^2
-  (the SPEC's definition, computed literally from the pairwise squared distances; ties go to the
-  earliest action).
-- `importances(labels, ages_days, lam)`: sum_{i in C} exp(-lam * age_i) in float64.
-- `online_assign`: the cheap online pass (new actions join the cluster Ward would merge them into
-  first when that merge is within the cut, else open a singleton); the daily reconcile re-runs the
-  batch clustering over the 90-day window.
+  started from ||P_i - P_j||^2 (for two singletons the height is their Euclidean distance; in
+  general sqrt(2 ni nj / (ni+nj)) ||c_i - c_j||), so alpha is a Euclidean distance in embedding
+  units.
+- Medoid of cluster C: argmin_{m in C} sum_{j in C} ||P_m - P_j||^2 (the paper's definition).
+  Since sum_j ||P_m - P_j||^2 = |C| ||P_m - c_C||^2 + sum_j ||P_j - c_C||^2 with c_C the centroid,
+  that is the member nearest the centroid: O(N D) for all clusters at once instead of the O(N^2)
+  pairwise sums. Ties (duplicate items) go to the earliest engagement.
+- Importance of C: sum_{i in C} exp(-lam * age_days_i), float64 (the paper's lambda = 0.01 with
+  ages in days: the SPEC's reading of the unspecified time unit).
+- `online_assign`: the paper's cheap online pass (a new action joins the cluster Ward would merge
+  it into first when that merge is within the cut, else opens a singleton); the daily batch
+  re-clusters the window.
 
-Labels are canonical: clusters are numbered 0..k-1 in order of their earliest member (padding -1),
-so two partitions are equal iff their label arrays are.
+Labels are canonical: clusters are numbered 0..k-1 in order of their earliest member, so two
+partitions are equal iff their label arrays are.
 
-Usage: `labels = ward_labels(points, mask, alpha=0.8)` -> int32 [B, N].
+Usage: `c = cluster_user(vectors, unix_seconds, now=t, alpha=1.4, lam=0.01)`; c.medoids.
 """
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 DAY_S = 86_400.0
 
 
-def _pairwise_d2(x: jax.Array) -> jax.Array:
-  """||x_i - x_j||^2 [N, N] from the Gram matrix, clipped at 0 (round-off can go below), exactly
-  symmetric with a zero diagonal (a matmul need not be): the two members of a pair then tie
-  exactly, and the medoid tie-break (earliest action) holds."""
-  sq = jnp.sum(x * x, axis=-1)
-  gram = x @ x.T
-  gram = 0.5 * (gram + gram.T)
-  d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-  return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d2)   # sq_i - gram_ii need not be 0
+@dataclasses.dataclass
+class Clusters:
+  """One user's clustering: each action's cluster, each cluster's medoid and importance."""
+  labels: np.ndarray       # int32 [n] canonical cluster of each action of the history (members)
+  medoids: np.ndarray      # int32 [k] position in the history of each cluster's medoid
+  importance: np.ndarray   # float64 [k] sum of exp(-lam * age_days) over the cluster
+  sizes: np.ndarray        # int32 [k] actions per cluster
 
 
-def _ward_one(points: jax.Array, mask: jax.Array, alpha2: jax.Array) -> jax.Array:
-  """One user's merge loop: rep[i] = the (lowest-merged) surviving index of point i's cluster.
-
-  Pairs that cannot merge (the diagonal, padding, clusters already merged away) hold +inf, so
-  each iteration is one argmin over the matrix plus one row update: O(N^2), O(N^3) in all.
-  The Lance-Williams update keeps them at +inf (size 0 there, so no 0 * inf).
-  """
-  n = points.shape[0]
-  valid = mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool)
-  d2 = jnp.where(valid, _pairwise_d2(points), jnp.inf)
-  size = mask.astype(points.dtype)
-  rep = jnp.arange(n)
-
-  def closest(d2):
-    flat = jnp.argmin(d2)   # first occurrence: row-major, so i < j on ties
-    return flat, d2.reshape(-1)[flat]
-
-  def cond(state):
-    *_, best = state
-    return best <= alpha2
-
-  def body(state):
-    d2, size, rep, flat, best = state
-    a, b = flat // n, flat % n
-    i, j = jnp.minimum(a, b), jnp.maximum(a, b)   # the merged cluster lives on at i
-    ni, nj = size[i], size[j]
-    # Lance-Williams for Ward on squared distances (SPEC §4).
-    new = ((ni + size) * d2[i] + (nj + size) * d2[j] - size * best) / (ni + nj + size)
-    new = jnp.maximum(new, 0.0).at[i].set(jnp.inf).at[j].set(jnp.inf)
-    d2 = d2.at[i, :].set(new).at[:, i].set(new)
-    d2 = d2.at[j, :].set(jnp.inf).at[:, j].set(jnp.inf)
-    size = size.at[i].add(nj).at[j].set(0.0)
-    rep = jnp.where(rep == j, i, rep)
-    flat, best = closest(d2)
-    return d2, size, rep, flat, best
-
-  flat, best = closest(d2)
-  *_, rep, _, _ = jax.lax.while_loop(cond, body, (d2, size, rep, flat, best))
-  return jnp.where(mask, rep, -1)
+def _points(points) -> np.ndarray:
+  x = np.asarray(points, np.float64)
+  if x.ndim != 2:
+    raise ValueError(f"embeddings must be a [n, dim] matrix, got shape {x.shape}")
+  if not np.isfinite(x).all():
+    raise ValueError("embeddings contain NaN or infinity")
+  return x
 
 
-@jax.jit
-def _ward_batch(points, mask, alpha2):
-  return jax.vmap(_ward_one, in_axes=(0, 0, None))(points, mask, alpha2)
+def _alpha(alpha: float) -> float:
+  alpha = float(alpha)
+  if not alpha >= 0:   # also refuses NaN
+    raise ValueError(f"alpha must be >= 0, got {alpha}")
+  return alpha
 
 
-def canonical(rep: np.ndarray) -> np.ndarray:
-  """Relabels each row's clusters 0..k-1 in order of first appearance; -1 stays -1."""
-  rep = np.asarray(rep)
-  out = np.full(rep.shape, -1, np.int32)
-  for b in range(rep.shape[0]):
-    row = rep[b]
-    valid = row >= 0
-    _, first, inverse = np.unique(row[valid], return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))   # rank of each unique rep by its first position
-    out[b, valid] = order[inverse]
+def ward_linkage(points) -> np.ndarray:
+  """SciPy's Ward linkage matrix [n-1, 4] of one user's points (float64; [0, 4] when n < 2)."""
+  x = _points(points)
+  if len(x) < 2:
+    return np.zeros((0, 4))
+  try:   # imported here: the online service (online_assign) does not need SciPy
+    from scipy.cluster.hierarchy import linkage
+  except ImportError as error:
+    raise ImportError("PinnerSage's Ward clustering needs SciPy (pip install scipy)") from error
+  return linkage(x, "ward")
+
+
+def canonical(labels) -> np.ndarray:
+  """int32 labels renumbered 0..k-1 in order of first appearance; negative entries stay -1."""
+  labels = np.asarray(labels)
+  out = np.full(labels.shape, -1, np.int32)
+  valid = labels >= 0
+  _, first, inverse = np.unique(labels[valid], return_index=True, return_inverse=True)
+  rank = np.empty(len(first), np.int32)
+  rank[np.argsort(first, kind="stable")] = np.arange(len(first), dtype=np.int32)
+  out[valid] = rank[inverse.reshape(-1)]
   return out
 
 
-def ward_labels(points, mask, alpha: float) -> np.ndarray:
-  """Canonical Ward cluster labels int32 [B, N] (padding -1), cut at height alpha (see above)."""
-  if alpha < 0:
-    raise ValueError(f"alpha must be >= 0, got {alpha}")
-  points = jnp.asarray(points, jnp.float32)
-  mask = jnp.asarray(mask, bool)
-  rep = _ward_batch(points, mask, jnp.float32(alpha) ** 2)
-  return canonical(np.asarray(rep))
+def cut_linkage(z: np.ndarray, n: int, alpha: float) -> np.ndarray:
+  """Canonical labels [n] of the linkage `z` cut at height alpha: fcluster(z, alpha, "distance").
+
+  The merges with height <= alpha are a prefix of z (Ward is monotone and linkage sorts by
+  height). Merge r creates node n + r; every merged node points to its parent, and pointer
+  jumping (parent = parent[parent], log2(n) rounds) takes each leaf to its root.
+  """
+  alpha = _alpha(alpha)
+  z = np.asarray(z)
+  kept = int(np.searchsorted(z[:, 2], alpha, side="right")) if len(z) else 0
+  if kept and np.any(np.diff(z[:kept + 1, 2]) < 0):
+    raise ValueError("linkage heights must not decrease (a Ward linkage from ward_linkage)")
+  parent = np.arange(n + kept)
+  children = z[:kept, :2].astype(np.int64)
+  parent[children[:, 0]] = n + np.arange(kept)
+  parent[children[:, 1]] = n + np.arange(kept)
+  for _ in range(max(1, int(np.ceil(np.log2(max(kept, 1)))) + 1)):
+    parent = parent[parent]
+  return canonical(parent[:n])
 
 
-@jax.jit
-def _medoid_batch(points, labels):
-  def one(x, label):
-    n = x.shape[0]
-    d2 = _pairwise_d2(x)
-    same = (label[:, None] == label[None, :]) & (label[:, None] >= 0)
-    cost = jnp.sum(jnp.where(same, d2, 0.0), axis=1)            # sum_{j in C(m)} ||P_m - P_j||^2
-    member = label[None, :] == jnp.arange(n)[:, None]           # [cluster, point]
-    return jnp.argmin(jnp.where(member, cost[None, :], jnp.inf), axis=1)
-  return jax.vmap(one)(points, labels)
+def ward_labels(points, alpha: float) -> np.ndarray:
+  """Canonical Ward labels int32 [n] of one user's points cut at height alpha."""
+  x = _points(points)
+  return cut_linkage(ward_linkage(x), len(x), alpha)
 
 
-def medoids(points, labels: np.ndarray) -> np.ndarray:
-  """int32 [B, N]: entry c of row b is the position of cluster c's medoid (-1: no cluster c)."""
+def medoids(points, labels) -> np.ndarray:
+  """int32 [k]: position of each cluster's medoid (the member nearest its centroid, see above)."""
+  x = _points(points)
+  labels = np.asarray(labels, np.int64)
+  if not labels.size:
+    return np.zeros(0, np.int32)
+  order = np.argsort(labels, kind="stable")        # by cluster, then position
+  starts = np.r_[0, np.flatnonzero(np.diff(labels[order])) + 1]
+  size = np.diff(np.r_[starts, len(order)]).astype(np.float64)
+  centroid = np.add.reduceat(x[order], starts, axis=0) / size[:, None]
+  diff = x[order] - np.repeat(centroid, size.astype(np.int64), axis=0)
+  cost = np.einsum("nd,nd->n", diff, diff)
+  # The first member (earliest position) reaching its cluster's least cost.
+  best = np.minimum.reduceat(cost, starts)
+  hit = np.flatnonzero(cost == np.repeat(best, size.astype(np.int64)))
+  seg = labels[order][hit]
+  return order[hit[np.r_[True, seg[1:] != seg[:-1]]]].astype(np.int32)
+
+
+def importances(labels, ages_days, lam: float) -> np.ndarray:
+  """float64 [k]: per cluster, sum over its actions of exp(-lam * age in days)."""
+  labels = np.asarray(labels, np.int64)
+  k = int(labels.max()) + 1 if labels.size else 0
+  return np.bincount(labels, np.exp(-lam * np.asarray(ages_days, np.float64)), minlength=k)
+
+
+def summarise(points, labels, ages_days, lam: float) -> Clusters:
+  """Clusters of a given partition (canonical labels): medoids, importances, sizes."""
   labels = np.asarray(labels, np.int32)
-  out = np.asarray(_medoid_batch(jnp.asarray(points, jnp.float32), jnp.asarray(labels)))
-  counts = (labels[:, None, :] == np.arange(labels.shape[1])[None, :, None]).any(axis=2)
-  return np.where(counts, out, -1).astype(np.int32)
+  imp = importances(labels, ages_days, lam)
+  return Clusters(labels, medoids(points, labels), imp,
+                  np.bincount(labels, minlength=len(imp)).astype(np.int32))
 
 
-def importances(labels: np.ndarray, ages_days: np.ndarray, lam: float) -> list[np.ndarray]:
-  """Per row, float64 [k]: sum over the cluster's actions of exp(-lam * age in days)."""
+def cluster_user(embeddings, timestamps, now: float, alpha: float, lam: float = 0.01,
+                 labels=None) -> Clusters:
+  """PinnerSage's representation of ONE user: Ward clusters cut at alpha, medoids, importances.
+
+  embeddings [n, dim] of the user's engaged items and their unix-second timestamps [n], in time
+  order (canonical labels and medoid ties follow that order); ages are (now - t) / 86400 days.
+  labels: a given partition (the online pass) instead of clustering. Raises ValueError on an
+  empty or malformed history.
+  """
+  x = _points(embeddings)
+  times = np.asarray(timestamps, np.float64)
+  if times.shape != (len(x),):
+    raise ValueError(f"timestamps must be [n] = [{len(x)}], got shape {times.shape}")
+  if not len(x):
+    raise ValueError("cluster_user needs at least one engagement")
+  if not np.isfinite(times).all() or not np.isfinite(now):
+    raise ValueError("timestamps and now must be finite unix seconds")
+  lam = float(lam)
+  if not lam >= 0:
+    raise ValueError(f"lam must be >= 0, got {lam}")
+  if labels is None:
+    labels = ward_labels(x, alpha)
+  else:
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (len(x),) or labels.min() < 0:
+      raise ValueError(f"labels must be [n] = [{len(x)}] non-negative cluster ids")
+  return summarise(x, labels, (float(now) - times) / DAY_S, lam)
+
+
+def cluster_histories(vectors: np.ndarray, histories: list, ages_days: list, alpha: float,
+                      lam: float, labels: list | None = None) -> list[Clusters]:
+  """Clusters of every history (rows into `vectors`, each with its actions' ages in days).
+
+  One `cluster_user`-equivalent call per user (the per-user work is O(N^2) and in C already);
+  with `labels` (the online pass) the partitions are given and only summarised.
+  """
   out = []
-  for label, age in zip(np.asarray(labels), np.asarray(ages_days, np.float64)):
-    valid = label >= 0
-    k = int(label[valid].max()) + 1 if valid.any() else 0
-    out.append(np.bincount(label[valid], np.exp(-lam * age[valid]), minlength=k))
+  for u, rows in enumerate(histories):
+    x = vectors[np.asarray(rows, np.int64)]
+    lab = ward_labels(x, alpha) if labels is None else labels[u]
+    out.append(summarise(x, lab, ages_days[u], lam))
   return out
 
 
@@ -186,64 +236,3 @@ def online_assign(labels: np.ndarray, old_points: np.ndarray, new_points: np.nda
       out.append(k)
       k += 1
   return np.asarray(out, np.int32)
-
-
-@dataclasses.dataclass
-class Clusters:
-  """One user's clustering: each action's cluster, each cluster's medoid and importance."""
-  labels: np.ndarray       # int32 [n] canonical cluster of each action of the history
-  medoids: np.ndarray      # int32 [k] position in the history of each cluster's medoid
-  importance: np.ndarray   # float64 [k] sum of exp(-lam * age_days) over the cluster
-  sizes: np.ndarray        # int32 [k] actions per cluster
-
-
-def bucket(n: int, smallest: int = 8) -> int:
-  """History lengths are padded to powers of two: one compiled shape per bucket."""
-  return max(smallest, 1 << max(n - 1, 0).bit_length())
-
-
-def users_per_call(n: int, budget: int = 1 << 22, most: int = 128) -> int:
-  """Users of one bucket clustered in one call: about `budget` distance entries (16 MiB)."""
-  return max(1, min(most, budget // (n * n)))
-
-
-def cluster_histories(vectors: np.ndarray, histories: list[np.ndarray],
-                      ages_days: list[np.ndarray], alpha: float, lam: float,
-                      labels: list[np.ndarray] | None = None) -> list[Clusters]:
-  """Clusters of every history (rows into `vectors`, each with its actions' ages in days).
-
-  Histories are grouped into length buckets and clustered a batch at a time (padded with empty
-  users to a power of two), so the compiled merge loop is reused across calls. With `labels`
-  (the online pass), the clustering is given and only medoids and importances are computed.
-  """
-  vectors = np.asarray(vectors, np.float32)
-  out: list[Clusters | None] = [None] * len(histories)
-  by_bucket: dict[int, list[int]] = {}
-  for u, rows in enumerate(histories):
-    by_bucket.setdefault(bucket(len(rows)), []).append(u)
-  for n, users in sorted(by_bucket.items()):
-    users.sort(key=lambda u: len(histories[u]))   # similar merge counts share a while_loop
-    per_call = users_per_call(n)
-    for start in range(0, len(users), per_call):
-      chunk = users[start:start + per_call]
-      rows = min(per_call, bucket(len(chunk), 1))   # a few users are not padded to per_call
-      points = np.zeros((rows, n, vectors.shape[1]), np.float32)
-      mask = np.zeros((rows, n), bool)
-      ages = np.zeros((rows, n))
-      given = np.full((rows, n), -1, np.int32)
-      for b, u in enumerate(chunk):
-        m = len(histories[u])
-        points[b, :m] = vectors[histories[u]]
-        mask[b, :m] = True
-        ages[b, :m] = ages_days[u]
-        if labels is not None:
-          given[b, :m] = labels[u]
-      lab = ward_labels(points, mask, alpha) if labels is None else given
-      med = medoids(points, lab)
-      imp = importances(lab, ages, lam)
-      for b, u in enumerate(chunk):
-        m = len(histories[u])
-        k = len(imp[b])
-        out[u] = Clusters(lab[b, :m].copy(), med[b, :k].copy(), imp[b],
-                          np.bincount(lab[b, :m], minlength=k).astype(np.int32))
-  return out

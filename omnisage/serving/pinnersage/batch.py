@@ -1,9 +1,11 @@
 """PinnerSage's daily batch job (SPEC §4): users' recent actions -> Ward clusters -> medoids.
 
+PinnerSage (Pal et al., KDD 2020) recomputes every user's clusters daily over the last 90 days.
 `run_batch` (`launch.py train --config=configs/pinnersage_movielens.py`): every user's actions of
-the last `window_days` (90) before `now` are clustered with Ward (omnisage.models.pinnersage, cut
-at alpha); each cluster becomes its medoid and an importance sum_i exp(-lambda * age_days_i)
-(lambda 0.01). Output:
+the last `window_days` (90) before `now` are clustered with Ward, cut at alpha, one user at a time
+(`omnisage.models.pinnersage.cluster_user`: O(N^2) per user, the per-group function a Ray Data
+job can call as it is); each cluster becomes its medoid and an importance
+sum_i exp(-lambda * age_days_i) (lambda 0.01). Output:
 
   <out>/medoids.parquet  user_id string, cluster int32, medoid_id string, importance float64,
                          size int32 (one row per cluster; clusters in order of first action)
@@ -31,11 +33,11 @@ from omnisage.models import pinnersage as model
 from omnisage.serving.index.scann_index import read_embeddings
 
 DEFAULTS = dict(
-    alpha=1.4,          # Ward cut height, in embedding units: the best of {0.7, 1.0, 1.4} on
-                        # MovieLens validation, unit-norm embeddings (benchmarks/pinnersage.py)
+    alpha=1.4,          # Ward cut height, in embedding units (unit-norm embeddings); MovieLens
+                        # validation's choice per embedding: docs/pinnersage.md
     lam=0.01,           # importance decay per day (SPEC §4)
     window_days=90.0,   # the batch job's history window (SPEC §4)
-    max_history=1024,   # most recent actions kept per user (bounds the O(n^3) merge loop)
+    max_history=4096,   # most recent actions kept per user (bounds the O(n^2) time and memory)
 )
 
 

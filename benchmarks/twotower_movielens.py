@@ -1,101 +1,192 @@
-"""Home-feed two-tower (SPEC §3) vs popularity and item-item co-occurrence on MovieLens.
+"""Home-feed two-tower (SPEC §3) vs popularity, item-kNN and EASE on the per-user protocol.
 
-Protocol (omnisage/train/evaluators/twotower.py): global time split at the 80% quantile of rating
-times; every model sees pre-cut data only; for each user with ratings on both sides, all 9,742
-movies are ranked with the user's pre-cut movies excluded; Recall@50 / Recall@100 against the
-movies rated after the cut. All rows are measured in the same run on the same users.
+Protocol (omnisage/data/user_split.py, omnisage/train/evaluators/user_retrieval.py): each user's
+last 20% of ratings (at least 1) are the test items, everything before is history; full ranking
+over every rated movie, history excluded; Recall@10/50/100 and NDCG@10 with standard errors. The
+same run scores the baselines of benchmarks/user_protocol_baselines.py on the same users.
 
-Default: full ml-latest-small, batch 6000, configs/twotower_movielens.py's steps: prepare ~30 s,
-training ~15-30 min on a shared 2-core CPU box (a few seconds per step), evaluation ~1 min.
+Choices are made on VALIDATION only (the same cut inside each history): the two-tower variants of
+`--encoders` (time-decay pooling, self-attention over the history) are trained on the validation
+histories with the validation metrics every `--eval-every` steps, and the (variant, epochs) with
+the best validation Recall@50 wins; EASE's lambda is chosen the same way. The winner is trained
+again on the full histories (same schedule in epochs: the test histories hold more examples) and
+scored on TEST once.
 
 Usage:
-  python benchmarks/twotower_movielens.py --workdir=runs/twotower_bench [--steps=400]
-Prints the table, then ONE JSON line.
+  .venv/bin/python benchmarks/twotower_movielens.py \
+      --movielens ../shared/datasets/movielens-latest-small [--encoders pool,attention]
+Prints the table, then ONE JSON line {"twotower": {"methods": {"two_tower": {...}, ...}}}.
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import shutil
+import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # `python benchmarks/twotower_movielens.py` from anywhere
+  sys.path.insert(0, ROOT)
+
+KS = ("recall@10", "recall@50", "recall@100", "ndcg@10")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "twotower_bench"))
-  parser.add_argument("--movielens", default="", help="dataset folder (default: config's)")
-  parser.add_argument("--steps", type=int, default=0, help="train steps (0: the config's)")
-  parser.add_argument("--batch-size", type=int, default=0, help="0: the config's (6000)")
-  parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the config's")
-  parser.add_argument("--fresh", action="store_true", help="delete old checkpoints first")
-  args = parser.parse_args()
+def parse_args(argv=None):
+  root = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared", "datasets"))
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--movielens", default=os.path.join(root, "movielens-latest-small"),
+                 help="a MovieLens-format folder (ratings.csv, movies.csv)")
+  p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "twotower_bench"))
+  p.add_argument("--encoders", default="pool",
+                 help="user-tower variants tried on validation (model.user_encoder)")
+  p.add_argument("--steps", type=int, default=0, help="validation-run steps (0: the config's)")
+  p.add_argument("--eval-every", type=int, default=0, help="0: the config's train.eval_every")
+  p.add_argument("--test-fraction", type=float, default=0.2)
+  p.add_argument("--recent-days", type=float, default=90.0)
+  p.add_argument("--ease-lambdas", default="50,200,500,2000")
+  p.add_argument("--max-users", type=int, default=0, help="0: all (tests use fewer)")
+  p.add_argument("--tiny", action="store_true", help="the config's tiny model (tests)")
+  return p.parse_args(argv)
 
-  import shutil
 
+def per_user_config(args, encoder: str, stage: str):
   from configs import twotower_movielens
-  from omnisage.baselines import popularity
-  from omnisage.data.twotower import examples as mlx
-  from omnisage.data.twotower.prepare import prepare
-  from omnisage.train.evaluators import twotower as twotower_eval
-  from omnisage.train.twotower import trainer as twotower
-  config = twotower_movielens.get_config()
-  if args.movielens:
-    config.data.movielens_dir = args.movielens
+  config = twotower_movielens.get_config("per_user_tiny" if args.tiny else "per_user")
+  config.data.movielens_dir = args.movielens
+  config.data.stage = stage
+  config.data.test_fraction = args.test_fraction
+  config.model.user_encoder = encoder
   if args.steps:
     config.train.steps = args.steps
-  if args.batch_size:
-    config.train.batch_size = args.batch_size
-  if args.learning_rate:
-    config.train.learning_rate = args.learning_rate
-  if args.fresh:
-    shutil.rmtree(os.path.join(args.workdir, "checkpoints"), ignore_errors=True)
+  if args.eval_every:
+    config.train.eval_every = args.eval_every
+  return config
 
-  prepared = prepare(config, args.workdir)
-  print(json.dumps({"prepare": prepared}), flush=True)
-  trained = twotower.train(config, args.workdir)
-  print(json.dumps({"train": trained}), flush=True)
+
+def train_and_score(config, workdir: str, ml, candidates_of, evaluate_at=None) -> dict:
+  """Prepares `config`'s stage into a fresh workdir, trains, and scores with the protocol.
+  evaluate_at None: every train.eval_every steps (validation curves); a step: only there."""
+  from omnisage.data.twotower import examples as mlx
+  from omnisage.train.twotower import trainer
+  from omnisage.train.twotower.protocol import ProtocolEvaluator
+  shutil.rmtree(workdir, ignore_errors=True)   # a stale checkpoint would be resumed
+  prepared = os.path.join(workdir, "prepared")
+  config.data.prepared_dir = prepared
+  meta = mlx.prepare_movielens(ml, config.data, prepared)
+  catalogue = mlx.Catalogue.load(prepared)
+  evaluator = ProtocolEvaluator(prepared, catalogue, candidates_of(catalogue))
+  curve = {}
+
+  def evaluate(statics, params, step):
+    if step == 0 or (evaluate_at is not None and step != evaluate_at):
+      return {}   # the untrained model is no candidate; test is scored at one step only
+    curve[step] = evaluator.run(statics, params)
+    return {k: curve[step][k] for k in KS}
+
+  if evaluate_at is not None:   # the chosen step is the last one: one evaluation, at the end
+    config.train.eval_every = 0
+  summary = trainer.train(config, workdir, evaluate=evaluate)
+  return {"examples": meta["train_examples"], "curve": curve, "train": summary}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  import pyarrow.compute as pc
+
+  from benchmarks.user_protocol_baselines import evaluate_all
+  from omnisage.data.sources import movielens
+  from omnisage.data.user_split import per_user_split, validation_split
   t0 = time.time()
-  model = twotower.evaluate(config, args.workdir)
-  eval_seconds = time.time() - t0
+  ml = movielens.load(args.movielens)
+  if args.max_users:
+    first = np.unique(ml.ratings["user"].to_numpy())[:args.max_users]
+    ml = dataclasses.replace(ml, ratings=ml.ratings.filter(pc.is_in(ml.ratings["user"],
+                                                                      value_set=pc.cast(
+                                                                          first, "int32"))))
+  r = ml.ratings
+  users, items, ts = (r[c].to_numpy() for c in ("user", "movie", "timestamp"))
+  # The ranked items of every method: every movie that anyone rated (the baselines' columns).
+  column = {int(m): j for j, m in enumerate(np.unique(items))}
+  movies = np.array(sorted(column, key=column.get))
 
-  p = prepared["prepared_dir"]
-  catalogue, users = mlx.Catalogue.load(p), mlx.load_eval_users(p)
-  examples = mlx.load_examples(p)
-  n, ks = len(users["seen"]), tuple(config.eval.ks)
-  rows = {
-      "popularity (last 90 days)": twotower_eval.recall(
-          popularity.popularity_scores(catalogue, n, "window"), users, ks),
-      "popularity (all pre-cut)": twotower_eval.recall(
-          popularity.popularity_scores(catalogue, n, "total"), users, ks),
-      "co-occurrence (counts)": twotower_eval.recall(popularity.cooccurrence_scores(
-          examples["user"], examples["item"], users, catalogue.size), users, ks),
-      "co-occurrence (cosine)": twotower_eval.recall(popularity.cooccurrence_scores(
-          examples["user"], examples["item"], users, catalogue.size, cosine=True), users, ks),
-      "two-tower (untrained)": model["untrained"],
-      "two-tower": model["recall"],
-  }
-  print(f"\nMovieLens ml-latest-small, time split at {prepared['cut']}: {n} users, "
-        f"{prepared['eval_positives']} post-cut positives, {catalogue.size} items; "
-        f"{prepared['cold_start_eval_users_skipped']} cold-start users not evaluated")
-  print(f"{'method':<28} " + " ".join(f"{'Recall@' + str(k):>11}" for k in ks))
-  for name, r in rows.items():
-    print(f"{name:<28} " + " ".join(f"{r[f'recall@{k}']:>11.4f}" for k in ks))
-  print(f"train: {trained['steps']} steps x batch {config.train.batch_size} "
-        f"({trained['epochs']} epochs) in {trained['train_seconds']} s, "
-        f"{trained['examples_per_second']} examples/s")
-  best_pop = max(rows["popularity (last 90 days)"]["recall@100"],
-                 rows["popularity (all pre-cut)"]["recall@100"])
-  summary = {"users": n, "items": catalogue.size, "cut": prepared["cut"],
-             "recall": {name: {f"recall@{k}": round(r[f"recall@{k}"], 4) for k in ks}
-                        for name, r in rows.items()},
-             "two_tower_over_best_popularity@100": round(
-                 model["recall"]["recall@100"] / max(best_pop, 1e-9), 3),
-             "steps": trained["steps"], "batch_size": int(config.train.batch_size),
-             "train_seconds": trained["train_seconds"],
-             "examples_per_second": trained["examples_per_second"],
-             "eval_seconds": round(eval_seconds, 1)}
-  print(json.dumps({"twotower_movielens": summary}), flush=True)
+  def candidates_of(catalogue):
+    return np.array([catalogue.index_of[str(int(m))] for m in movies], np.int64)
+
+  split = per_user_split(users, items, ts, args.test_fraction)
+  val = validation_split(split, args.test_fraction)
+  lam_grid = [float(v) for v in args.ease_lambdas.split(",")]
+  t_base = time.time()
+  validation = evaluate_all(val, column, val.history_times, args, lam_grid)
+  test = evaluate_all(split, column, split.history_times, args, lam_grid,
+                      lam=validation["ease"]["lambda"])
+  base_seconds = time.time() - t_base
+
+  # Two-tower: every variant on validation, the best (variant, step) by validation Recall@50.
+  t_tt = time.time()
+  runs = {}
+  for encoder in [e for e in args.encoders.split(",") if e]:
+    config = per_user_config(args, encoder, "validation")
+    runs[encoder] = train_and_score(config, os.path.join(args.workdir, f"val_{encoder}"), ml,
+                                    candidates_of)
+    for step, m in runs[encoder]["curve"].items():
+      print(f"  validation {encoder:<10} step {step:>5}: recall@50 {m['recall@50']:.4f} "
+            f"ndcg@10 {m['ndcg@10']:.4f}", flush=True)
+  encoder, step = max(((e, s) for e, run in runs.items() for s in run["curve"]),
+                      key=lambda es: runs[es[0]]["curve"][es[1]]["recall@50"])
+  chosen_val = runs[encoder]["curve"][step]
+  config = per_user_config(args, encoder, "test")
+  # The same number of epochs on the test stage's histories (more examples than validation's).
+  epochs = step * int(config.train.batch_size) / runs[encoder]["examples"]
+  schedule_epochs = int(config.train.steps) * int(config.train.batch_size) / \
+      runs[encoder]["examples"]
+  per_epoch = sum(len(h) for h in split.history.values()) / int(config.train.batch_size)
+  config.train.schedule_steps = max(1, round(schedule_epochs * per_epoch))
+  config.train.steps = max(1, round(epochs * per_epoch))
+  final = train_and_score(config, os.path.join(args.workdir, "test"), ml, candidates_of,
+                          evaluate_at=int(config.train.steps))
+  tt_seconds = time.time() - t_tt
+  test["two_tower"] = final["curve"][int(config.train.steps)]
+  validation["two_tower"] = chosen_val
+
+  names = ("two_tower", "popularity", "popularity_recent", "item_knn", "ease")
+  print(f"\nper-user temporal protocol on {args.movielens}: {len(split.test)} users "
+        f"({split.skipped['too_few_engagements']} skipped), {len(column)} movies; "
+        f"two-tower: {encoder}, {epochs:.1f} epochs chosen on validation")
+  print(f"  {'method':<18} " + " ".join(f"{k:>16}" for k in KS) + f" {'val recall@50':>14}")
+  for name in names:
+    m = test[name]
+    print(f"  {name:<18} " + " ".join(f"{m[k]:>8.4f} ±{m[k + '_se']:.4f}" for k in KS)
+          + f" {validation[name]['recall@50']:>14.4f}")
+  for name in names:   # a non-finite figure is never reported
+    if not all(math.isfinite(test[name][k]) for k in KS):
+      raise FloatingPointError(f"{name}: non-finite metrics {test[name]}")
+  out = {"twotower": {
+      "dataset": args.movielens, "users": len(split.test), "movies": len(column),
+      "skipped": split.skipped, "test_fraction": args.test_fraction,
+      "methods": {name: {**{k: round(test[name][k], 4) for k in KS},
+                         **{f"{k}_se": round(test[name][f"{k}_se"], 4) for k in KS},
+                         "validation_recall@50": round(validation[name]["recall@50"], 4),
+                         **({"lambda": test[name]["lambda"]} if "lambda" in test[name] else {})}
+                  for name in names},
+      "two_tower": {"encoder": encoder, "epochs": round(epochs, 2),
+                    "test_steps": int(config.train.steps),
+                    "batch_size": int(config.train.batch_size),
+                    "random_negatives": int(config.loss.random_negatives),
+                    "validation": {e: {str(s): {k: round(m[k], 4) for k in KS}
+                                       for s, m in run["curve"].items()}
+                                   for e, run in runs.items()},
+                    "train_seconds": {**{f"val_{e}": run["train"]["train_seconds"]
+                                         for e, run in runs.items()},
+                                      "test": final["train"]["train_seconds"]}},
+      "seconds": {"baselines": round(base_seconds, 1), "two_tower": round(tt_seconds, 1),
+                  "total": round(time.time() - t0, 1)}}}
+  print(json.dumps(out), flush=True)
+  return out
 
 
 if __name__ == "__main__":

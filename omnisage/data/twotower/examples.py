@@ -7,6 +7,8 @@ already small data and turn the task into rating prediction.
 
 Global time split (`movielens.time_split`, quantile `data.split_quantile`): ratings before the cut
 make the training examples; each evaluation user's items at or after the cut are the positives.
+`data.split = "per_user"` builds the same layout on the per-user protocol instead
+(user_protocol.py: every user's last 20% held out; below, "the cut" is then the stage's history).
 
 Training example = one pre-cut rating (u, i, t): the user's history STRICTLY before t (ratings at
 the same second are not history: they may be the same bulk-rating session as the target) -> item i:
@@ -200,13 +202,44 @@ def _table(columns: dict) -> pa.Table:
   return pa.table(out)
 
 
+def _per_user(ml: movielens.MovieLens, data_config) -> tuple:
+  """The catalogue, examples and evaluation users of the per-user protocol's stage
+  (user_protocol.py): everything from the stage's histories only."""
+  from omnisage.data.twotower import user_protocol
+  r = ml.ratings
+  split = user_protocol.stage_split(
+      r["user"].to_numpy(), r["movie"].to_numpy(), r["timestamp"].to_numpy(),
+      str(data_config.stage), float(data_config.test_fraction))
+  history = user_protocol.history_ratings(split)
+  # "Now" of the popularity features: just after the last training interaction.
+  cut = int(history["timestamp"].to_numpy().max()) + 1
+  items, genres, vocab, index_of = build_catalogue(ml.movies, history, cut, data_config)
+  dense = np.concatenate([np.zeros((1, ITEM_DENSE_DIM), np.float32),
+                          np.stack(items["dense"].to_numpy(zero_copy_only=False))])
+  train, evals = user_protocol.build_user_examples(
+      split, index_of, int(data_config.history_len), int(data_config.future_window),
+      seed=int(data_config.get("example_seed", 0)), item_dense=dense)
+  extra = {"stage": str(data_config.stage), "test_fraction": float(data_config.test_fraction),
+           "future_window": int(data_config.future_window),
+           "skipped_users": split.skipped}
+  return cut, items, genres, vocab, train, evals, 0, extra
+
+
 def prepare_movielens(ml: movielens.MovieLens, data_config, out_dir: str) -> dict:
-  """Writes the prepared layout (module docstring) to out_dir; returns a JSON-ready summary."""
-  cut = movielens.time_split(ml.ratings, float(data_config.split_quantile))
-  items, genres, vocab, index_of = build_catalogue(ml.movies, ml.ratings, cut, data_config)
+  """Writes the prepared layout (module docstring) to out_dir; returns a JSON-ready summary.
+  `data.split`: "global" (one time cut) or "per_user" (user_protocol.py, `data.stage`)."""
   history_len = int(data_config.history_len)
-  train, evals, cold = build_examples(ml.ratings, index_of, cut, history_len,
-                                      float(data_config.popularity_window_days))
+  split = data_config.get("split", "global")
+  if split == "per_user":
+    cut, items, genres, vocab, train, evals, cold, extra = _per_user(ml, data_config)
+  elif split == "global":
+    cut = movielens.time_split(ml.ratings, float(data_config.split_quantile))
+    items, genres, vocab, index_of = build_catalogue(ml.movies, ml.ratings, cut, data_config)
+    train, evals, cold = build_examples(ml.ratings, index_of, cut, history_len,
+                                        float(data_config.popularity_window_days))
+    extra = {}
+  else:
+    raise ValueError(f"config field data.split={split!r}: one of 'global', 'per_user'")
   if not train["user"] or not evals["user"]:
     raise ValueError(f"{ml.path}: the time split at {cut} leaves {len(train['user'])} training "
                      f"examples and {len(evals['user'])} evaluation users; both must be > 0")
@@ -226,7 +259,7 @@ def prepare_movielens(ml: movielens.MovieLens, data_config, out_dir: str) -> dic
   pq.write_table(_table(evals), os.path.join(out_dir, "eval", "users.parquet"))
   ts = ml.ratings["timestamp"].to_numpy()
   meta = {
-      "dataset": ml.path, "engagement": "every rating", "cut": cut,
+      "dataset": ml.path, "engagement": "every rating", "split": split, **extra, "cut": cut,
       "split_quantile": float(data_config.split_quantile),
       "ratings_before_cut": int((ts < cut).sum()), "ratings_after_cut": int((ts >= cut).sum()),
       "train_examples": table.num_rows, "eval_users": len(evals["user"]),

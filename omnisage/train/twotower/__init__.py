@@ -1,1 +1,2 @@
-"""Home-feed two-tower training (SPEC §3): state, step and trainer."""
+"""Home-feed two-tower training (SPEC §3): state, step and trainer (trainer.py), the per-user
+protocol's scoring of the model (protocol.py)."""

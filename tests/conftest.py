@@ -35,3 +35,36 @@ def tiny_bundle(tiny_prepared, tmp_path_factory):
   result = run_launch("export", *common_flags(workdir, prepared), f"--out={bundle}")
   assert result.returncode == 0, result.stderr[-3000:]
   return config, prepared, str(workdir), bundle, last_json(result)["export"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+  """A real two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one CPU per node),
+  started once per session and joined by this process: the Ray jobs under test spread their
+  actors over both nodes as they would over hosts. Yields the cluster (`.address` for a child
+  `launch.py --config.ray_address=...`)."""
+  import os
+
+  import ray
+  from ray.cluster_utils import Cluster
+
+  from tests.helpers import ROOT
+  # Workers import test modules too (a fault-injecting actor class is pickled by reference):
+  # they inherit PYTHONPATH from the raylets, which inherit it from this process.
+  saved = os.environ.get("PYTHONPATH")
+  os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved if saved else "")
+  node = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
+  cluster = Cluster(initialize_head=True,
+                    head_node_args={**node, "include_dashboard": False})
+  try:
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield cluster
+  finally:
+    ray.shutdown()
+    cluster.shutdown()
+    if saved is None:
+      os.environ.pop("PYTHONPATH", None)
+    else:
+      os.environ["PYTHONPATH"] = saved

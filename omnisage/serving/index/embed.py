@@ -20,13 +20,15 @@ killed run left (`shard-NNNNN.parquet.tmp-PID`) are removed when the next run st
 "stale_tmp_removed"): each process removes those of the shards it owns (i % process_count) whose
 PID is not its own, so the hosts of one job never touch each other's files in progress. One embed
 job per output directory at a time: a second one running concurrently would have its files
-removed.
+removed. `config.engine="ray"` (ray_embed.py, docs/scale_out.md) writes the same shards from a Ray
+Data actor pool, with `shard_layout`, `is_complete` and `write_shard` below shared by both.
 
 Usage: `summary = embed_entities("runs/demo/bundle", "runs/demo/prepared/entities/pins.parquet",
 "runs/demo/embeddings")`.
 """
 
 import contextlib
+import dataclasses
 import os
 import re
 import time
@@ -38,6 +40,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.entity_rows import LOG_FEATURE_COLUMNS
 from omnisage.data.omnisearchsage.entity_store import (
   continuous_vectors,
   fixed_vectors,
@@ -48,15 +51,30 @@ from omnisage.serving.bundle.loader import PARAMS_FILE, load_bundle
 KINDS = ("pins", "products", "queries")
 # Written into each shard's schema metadata: a shard made by another bundle is not "done".
 BUNDLE_KEY = b"omnisage.bundle_params_sha256"
+ENGINES = ("local", "ray")   # config.engine: this process, or a Ray Data actor pool (ray_embed.py)
 TMP_SHARD = re.compile(r"shard-(\d+)\.parquet\.tmp-(\d+)")   # shard index, writer's PID
 
 
 def embed_job(config, out_dir: str) -> dict:
   """`launch.py embed` (configs/index.py): every row of `config.entities` through the bundle's
-  tower; a two-tower bundle embeds its catalogue (`config.entities` is its items.parquet)."""
+  tower; a two-tower bundle embeds its catalogue (`config.entities` is its items.parquet).
+  config.engine="ray" runs the same shards on a Ray Data actor pool (ray_embed.py)."""
   from omnisage.serving.twotower.bundle import embed_items, is_twotower_bundle
+  engine = config.get("engine", "local")
+  if engine not in ENGINES:
+    raise ValueError(f"config.engine must be one of {ENGINES}, got {engine!r}")
   if is_twotower_bundle(config.bundle):
+    if engine != "local":
+      raise ValueError("config.engine='ray' embeds OmniSearchSage/PinText bundles; a two-tower "
+                       "catalogue is embedded with config.engine='local'")
     return embed_items(config.bundle, config.entities, out_dir, batch_size=config.batch_size)
+  if engine == "ray":   # imported here: the local job never pays for importing Ray
+    from omnisage.serving.index.ray_embed import embed_entities_on_ray
+    return embed_entities_on_ray(config.bundle, config.entities, out_dir,
+                                 batch_size=config.batch_size,
+                                 address=config.get("ray_address"),
+                                 workers=config.get("ray_workers", 0),
+                                 max_retries=config.get("max_retries", 2))
   return embed_entities(config.bundle, config.entities, out_dir, batch_size=config.batch_size)
 
 
@@ -67,6 +85,51 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
   kind: "pins", "products" or "queries"; by default the table's file name (pins.parquet, ...).
   """
   t0 = time.time()
+  kind = entity_kind(entities_parquet, kind, batch_size)
+  bundle = load_bundle(bundle_path)
+  source = pq.ParquetFile(entities_parquet)
+  layout = shard_layout(bundle, source, kind, entities_parquet)
+  kind_dir = os.path.join(out_dir, kind)
+  os.makedirs(kind_dir, exist_ok=True)
+  stale = remove_stale_tmp(kind_dir)
+  mine = [i for i in range(source.num_row_groups)
+          if i % jax.process_count() == jax.process_index()]
+
+  written = skipped = embedded = 0
+  with tqdm(total=sum(layout.group_rows[i] for i in mine), unit="row", desc=f"embed {kind}",
+            disable=jax.process_index() != 0) as bar:
+    for i in mine:
+      path = shard_path(kind_dir, i)
+      if is_complete(path, layout.group_rows[i], layout.bundle_id):
+        skipped += 1
+        bar.update(layout.group_rows[i])
+        continue
+      embedded += write_shard(bundle, source, i, layout, path, batch_size, bar.update)
+      written += 1
+  return job_summary(layout, bundle_path, entities_parquet, kind_dir, mine, written, skipped,
+                     embedded, stale, time.time() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+  """What every shard of one (bundle, table) pair looks like: shared by this in-process job and
+  the Ray one (ray_embed.py), so the two write the same files."""
+  kind: str
+  columns: list          # the input columns read
+  title_column: str      # the input column that becomes "title"
+  out_schema: pa.Schema  # with the bundle's params sha256 in its metadata
+  bundle_id: bytes
+  group_rows: list       # rows of each input row group
+  raw: bool = False      # a raw pins/products table the bundle featurises (raw_entities.py)
+  source_path: str = ""  # the input table (named in errors about its rows)
+
+  @property
+  def embed_dim(self) -> int:
+    return self.out_schema.field("embedding").type.list_size
+
+
+def entity_kind(entities_parquet: str, kind: str | None, batch_size: int) -> str:
+  """The table's kind, after the checks that need neither the bundle nor the table's contents."""
   kind = kind or os.path.splitext(os.path.basename(entities_parquet))[0]
   if kind not in KINDS:
     raise ValueError(f"cannot tell the entity kind of {entities_parquet}: pass kind= one of "
@@ -75,18 +138,37 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not os.path.isfile(entities_parquet):
     raise FileNotFoundError(f"{entities_parquet} not found (a prepared entities/*.parquet table)")
-  bundle = load_bundle(bundle_path)
-  source = pq.ParquetFile(entities_parquet)
+  return kind
+
+
+def shard_layout(bundle, source: pq.ParquetFile, kind: str, entities_parquet: str) -> ShardLayout:
+  """The output layout of `source` embedded by `bundle`; a ValueError names missing columns."""
   names = set(source.schema_arrow.names)
-  needed = ["entity_index", "tokens"] + ([] if kind == "queries" else ["fields", "legacy",
-                                                                        "visual"])
+  # A raw pins/products table (schema.RAW_TABLES columns, no prepared `tokens`) is featurised by
+  # the bundle itself, exactly as prepare does (raw_entities.py); entity_index is its row number.
+  raw = kind != "queries" and "tokens" not in names
+  if raw:
+    optional = [c for c in ("caption",) + LOG_FEATURE_COLUMNS
+                if c in names and c not in schema.RAW_TABLES[kind]]
+    needed = list(schema.RAW_TABLES[kind]) + optional
+    missing = [c for c in needed if c not in names]
+    if missing:
+      raise ValueError(f"{entities_parquet}: no column(s) {missing} for a raw {kind} table "
+                       f"(schema.RAW_TABLES; or a prepared table with entity_index, tokens, ...)")
+    names |= {"entity_index", "id", "title"}   # what the featurised batch has
+  else:
+    needed = ["entity_index", "tokens"] + ([] if kind == "queries" else ["fields", "legacy",
+                                                                          "visual"])
+  if kind == "queries" and bundle.query_lexical_len:
+    needed.append("lexical")
   missing = [c for c in needed if c not in names]
   if missing:
     raise ValueError(f"{entities_parquet}: no column(s) {missing} for kind {kind!r}")
   # The display text travels with the vectors, so an index needs no second join to show results.
   title_column = "text" if kind == "queries" else "title"
   has_title = title_column in names
-  columns = needed + (["id"] if "id" in names else []) + ([title_column] if has_title else [])
+  columns = needed if raw else (
+      needed + (["id"] if "id" in names else []) + ([title_column] if has_title else []))
 
   embed_dim = int(bundle.dims["embed_dim"])
   bundle_id = bundle.manifest["files"][PARAMS_FILE]["sha256"].encode()
@@ -96,62 +178,75 @@ def embed_entities(bundle_path: str, entities_parquet: str, out_dir: str, batch_
       + ([pa.field("title", pa.string())] if has_title else [])
       + [pa.field("embedding", pa.list_(pa.float32(), embed_dim))],
       metadata={BUNDLE_KEY: bundle_id})
+  group_rows = [source.metadata.row_group(i).num_rows for i in range(source.num_row_groups)]
+  return ShardLayout(kind, columns, title_column, out_schema, bundle_id, group_rows, raw,
+                     entities_parquet)
 
-  kind_dir = os.path.join(out_dir, kind)
-  os.makedirs(kind_dir, exist_ok=True)
-  stale = remove_stale_tmp(kind_dir)
-  groups = source.num_row_groups
-  mine = [i for i in range(groups) if i % jax.process_count() == jax.process_index()]
-  group_rows = {i: source.metadata.row_group(i).num_rows for i in mine}
 
-  written = skipped = embedded = 0
-  with tqdm(total=sum(group_rows.values()), unit="row", desc=f"embed {kind}",
-            disable=jax.process_index() != 0) as bar:
-    for i in mine:
-      path = os.path.join(kind_dir, f"shard-{i:05d}.parquet")
-      if _is_complete(path, group_rows[i], bundle_id):
-        skipped += 1
-        bar.update(group_rows[i])
-        continue
-      tmp = f"{path}.tmp-{os.getpid()}"
-      try:
-        with pq.ParquetWriter(tmp, out_schema) as writer:
-          for batch in source.iter_batches(batch_size=batch_size, row_groups=[i],
-                                           columns=columns):
-            vectors = _embed_batch(bundle, kind, batch, batch_size)
-            writer.write_batch(_output_batch(batch, vectors, out_schema, title_column))
-            embedded += batch.num_rows
-            bar.update(batch.num_rows)
-        os.replace(tmp, path)   # atomic: the final name only ever holds a complete shard
-      finally:
-        if os.path.exists(tmp):
-          os.remove(tmp)
-      written += 1
+def shard_path(kind_dir: str, group: int) -> str:
+  return os.path.join(kind_dir, f"shard-{group:05d}.parquet")
 
-  seconds = time.time() - t0
-  return {"kind": kind, "bundle": bundle_path, "entities": entities_parquet, "out": kind_dir,
-          "embed_dim": embed_dim, "rows": sum(group_rows.values()), "rows_embedded": embedded,
-          "shards": groups, "shards_this_process": len(mine), "shards_written": written,
-          "shards_skipped": skipped, "stale_tmp_removed": stale, "seconds": round(seconds, 2),
+
+def write_shard(bundle, source: pq.ParquetFile, group: int, layout: ShardLayout, path: str,
+                batch_size: int, progress=None) -> int:
+  """Embeds row group `group` into `path`; returns its rows. Written under `path.tmp-PID` and
+  renamed when complete, so the final name only ever holds a complete shard (a killed writer
+  leaves a tmp file, never a short shard). progress: called with the rows of each batch."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  rows = 0
+  first_row = sum(layout.group_rows[:group])
+  try:
+    with pq.ParquetWriter(tmp, layout.out_schema) as writer:
+      for batch in source.iter_batches(batch_size=batch_size, row_groups=[group],
+                                       columns=layout.columns):
+        if layout.raw:   # featurised here, exactly as prepare does; a bad row is an error
+          from omnisage.serving.omnisearchsage.raw_entities import featurize_for_bundle
+          batch, _ = featurize_for_bundle(
+              bundle, pa.Table.from_batches([batch]), layout.kind,
+              f"{layout.source_path} row group {group}", first_row=first_row + rows)
+        vectors = _embed_batch(bundle, layout.kind, batch, batch_size)
+        writer.write_batch(_output_batch(batch, vectors, layout.out_schema, layout.title_column))
+        rows += batch.num_rows
+        if progress is not None:
+          progress(batch.num_rows)
+    os.replace(tmp, path)   # atomic: the final name only ever holds a complete shard
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return rows
+
+
+def job_summary(layout: ShardLayout, bundle_path: str, entities_parquet: str, kind_dir: str,
+                mine: list, written: int, skipped: int, embedded: int, stale: int,
+                seconds: float) -> dict:
+  """The JSON summary of an embed job (the same keys whichever engine ran it)."""
+  return {"kind": layout.kind, "bundle": bundle_path, "entities": entities_parquet,
+          "out": kind_dir, "embed_dim": layout.embed_dim,
+          "rows": sum(layout.group_rows[i] for i in mine), "rows_embedded": embedded,
+          "shards": len(layout.group_rows), "shards_this_process": len(mine),
+          "shards_written": written, "shards_skipped": skipped, "stale_tmp_removed": stale,
+          "seconds": round(seconds, 2),
           "rows_per_second": round(embedded / seconds, 1) if seconds > 0 else 0.0}
 
 
-def remove_stale_tmp(kind_dir: str) -> int:
+def remove_stale_tmp(kind_dir: str, process: tuple[int, int] | None = None) -> int:
   """Removes the temporary shards a killed run left in kind_dir; returns how many. Only those of
   the shards this process owns (shard i belongs to process i % process_count) and written by
-  another PID: a file of this process is in progress, another host's is its business."""
+  another PID: a file of this process is in progress, another host's is its business.
+  process: (index, count) when the owner is not a JAX process (the Ray driver owns every shard:
+  (0, 1)); by default JAX's."""
+  index, count = process or (jax.process_index(), jax.process_count())
   removed = 0
   for name in sorted(os.listdir(kind_dir)):
     match = TMP_SHARD.fullmatch(name)
-    if (match and int(match[1]) % jax.process_count() == jax.process_index()
-        and int(match[2]) != os.getpid()):
+    if match and int(match[1]) % count == index and int(match[2]) != os.getpid():
       with contextlib.suppress(FileNotFoundError):   # gone already: nothing to do
         os.remove(os.path.join(kind_dir, name))
         removed += 1
   return removed
 
 
-def _is_complete(path: str, rows: int, bundle_id: bytes) -> bool:
+def is_complete(path: str, rows: int, bundle_id: bytes) -> bool:
   """True when `path` is a readable shard of `rows` rows made by this bundle."""
   if not os.path.exists(path):
     return False
@@ -175,6 +270,9 @@ def _embed_batch(bundle, kind: str, batch: pa.RecordBatch, batch_size: int) -> n
 
   if kind == "queries":
     tokens = pad_list_column(batch.column("tokens"), bundle.dims["query_len"], np.int32)
+    if bundle.query_lexical_len:   # the lexical path's n-gram ids follow (query_input.py)
+      tokens = np.concatenate([tokens, pad_list_column(batch.column("lexical"),
+                                                       bundle.query_lexical_len, np.int32)], 1)
     return bundle.embed_queries(pad(tokens))[:n]
   width = bundle.dims["entity_tokens"]
   tokens = pad_list_column(batch.column("tokens"), width, np.int32)
@@ -186,6 +284,11 @@ def _embed_batch(bundle, kind: str, batch: pa.RecordBatch, batch_size: int) -> n
   visual = visual.astype(np.float16).astype(np.float32)
   continuous = continuous_vectors(kind, legacy, visual)
   return bundle.embed_entities(pad(tokens), pad(fields), pad(continuous))[:n]
+
+
+def embed_record_batch(bundle, kind: str, batch: pa.RecordBatch, batch_size: int) -> np.ndarray:
+  """[n, embed_dim] of a record batch laid out as a prepared entities table."""
+  return _embed_batch(bundle, kind, batch, batch_size)
 
 
 def _output_batch(batch: pa.RecordBatch, vectors: np.ndarray, out_schema: pa.Schema,

@@ -37,6 +37,7 @@ omnisage variant trains from scratch in its own directory and is scored on the w
 Usage:
   .venv/bin/python benchmarks/homedepot.py --datasets ../shared/datasets
   .venv/bin/python benchmarks/homedepot.py --variants omnisage_multi --steps 100
+  .venv/bin/python benchmarks/homedepot.py --variants all     # the full ablation (~3 h here)
 Prints a table and ends with one JSON line {"homedepot": {...}}.
 """
 
@@ -79,8 +80,8 @@ def parse_args(argv=None):
   p.add_argument("--datasets", default=default_data)
   p.add_argument("--workdir", default="runs/homedepot")
   p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                 help=f"comma-separated omnisage rows to train, of {', '.join(VARIANTS)} "
-                 "(bm25, minilm and hybrid always run)")
+                 help=f"comma-separated omnisage rows to train, of {', '.join(VARIANTS)}, or "
+                 "'all' for the full ablation (bm25, minilm and hybrid always run)")
   p.add_argument("--steps", type=int, default=0, help="override train.steps (0: the config's)")
   p.add_argument("--config", default="", help="config argument, e.g. 'tiny' for tests")
   p.add_argument("--max-test-queries", type=int, default=0, help="0: all (tests use fewer)")
@@ -284,7 +285,9 @@ def main(argv=None) -> dict:
   print(f"  prepared in {timings['prepare']:.0f} s: pairs {prep['pairs']}", flush=True)
 
   dense_queries, dense_corpus, runs = {}, {}, {}
-  for variant in [v for v in args.variants.split(",") if v]:
+  variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",")
+                                                              if v]
+  for variant in variants:
     if variant not in VARIANTS:
       raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     config = apply_overrides(omnisage_homedepot.get_config(args.config or None), VARIANTS[variant])

@@ -5,7 +5,8 @@
 (`--config=configs/serve.py` is the default of `serve`; the older `--bundle=... --index=...
 --port=...` flags still work.) The bundle's manifest says which system serves it
 (omnisage/systems.py): OmniSearchSage's /v1/embed and /v1/search, or the two-tower /v1/recommend
-(plus /v1/pinnersage/* when `pinnersage` names a batch-job output).
+(plus /v1/pinnersage/* when `pinnersage` names a batch-job output; online updates survive a
+restart when `pinnersage_state_db` names a SQLite file).
 """
 
 import ml_collections
@@ -38,4 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # directory adds /v1/pinnersage/{update,recommend}, over the item embeddings it clustered.
   c.pinnersage = config_dict.placeholder(str)
   c.item_embeddings = config_dict.placeholder(str)
+  # With `pinnersage`: a SQLite file (WAL, omnisage/serving/pinnersage/store.py) where every
+  # acknowledged /v1/pinnersage/update is written before it is answered and from which a restarted
+  # server reads it back; created if absent, its directory must exist. "": in memory only, so a
+  # restart serves the batch output again and loses the updates made since.
+  c.pinnersage_state_db = ""
   return c

@@ -61,6 +61,25 @@ def test_ward_cut_equals_scipy_fcluster_distance(dim):
   assert (model.ward_labels(rng.standard_normal((20, 3)), 1e6) == 0).all()
 
 
+def test_ward_linkage_is_scipys_and_defers_to_scipy_on_tied_merges():
+  """fastcluster's hierarchy is SciPy's (same merges, heights to rounding); where its heights
+  repeat a positive value (tied candidate merges, e.g. lattice points) the linkage IS SciPy's."""
+  import fastcluster
+  from scipy.spatial.distance import pdist
+  rng = np.random.default_rng(12)
+  for n in (2, 3, 10, 100, 300):
+    x = rng.standard_normal((n, 16))
+    got, ref = model.ward_linkage(x), linkage(x, "ward")
+    np.testing.assert_array_equal(got[:, [0, 1, 3]], ref[:, [0, 1, 3]])
+    np.testing.assert_allclose(got[:, 2], ref[:, 2], rtol=1e-12)
+  x = rng.integers(0, 3, (60, 3)).astype(np.float64)
+  heights = fastcluster.linkage(pdist(x), method="ward")[:, 2]
+  assert np.any((heights[1:] == heights[:-1]) & (heights[1:] > 0))   # the case under test
+  np.testing.assert_array_equal(model.ward_linkage(x), linkage(x, "ward"))
+  with pytest.raises(ValueError, match="overflow"):
+    model.ward_linkage(np.asarray([[0.0, 1e300], [1e300, 0.0], [-1e300, 0.0]]))
+
+
 def test_cut_count_is_number_of_heights_above_alpha():
   """fcluster 'distance' at alpha keeps the merges with height <= alpha: n - #merges clusters."""
   rng = np.random.default_rng(1)

@@ -10,8 +10,13 @@ it as with any item) and weighted by an importance that decays with the age of i
 the stable entry point of the daily batch job (serving/pinnersage/batch.py, and a Ray Data job
 that calls it per group). It is O(N^2) time per user:
 
-- Ward clustering is SciPy's `linkage(P, "ward")`, whose C implementation is the
-  nearest-neighbour-chain algorithm (O(N^2) time, O(N^2) memory for the condensed distances).
+- Ward clustering is the nearest-neighbour-chain algorithm (O(N^2) time, O(N^2) memory for the
+  condensed distances) run by fastcluster (Müllner, "fastcluster: Fast Hierarchical,
+  Agglomerative Clustering Routines for R and Python", J. Stat. Softw. 2013) on SciPy's own
+  `pdist` distances. SciPy's `linkage(P, "ward")` is the same pdist followed by its own C code of
+  the same algorithm (Müllner, "Modern hierarchical, agglomerative clustering algorithms", 2011),
+  so the two give the same Ward hierarchy; fastcluster's chain loop is the faster one, and the
+  batch job spends almost all of its time in pdist and that loop.
   The paper's cut at alpha keeps every merge whose height is <= alpha, which is exactly
   `fcluster(Z, alpha, "distance")`. Ward's heights never decrease along the merge order that
   linkage returns, so the kept merges are a prefix of Z; `cut_linkage` applies that prefix with
@@ -20,7 +25,12 @@ that calls it per group). It is O(N^2) time per user:
     d2(Ci u Cj, Ck) = ((ni+nk) d2_ik + (nj+nk) d2_jk - nk d2_ij) / (ni+nj+nk),
   started from ||P_i - P_j||^2 (for two singletons the height is their Euclidean distance; in
   general sqrt(2 ni nj / (ni+nj)) ||c_i - c_j||), so alpha is a Euclidean distance in embedding
-  units.
+  units. fastcluster runs that recurrence on the squared distances and SciPy on their square
+  roots, so the two round differently. That only matters when two candidate merges tie exactly
+  (Ward's hierarchy is then not unique, e.g. points on an integer lattice): ties at height 0
+  (duplicate engagements) give the same partition, and when fastcluster's heights repeat a
+  positive value (the mark such ties leave) the user is re-clustered with SciPy so that its
+  tie-breaking decides. A tie that leaves no repeated height can still be broken the other way.
 - Medoid of cluster C: argmin_{m in C} sum_{j in C} ||P_m - P_j||^2 (the paper's definition).
   Since sum_j ||P_m - P_j||^2 = |C| ||P_m - c_C||^2 + sum_j ||P_j - c_C||^2 with c_C the centroid,
   that is the member nearest the centroid: O(N D) for all clusters at once instead of the O(N^2)
@@ -70,15 +80,34 @@ def _alpha(alpha: float) -> float:
 
 
 def ward_linkage(points) -> np.ndarray:
-  """SciPy's Ward linkage matrix [n-1, 4] of one user's points (float64; [0, 4] when n < 2)."""
-  x = _points(points)
+  """The Ward linkage matrix [n-1, 4] of one user's points, SciPy's format and merge order
+  (float64; [0, 4] when n < 2). See the module docstring for fastcluster vs SciPy."""
+  return _ward(_points(points))
+
+
+def _ward(x: np.ndarray) -> np.ndarray:
+  """ward_linkage of already validated float64 points (no second copy or finiteness pass)."""
   if len(x) < 2:
     return np.zeros((0, 4))
-  try:   # imported here: the online service (online_assign) does not need SciPy
+  try:   # imported here: the online service (online_assign) needs neither
+    import fastcluster
     from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
   except ImportError as error:
-    raise ImportError("PinnerSage's Ward clustering needs SciPy (pip install scipy)") from error
-  return linkage(x, "ward")
+    raise ImportError("PinnerSage's Ward clustering needs SciPy and fastcluster "
+                      "(pip install scipy fastcluster)") from error
+  # pdist's buffer is ours alone: fastcluster may use it as scratch instead of copying it.
+  overflow = ValueError("embeddings too large: their distances overflow float64")
+  try:
+    z = fastcluster.linkage(pdist(x), method="ward", preserve_input=False)
+  except FloatingPointError as error:   # finite points whose distances overflow: inf - inf
+    raise overflow from error
+  heights = z[:, 2]
+  if not np.isfinite(heights).all():
+    raise overflow
+  if np.any((heights[1:] == heights[:-1]) & (heights[1:] > 0)):
+    return linkage(x, "ward")   # tied merges: SciPy's tie-breaking decides (docstring)
+  return z
 
 
 def canonical(labels) -> np.ndarray:
@@ -111,31 +140,50 @@ def cut_linkage(z: np.ndarray, n: int, alpha: float) -> np.ndarray:
   parent[children[:, 1]] = n + np.arange(kept)
   for _ in range(max(1, int(np.ceil(np.log2(max(kept, 1)))) + 1)):
     parent = parent[parent]
-  return canonical(parent[:n])
+  return _renumber(parent[:n], n + kept)
+
+
+def _renumber(ids: np.ndarray, size: int) -> np.ndarray:
+  """canonical(ids) for ids in [0, size), in O(n) with no sort: rank of each id's first position
+  among the first positions (the per-user batch job calls this once per user)."""
+  n = len(ids)
+  first = np.full(size, n, np.int64)
+  np.minimum.at(first, ids, np.arange(n))
+  start = first[ids]   # each action's cluster's first position
+  rank = np.cumsum(start == np.arange(n), dtype=np.int32) - 1
+  return rank[start]
 
 
 def ward_labels(points, alpha: float) -> np.ndarray:
   """Canonical Ward labels int32 [n] of one user's points cut at height alpha."""
   x = _points(points)
-  return cut_linkage(ward_linkage(x), len(x), alpha)
+  return cut_linkage(_ward(x), len(x), alpha)
 
 
 def medoids(points, labels) -> np.ndarray:
   """int32 [k]: position of each cluster's medoid (the member nearest its centroid, see above)."""
-  x = _points(points)
   labels = np.asarray(labels, np.int64)
   if not labels.size:
     return np.zeros(0, np.int32)
+  # Dense ranks: a partition with unused label values still gets one medoid per used one.
+  dense = np.unique(labels, return_inverse=True)[1].reshape(-1)
+  return _medoids(_points(points), dense, np.bincount(dense))
+
+
+def _medoids(x: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+  """medoids() of validated points, canonical labels and their cluster sizes: one stable sort by
+  cluster, then segment reductions over the sorted rows (no loop over clusters)."""
   order = np.argsort(labels, kind="stable")        # by cluster, then position
-  starts = np.r_[0, np.flatnonzero(np.diff(labels[order])) + 1]
-  size = np.diff(np.r_[starts, len(order)]).astype(np.float64)
-  centroid = np.add.reduceat(x[order], starts, axis=0) / size[:, None]
-  diff = x[order] - np.repeat(centroid, size.astype(np.int64), axis=0)
-  cost = np.einsum("nd,nd->n", diff, diff)
+  starts = np.zeros(len(sizes), np.int64)
+  np.cumsum(sizes[:-1], out=starts[1:])
+  sorted_labels = labels[order]
+  rows = x[order]
+  centroid = np.add.reduceat(rows, starts, axis=0) / sizes[:, None]
+  rows -= centroid[sorted_labels]
+  cost = np.einsum("nd,nd->n", rows, rows)
   # The first member (earliest position) reaching its cluster's least cost.
-  best = np.minimum.reduceat(cost, starts)
-  hit = np.flatnonzero(cost == np.repeat(best, size.astype(np.int64)))
-  seg = labels[order][hit]
+  hit = np.flatnonzero(cost == np.minimum.reduceat(cost, starts)[sorted_labels])
+  seg = sorted_labels[hit]
   return order[hit[np.r_[True, seg[1:] != seg[:-1]]]].astype(np.int32)
 
 
@@ -148,10 +196,15 @@ def importances(labels, ages_days, lam: float) -> np.ndarray:
 
 def summarise(points, labels, ages_days, lam: float) -> Clusters:
   """Clusters of a given partition (canonical labels): medoids, importances, sizes."""
-  labels = np.asarray(labels, np.int32)
-  imp = importances(labels, ages_days, lam)
-  return Clusters(labels, medoids(points, labels), imp,
-                  np.bincount(labels, minlength=len(imp)).astype(np.int32))
+  return _summarise(_points(points), np.asarray(labels, np.int32), ages_days, lam)
+
+
+def _summarise(x: np.ndarray, labels: np.ndarray, ages_days, lam: float) -> Clusters:
+  """summarise() of validated float64 points and int32 canonical labels."""
+  sizes = np.bincount(labels)
+  imp = np.bincount(labels, np.exp(-lam * np.asarray(ages_days, np.float64)),
+                    minlength=len(sizes))
+  return Clusters(labels, _medoids(x, labels, sizes), imp, sizes.astype(np.int32))
 
 
 def cluster_user(embeddings, timestamps, now: float, alpha: float, lam: float = 0.01,
@@ -175,12 +228,12 @@ def cluster_user(embeddings, timestamps, now: float, alpha: float, lam: float = 
   if not lam >= 0:
     raise ValueError(f"lam must be >= 0, got {lam}")
   if labels is None:
-    labels = ward_labels(x, alpha)
+    labels = cut_linkage(_ward(x), len(x), alpha)
   else:
     labels = np.asarray(labels, np.int32)
     if labels.shape != (len(x),) or labels.min() < 0:
       raise ValueError(f"labels must be [n] = [{len(x)}] non-negative cluster ids")
-  return summarise(x, labels, (float(now) - times) / DAY_S, lam)
+  return _summarise(x, labels, (float(now) - times) / DAY_S, lam)
 
 
 def cluster_histories(vectors: np.ndarray, histories: list, ages_days: list, alpha: float,

@@ -182,19 +182,30 @@ def create_recommend_app(bundle_path, index_path, extra_routers=(), clock=time.t
 
 def serve_config(config) -> dict:
   """`launch.py serve` of a two-tower bundle (configs/serve.py): POST /v1/recommend, and the
-  PinnerSage routes on the same item index when `config.pinnersage` names a batch-job output."""
+  PinnerSage routes on the same item index when `config.pinnersage` names a batch-job output.
+
+  PinnerSage's online pass (Pal et al., KDD 2020) changes a user's clusters between two daily
+  batch runs; with `config.pinnersage_state_db` every acknowledged update is in that SQLite file
+  before it is answered, so a killed and restarted server still answers with it (store.py).
+  """
   token_file = config.get("auth_token_file")
   token = auth.read_token(token_file) if token_file else None   # before loading anything
+  state_db = config.get("pinnersage_state_db") or ""
   index, routers = config.index, ()
+  if state_db and not config.pinnersage:
+    raise ValueError("config.pinnersage_state_db is set but config.pinnersage is not: the state "
+                     "store holds online updates of a PinnerSage batch output")
   if config.pinnersage:
     from omnisage.serving.index.scann_index import load_index
     from omnisage.serving.pinnersage.service import PinnerSageService, pinnersage_router
+    from omnisage.serving.pinnersage.store import SQLiteStore
     if not config.item_embeddings:
       raise ValueError("serve with config.pinnersage needs config.item_embeddings (the "
                        "embeddings the batch job clustered)")
     index = load_index(config.index)
+    store = SQLiteStore(state_db) if state_db else None
     service = PinnerSageService.load(config.pinnersage, config.item_embeddings,
-                                     index=index.get("items"))
+                                     index=index.get("items"), store=store)
     routers = (pinnersage_router(service),)
   return serve_recommend(config.bundle, index, host=config.host, port=config.port,
                          extra_routers=routers, limits=Limits.from_config(config),

@@ -30,4 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.window_days = 90.0     # days of history clustered (SPEC §4)
   c.now = config_dict.placeholder(int)   # unix seconds the window ends at (default: last action)
   c.max_history = 4096     # most recent actions kept per user (bounds O(n^2) time and memory)
+  # "local": this process (serving/pinnersage/batch.py); "ray": Ray Data, one group per user
+  # (serving/pinnersage/ray_job.py, docs/scale_out.md). Both write the same files.
+  c.engine = "local"
+  c.ray_address = config_dict.placeholder(str)   # engine=ray: host:port or "auto"; unset: local
+  c.ray_workers = 0        # engine=ray: concurrent tasks; 0: one per CPU of the cluster
   return c

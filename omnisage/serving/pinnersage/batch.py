@@ -213,12 +213,18 @@ def run_batch(item_embeddings: str, actions: str, out: str, alpha: float = DEFAU
 def train(config, workdir: str) -> dict:
   """`launch.py train` of PinnerSage (configs/pinnersage_movielens.py): the batch job, its output
   in `workdir`."""
+  engine = config.get("engine", "local")
+  if engine not in ("local", "ray"):
+    raise ValueError(f"config.engine must be one of ('local', 'ray'), got {engine!r}")
+  if engine == "ray":   # Ray Data, one group per user (ray_job.py); only then is Ray imported
+    from omnisage.serving.pinnersage.ray_job import train_on_ray
+    return train_on_ray(config, workdir)
   if not config.actions:
     raise ValueError("config.actions is required: a Parquet file of user_id, item_id, timestamp "
                      "(--config.actions=PATH)")
-  return run_batch(config.item_embeddings, config.actions, workdir, alpha=config.alpha,
-                   lam=config.lam, window_days=config.window_days, now=config.now,
-                   max_history=config.max_history, kind=config.item_kind)
+  return {**run_batch(config.item_embeddings, config.actions, workdir, alpha=config.alpha,
+                      lam=config.lam, window_days=config.window_days, now=config.now,
+                      max_history=config.max_history, kind=config.item_kind), "engine": engine}
 
 
 def write_states(states: dict, items: Items, out: str) -> None:

@@ -17,6 +17,7 @@ import time
 import types
 
 import httpx
+import numpy as np
 import pytest
 
 from omnisage.cli_compat import translate_argv
@@ -310,14 +311,17 @@ def test_bearer_token_on_the_query_service(world):
 
 
 def test_bearer_token_on_the_recommend_and_pinnersage_routes():
-  from omnisage.serving.pinnersage.service import pinnersage_router
+  from omnisage.serving.pinnersage.batch import Items
+  from omnisage.serving.pinnersage.service import PinnerSageService, pinnersage_router
   from omnisage.serving.twotower.bundle import TwoTowerBundle
   from omnisage.serving.twotower.service import create_recommend_app
   # Auth sits in front of the routes, so a bundle that never runs (no warm-up) is enough.
   bundle = TwoTowerBundle(path="", manifest={"dims": {"embed_dim": 4, "history_len": 2},
                                              "step": 1}, params={}, functions={}, catalogue=None)
   index = {"items": types.SimpleNamespace(dim=4, size=0)}
-  router = pinnersage_router(types.SimpleNamespace(states={}))
+  # A real service with no users: the routes reach it and answer "unknown user".
+  router = pinnersage_router(PinnerSageService(
+      Items.create(["i0", "i1"], np.eye(2, 4, dtype=np.float32)), index=None))
   app = create_recommend_app(bundle, index, extra_routers=(router,), auth_token=TOKEN,
                              warmup=False)
   with serving(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:

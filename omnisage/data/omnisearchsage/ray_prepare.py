@@ -1,4 +1,4 @@
-"""`launch.py prepare` on Ray Data (issue 19): the stages of prepare.py as streaming Ray Data work.
+"""`launch.py prepare` on Ray Data: the stages of prepare.py as streaming Ray Data work.
 
 Not yet the `prepare` of launch.py: every stage here is held to prepare.py's output on the tiny
 synthetic world (tests/test_prepare_ray.py, tests/fixtures/prepare_tiny_digest.json) and replaces

@@ -14,11 +14,23 @@ where targets are (a) all test items and (b) the next --horizon (10) engagements
 without an embedding count as misses for every method alike. Means over users with standard
 errors; lifts over `last` are paired ratios with delta-method standard errors.
 
-Item embeddings: nothing trained with average pooling (a model trained to average item vectors
-would favour the averaging methods): a rank-64 SVD of the positive PMI of item co-occurrence in
-the users' HISTORY sets (validation: the validation histories), rows L2-normalised. The two-tower
-item tower is not used: its user tower pools history items with learned decay weights (an
-average), and retraining it on these histories costs 15-30 min of a shared 2-core box.
+Item embeddings (--embeddings; the whole protocol runs once per set, each with its own alpha
+and k chosen on its own validation, and is reported separately):
+  ppmi_svd   nothing trained with average pooling (a model trained to average item vectors would
+             favour the averaging methods): a rank-64 SVD of the positive PMI of item
+             co-occurrence in the users' HISTORY sets (validation: the validation histories),
+             rows L2-normalised; movies in fewer than --min-count histories have no embedding.
+  two_tower  the item tower of the home-feed two-tower model (benchmarks/twotower_movielens.py,
+             configs/twotower_movielens.py "per_user", pooling user encoder), trained the way that
+             benchmark trains it: the VALIDATION evaluation's vectors come from a model trained on
+             the validation histories (data.stage "validation", the config's train.steps or
+             --twotower-steps), the TEST evaluation's from one trained on the full histories
+             (data.stage "test", the same epochs and schedule), so no test engagement is seen in
+             training. Every catalogue movie (movies.csv, rated or not) is embedded, rows
+             L2-normalised. Caveat: its user tower pools the history with learned decay weights,
+             an average, so the item space was trained to be averaged and may favour the
+             averaging methods; the two sets also rank different candidate sets (every movie vs
+             the movies in >= 2 histories), so compare methods within a set, not recalls across.
 
 Methods (all 400 candidates):
   last              the last engaged item
@@ -40,9 +52,13 @@ nearest-neighbour-chain, at history lengths 128, 512, 1024, 4096 (64-d unit vect
 centres); then the whole batch job (`run_batch`) over every MovieLens user's ratings.
 
 Usage:
-  .venv/bin/python benchmarks/pinnersage.py [--datasets ../shared/datasets]
-Prints the tables and ends with one JSON line {"pinnersage": {...}} whose
-"ward_speed_vs_scipy" maps each history length to (our users/s) / (SciPy's users/s).
+  .venv/bin/python benchmarks/pinnersage.py [--datasets ../shared/datasets] \
+      [--embeddings ppmi_svd,two_tower] [--twotower-steps N]
+Prints the tables (one heading per embedding set) and ends with one JSON line
+{"pinnersage": {...}}: "protocol" is the ppmi_svd protocol, "protocol_two_tower" the two-tower
+one (the same structure, plus "two_tower": how it was trained), "embeddings" the sets run, and
+"ward_speed_vs_scipy" maps each history length to (our users/s) / (SciPy's users/s). The speed
+figures and the whole batch job use the ppmi_svd embeddings.
 """
 
 import argparse
@@ -51,6 +67,10 @@ import os
 import sys
 import tempfile
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # `python benchmarks/pinnersage.py` from anywhere: benchmarks, configs
+  sys.path.insert(0, ROOT)
 
 # Before NumPy loads: on a small shared box, OpenBLAS's threads make the many small [3, D] x [D, N]
 # products of the retrieval loop several times slower than one thread does. Ward (pdist and the
@@ -68,13 +88,14 @@ from omnisage.models import pinnersage as model  # noqa: E402
 from omnisage.serving.pinnersage import batch as ps_batch  # noqa: E402
 from omnisage.serving.pinnersage import service as ps  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = model.DAY_S
 ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8, 2.4, 3.2)
 KMEANS_KS = (3, 5, 10, 20)
 LAMBDAS = (0.0, 0.01, 0.1)
 BUCKETS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 10**9))
 SPEED_USERS = {128: 200, 512: 30, 1024: 10, 4096: 2}
+EMBEDDINGS = {"ppmi_svd": "SVD (rank --dim) of the positive PMI of history co-occurrence",
+              "two_tower": "the per-user two-tower model's item tower"}
 
 
 # --- item embeddings ---------------------------------------------------------------------------
@@ -106,13 +127,67 @@ def ppmi_svd(histories: dict, dim: int, min_count: int, seed: int) -> ps_batch.I
   return ps_batch.Items.create([str(m) for m in ids], emb)
 
 
+class TwoTowerItems:
+  """embed(split, stage) -> Items: the item tower of the per-user two-tower model trained on the
+  stage's histories (benchmarks/twotower_movielens.py's train_stage), every catalogue movie, rows
+  L2-normalised, keyed by MovieLens movie id. The test stage trains as many epochs, under the same
+  schedule, as the validation stage did (twotower_movielens.same_epochs) when that ran first."""
+
+  def __init__(self, ml, args, log):
+    self.ml, self.args, self.log = ml, args, log
+    self.info = {"encoder": "pool", "config": "per_user_tiny" if args.twotower_tiny
+                 else "per_user", "steps": {}, "epochs": {}, "train_seconds": {}}
+    self.examples = {}
+
+  def __call__(self, split, stage) -> ps_batch.Items:
+    from benchmarks import twotower_movielens as tt
+    from omnisage.train.twotower.protocol import _blocks, _items
+    a = self.args
+    config = tt.per_user_config(argparse.Namespace(
+        movielens=self.ml.path, tiny=a.twotower_tiny, test_fraction=a.test_fraction,
+        steps=a.twotower_steps, eval_every=0), "pool", stage)
+    if stage == "test" and "validation" in self.examples:
+      tt.same_epochs(config, int(config.train.steps), self.examples["validation"], split)
+    steps = int(config.train.steps)
+    got = {}
+
+    def make_evaluate(prepared, catalogue):
+      def evaluate(statics, params, step):
+        if step == steps:   # the trained model: every catalogue movie through the item tower
+          idx = np.arange(1, catalogue.size + 1)
+          got["ids"] = [catalogue.ids[i] for i in idx]   # str(movie id): catalogue.index_of
+          got["vectors"] = _blocks(_items, statics, params, catalogue.item_inputs(idx),
+                                   int(config.eval.batch_size))
+        return {}
+      return evaluate
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as workdir:
+      meta, _ = tt.train_stage(config, workdir, self.ml, make_evaluate)
+    if "vectors" not in got:
+      raise RuntimeError(f"two-tower {stage}: training ended before step {steps}")
+    v = np.asarray(got["vectors"], np.float32)
+    if not np.isfinite(v).all():
+      raise FloatingPointError(f"two-tower {stage}: non-finite item vectors")
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    self.examples[stage] = int(meta["train_examples"])
+    self.info["steps"][stage] = steps
+    self.info["epochs"][stage] = round(steps * int(config.train.batch_size)
+                                       / self.examples[stage], 2)
+    self.info["train_seconds"][stage] = round(time.time() - t0, 1)
+    self.log(f"  two-tower {stage}: {steps} steps ({self.info['epochs'][stage]} epochs of "
+             f"{self.examples[stage]} examples), {len(v)} movies embedded "
+             f"({self.info['train_seconds'][stage]:.0f} s)")
+    return ps_batch.Items.create(got["ids"], v)
+
+
 # --- one evaluation (validation or test) -------------------------------------------------------
 
 class Task:
   """Embeddings, each user's windowed history (rows, times, now), exclusions and targets."""
 
-  def __init__(self, split, args):
-    self.items = ppmi_svd(split.history, args.dim, args.min_count, args.seed)
+  def __init__(self, split, items: ps_batch.Items, args):
+    self.items = items
     self.vectors = self.items.vectors
     self.vectors_t = np.ascontiguousarray(self.vectors.T)   # [D, N]: the fast product layout
     row = self.items.row
@@ -322,18 +397,20 @@ def bucket_name(lo, hi):
   return str(lo) if lo == hi else f"{lo}+" if hi > 10**8 else f"{lo}-{hi}"
 
 
-def protocol(ml, args, log) -> dict:
+def protocol(ml, args, log, embed) -> dict:
+  """The protocol over item embeddings embed(split, stage) -> Items, stage "validation" for the
+  choices and "test" for the one score (each from that split's histories only)."""
   r = ml.ratings
   users, movies, ts = (r[c].to_numpy() for c in ("user", "movie", "timestamp"))
   split = per_user_split(users, movies, ts, args.test_fraction)
   val_split = validation_split(split, args.test_fraction)
   t0 = time.time()
-  val = Task(val_split, args)
+  val = Task(val_split, embed(val_split, "validation"), args)
   alpha, alpha_scores = choose_alpha(val, args, log)
   k_means, k_scores = choose_k(val, args, log)
   log(f"  chosen on validation: alpha {alpha}, k-means k {k_means} ({time.time() - t0:.0f} s)")
   del val
-  test = Task(split, args)   # the test split, scored once
+  test = Task(split, embed(split, "test"), args)   # the test split, scored once
   per_user = methods(test, args, alpha, k_means)
   base = per_user["last"]
   out = {"users": len(test.users), "items": len(test.items.ids), "alpha": alpha,
@@ -525,7 +602,18 @@ def main():
   parser.add_argument("--speed-alpha", type=float, default=1.4)
   parser.add_argument("--skip", choices=("protocol", "speed", "whole_job"), nargs="*",
                       default=[])
+  parser.add_argument("--embeddings", default=",".join(EMBEDDINGS),
+                      help="comma list of item-embedding sets, the protocol run once per set: "
+                           + ", ".join(EMBEDDINGS))
+  parser.add_argument("--twotower-steps", type=int, default=0,
+                      help="two-tower validation-stage steps (0: the config's train.steps)")
+  parser.add_argument("--twotower-tiny", action="store_true",
+                      help="the two-tower config's tiny model (tests)")
   args = parser.parse_args()
+  args.embeddings = [e for e in args.embeddings.split(",") if e]
+  unknown = sorted(set(args.embeddings) - set(EMBEDDINGS))
+  if unknown or not args.embeddings:
+    parser.error(f"--embeddings: a comma list of {', '.join(EMBEDDINGS)}, got {unknown or '[]'}")
   for name, value in (("budget", args.budget), ("horizon", args.horizon), ("seeds", args.seeds)):
     if value < 1:
       parser.error(f"--{name} must be >= 1, got {value}")
@@ -542,10 +630,18 @@ def main():
     ml.ratings = ml.ratings.filter(pa.array(keep))
   summary = {}
   if "protocol" not in args.skip:
-    log("protocol (per-user temporal split; choices on validation):")
-    result = protocol(ml, args, log)
-    print_tables(result, args, log)
-    summary["protocol"] = result
+    for name in args.embeddings:
+      log(f"\n=== item embeddings: {name} ({EMBEDDINGS[name]}) ===")
+      log("protocol (per-user temporal split; choices on validation):")
+      if name == "two_tower":
+        embed = TwoTowerItems(ml, args, log)
+      else:
+        embed = lambda split, stage: ppmi_svd(split.history, args.dim, args.min_count, args.seed)
+      result = protocol(ml, args, log, embed)
+      if name == "two_tower":
+        result["two_tower"] = embed.info
+      print_tables(result, args, log)
+      summary["protocol" if name == "ppmi_svd" else f"protocol_{name}"] = result
   if "speed" not in args.skip:
     log("\nWard per user: users/s of cluster_user vs SciPy fcluster(linkage) (median of "
         f"{args.speed_repeats} interleaved rounds)")
@@ -558,7 +654,7 @@ def main():
     alpha = summary.get("protocol", {}).get("alpha", ps_batch.DEFAULTS["alpha"])
     summary["whole_job"] = whole_job(ml, items, alpha, log)
   summary.update(budget=args.budget, window_days=args.window_days, horizon=args.horizon,
-                 seeds=args.seeds, embeddings=f"ppmi_svd{args.dim} of the histories",
+                 seeds=args.seeds, embeddings=args.embeddings,
                  seconds=round(time.time() - t0, 1))
   print(json.dumps({"pinnersage": summary}))
 

@@ -68,29 +68,53 @@ def per_user_config(args, encoder: str, stage: str):
   return config
 
 
-def train_and_score(config, workdir: str, ml, candidates_of, evaluate_at=None) -> dict:
-  """Prepares `config`'s stage into a fresh workdir, trains, and scores with the protocol.
-  evaluate_at None: every train.eval_every steps (validation curves); a step: only there."""
+def train_stage(config, workdir: str, ml, make_evaluate=None) -> tuple[dict, dict]:
+  """Prepares `config`'s stage (data.stage) into a fresh workdir and trains it: (prepare's
+  summary, train's summary). make_evaluate(prepared, catalogue) -> the trainer's hook
+  evaluate(statics, params, step) (None: no hook); benchmarks/pinnersage.py uses it too."""
   from omnisage.data.twotower import examples as mlx
   from omnisage.train.twotower import trainer
-  from omnisage.train.twotower.protocol import ProtocolEvaluator
   shutil.rmtree(workdir, ignore_errors=True)   # a stale checkpoint would be resumed
   prepared = os.path.join(workdir, "prepared")
   config.data.prepared_dir = prepared
   meta = mlx.prepare_movielens(ml, config.data, prepared)
-  catalogue = mlx.Catalogue.load(prepared)
-  evaluator = ProtocolEvaluator(prepared, catalogue, candidates_of(catalogue))
+  evaluate = None if make_evaluate is None else make_evaluate(prepared,
+                                                              mlx.Catalogue.load(prepared))
+  return meta, trainer.train(config, workdir, evaluate=evaluate)
+
+
+def same_epochs(config, step: int, examples: int, split) -> float:
+  """Sets a test-stage `config` to train as many epochs as `step` steps of the validation run
+  (`examples` training examples) did, on `split`'s histories, under the validation run's
+  learning-rate schedule (train.steps' epochs); returns those epochs."""
+  batch = int(config.train.batch_size)
+  epochs = step * batch / examples
+  schedule_epochs = int(config.train.steps) * batch / examples
+  per_epoch = sum(len(h) for h in split.history.values()) / batch
+  config.train.schedule_steps = max(1, round(schedule_epochs * per_epoch))
+  config.train.steps = max(1, round(epochs * per_epoch))
+  return epochs
+
+
+def train_and_score(config, workdir: str, ml, candidates_of, evaluate_at=None) -> dict:
+  """Prepares `config`'s stage into a fresh workdir, trains, and scores with the protocol.
+  evaluate_at None: every train.eval_every steps (validation curves); a step: only there."""
+  from omnisage.train.twotower.protocol import ProtocolEvaluator
   curve = {}
 
-  def evaluate(statics, params, step):
-    if step == 0 or (evaluate_at is not None and step != evaluate_at):
-      return {}   # the untrained model is no candidate; test is scored at one step only
-    curve[step] = evaluator.run(statics, params)
-    return {k: curve[step][k] for k in KS}
+  def make_evaluate(prepared, catalogue):
+    evaluator = ProtocolEvaluator(prepared, catalogue, candidates_of(catalogue))
+
+    def evaluate(statics, params, step):
+      if step == 0 or (evaluate_at is not None and step != evaluate_at):
+        return {}   # the untrained model is no candidate; test is scored at one step only
+      curve[step] = evaluator.run(statics, params)
+      return {k: curve[step][k] for k in KS}
+    return evaluate
 
   if evaluate_at is not None:   # the chosen step is the last one: one evaluation, at the end
     config.train.eval_every = 0
-  summary = trainer.train(config, workdir, evaluate=evaluate)
+  meta, summary = train_stage(config, workdir, ml, make_evaluate)
   return {"examples": meta["train_examples"], "curve": curve, "train": summary}
 
 
@@ -141,12 +165,7 @@ def main(argv=None) -> dict:
   chosen_val = runs[encoder]["curve"][step]
   config = per_user_config(args, encoder, "test")
   # The same number of epochs on the test stage's histories (more examples than validation's).
-  epochs = step * int(config.train.batch_size) / runs[encoder]["examples"]
-  schedule_epochs = int(config.train.steps) * int(config.train.batch_size) / \
-      runs[encoder]["examples"]
-  per_epoch = sum(len(h) for h in split.history.values()) / int(config.train.batch_size)
-  config.train.schedule_steps = max(1, round(schedule_epochs * per_epoch))
-  config.train.steps = max(1, round(epochs * per_epoch))
+  epochs = same_epochs(config, step, runs[encoder]["examples"], split)
   final = train_and_score(config, os.path.join(args.workdir, "test"), ml, candidates_of,
                           evaluate_at=int(config.train.steps))
   tt_seconds = time.time() - t_tt

@@ -7,6 +7,7 @@ The fixtures that use them live in tests/conftest.py. The repo root is importabl
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -116,3 +117,48 @@ def running(app, make_config=None):
     server.should_exit = True
     thread.join(10)
     sock.close()
+
+
+# Served child processes (test_pinnersage_serve.py, test_pinnersage_store.py): start one on a
+# loopback port, SIGKILL it (no shutdown handler runs), restart it on the same state, stop it.
+
+
+def start_served(argv, port, what, timeout=180):
+  """`python ARGV` in a child process (repo root, subprocess_env); returns (process, url) once
+  url/healthz answers 200. A child that exits or does not come up in `timeout` s fails the test."""
+  import httpx
+  process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + timeout
+  while True:
+    if process.poll() is not None:
+      raise AssertionError(process.communicate()[1][-3000:])
+    try:
+      if httpx.get(url + "/healthz").status_code == 200:
+        return process, url
+    except httpx.TransportError:
+      pass
+    if time.time() > deadline:
+      process.kill()
+      raise AssertionError(f"{what} did not come up")
+    time.sleep(0.2)
+
+
+def sigkill(process):
+  """Kills a served child with SIGKILL (no shutdown handler runs) and checks that it died so.
+  Call `stop` in a `finally` as well: it reaps the child whatever happened before."""
+  process.send_signal(signal.SIGKILL)
+  process.wait(30)
+  assert process.returncode == -signal.SIGKILL, process.returncode
+
+
+def stop(process, sig=signal.SIGTERM):
+  """Stops a served child with `sig` (a clean shutdown), killing it if it has not exited; a child
+  that has already exited is only reaped (its pipes read and closed)."""
+  process.send_signal(sig)
+  try:
+    process.communicate(timeout=30)
+  finally:
+    if process.poll() is None:
+      process.kill()

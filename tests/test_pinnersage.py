@@ -353,19 +353,37 @@ DATASETS = os.environ.get("OMNISAGE_DATASETS", os.path.join(ROOT, "..", "shared"
 
 
 def test_benchmark_on_a_slice():
+  """Both embedding sets on 40 users: PPMI-SVD, and the tiny two-tower config trained 8 steps on
+  the validation histories (then the same epochs on the full histories for the test split)."""
   if not os.path.isdir(os.path.join(DATASETS, "movielens-latest-small")):
     pytest.skip(f"{DATASETS}/movielens-latest-small not found (../shared/datasets)")
   result = subprocess.run(
       [sys.executable, "benchmarks/pinnersage.py", f"--datasets={DATASETS}", "--max-users=40",
        "--lengths", "128", "--speed-scale=0.2", "--speed-repeats=1", "--seeds=2",
-       "--kmeans-ks", "3", "5"],
+       "--kmeans-ks", "3", "5", "--embeddings", "ppmi_svd,two_tower", "--twotower-tiny",
+       "--twotower-steps=8"],
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])["pinnersage"]
-  p = out["protocol"]
-  assert p["users"] + p["left_out"]["users_without_embedded_history"] == 40
+  assert out["embeddings"] == ["ppmi_svd", "two_tower"]
   methods = {"last", "average", "decayed_average", "kmeans", "ward_centroid", "ward_medoid_all",
              "ward_medoid_l0", "ward_medoid_l0.01", "ward_medoid_l0.1"}
+  # The two-tower item tower: every catalogue movie embedded (no test item is unembedded), one
+  # model per stage, the test stage as many epochs on the longer full histories.
+  tt = out["protocol_two_tower"]
+  assert tt["users"] == 40 and tt["left_out"]["users_without_embedded_history"] == 0
+  assert tt["left_out"]["test_items_without_embedding"].startswith("0 of ")
+  assert tt["two_tower"]["steps"]["validation"] == 8
+  assert tt["two_tower"]["steps"]["test"] >= 8
+  assert tt["kmeans_k"] in (3, 5) and tt["alpha"] in {float(a) for a in tt["validation"]["alpha"]}
+  for targets in ("all", "next"):
+    assert set(tt["recall"][targets]) == methods
+    for mean, se in tt["recall"][targets].values():
+      assert np.isfinite(mean) and np.isfinite(se) and 0.0 <= mean <= 1.0
+    assert tt["lift_vs_last"][targets]["last"] == [0.0, 0.0]
+  assert "=== item embeddings: two_tower" in result.stdout
+  p = out["protocol"]
+  assert p["users"] + p["left_out"]["users_without_embedded_history"] == 40
   for targets in ("all", "next"):
     assert set(p["recall"][targets]) == methods
     for mean, se in p["recall"][targets].values():

@@ -3,10 +3,6 @@
 killed with SIGKILL, restarts on the same SQLite file and still answers with every update."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -20,7 +16,7 @@ from omnisage.serving.pinnersage import service as ps
 from omnisage.serving.twotower import bundle as tt_bundle
 from omnisage.serving.twotower.service import serve_config as twotower_serve_config
 from omnisage.train.twotower import trainer as twotower
-from tests.helpers import ROOT, free_port, last_json, run_launch, subprocess_env
+from tests.helpers import ROOT, free_port, last_json, run_launch, sigkill, start_served, stop
 from tests.test_pinnersage import DAY, write_actions
 from tests.test_twotower import tiny_config, write_movielens
 
@@ -61,32 +57,7 @@ def start_serve(world, port, state_db):
            f"--config.item_embeddings={world['embeddings']}"]
   if state_db is not None:
     flags.append(f"--config.pinnersage_state_db={state_db}")
-  process = subprocess.Popen([sys.executable, "launch.py", "serve", *flags], cwd=ROOT,
-                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 180
-  while True:
-    if process.poll() is not None:
-      raise AssertionError(process.communicate()[1][-3000:])
-    try:
-      if httpx.get(url + "/healthz").status_code == 200:
-        return process, url
-    except httpx.TransportError:
-      pass
-    if time.time() > deadline:
-      process.kill()
-      raise AssertionError("launch.py serve did not come up")
-    time.sleep(0.2)
-
-
-def stop(process, sig=signal.SIGTERM):
-  process.send_signal(sig)
-  try:
-    process.communicate(timeout=30)
-  finally:
-    if process.poll() is None:
-      process.kill()
+  return start_served(["launch.py", "serve", *flags], port, "launch.py serve")
 
 
 def recommend_all(url, users):
@@ -126,12 +97,9 @@ def test_launch_serve_keeps_pinnersage_updates_across_sigkill(world, tmp_path):
       assert client.post("/v1/recommend", json={"history": [], "k": 3}).status_code == 200
     served = recommend_all(url, users)
     assert served == {u: (200, e) for u, e in expect.items()}
-    process.send_signal(signal.SIGKILL)   # no shutdown handler runs
-    process.wait(30)
-    assert process.returncode == -signal.SIGKILL
+    sigkill(process)   # no shutdown handler runs
   finally:
-    if process.poll() is None:
-      process.kill()
+    stop(process)
 
   process, url = start_serve(world, free_port(), db)
   try:

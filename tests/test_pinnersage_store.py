@@ -3,11 +3,7 @@ restarted service that reads acknowledged updates back, a new batch that keeps l
 a real server on loopback killed with SIGKILL and restarted."""
 
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -16,7 +12,7 @@ import pytest
 from omnisage.serving.pinnersage import batch as ps_batch
 from omnisage.serving.pinnersage import service as ps
 from omnisage.serving.pinnersage.store import MemoryStore, SQLiteStore
-from tests.helpers import ROOT, free_port, subprocess_env
+from tests.helpers import free_port, sigkill, start_served, stop
 from tests.test_pinnersage import DAY, T0, random_actions, write_actions, write_items
 
 
@@ -138,24 +134,9 @@ def test_reconcile_writes_every_user(tmp_path):
 # --- a real server, SIGKILL, restart -----------------------------------------------------------
 
 def start_server(out, items_path, db, port):
-  process = subprocess.Popen(
-      [sys.executable, "-m", "omnisage.serving.pinnersage.service", f"--batch-dir={out}",
-       f"--item-embeddings={items_path}", f"--state-db={db}", f"--port={port}"],
-      cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 120
-  while True:
-    if process.poll() is not None:
-      raise AssertionError(process.communicate()[1][-3000:])
-    try:
-      if httpx.get(url + "/healthz").status_code == 200:
-        return process, url
-    except httpx.TransportError:
-      pass
-    if time.time() > deadline:
-      process.kill()
-      raise AssertionError("the PinnerSage service did not come up")
-    time.sleep(0.2)
+  return start_served(["-m", "omnisage.serving.pinnersage.service", f"--batch-dir={out}",
+                       f"--item-embeddings={items_path}", f"--state-db={db}", f"--port={port}"],
+                      port, "the PinnerSage service", timeout=120)
 
 
 def test_sigkill_and_restart_keeps_every_acknowledged_update(tmp_path):
@@ -178,12 +159,9 @@ def test_sigkill_and_restart_keeps_every_acknowledged_update(tmp_path):
         assert r.status_code == 200, r.text   # acknowledged
         reference.update(body["user_id"], [(a["item_id"], a["timestamp"]) for a in body["actions"]],
                          now=body["now"])
-    process.send_signal(signal.SIGKILL)   # no shutdown handler runs
-    process.wait(30)
-    assert process.returncode == -signal.SIGKILL
+    sigkill(process)   # no shutdown handler runs
   finally:
-    if process.poll() is None:
-      process.kill()
+    stop(process)
   process, url = start_server(out, items_path, db, free_port())
   try:
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -197,9 +175,4 @@ def test_sigkill_and_restart_keeps_every_acknowledged_update(tmp_path):
       got = client.post("/v1/pinnersage/update", json=body).json()
       assert got == reference.update("u13", [(ids[0], T0 + 9999)], now=T0 + DAY)
   finally:
-    process.send_signal(signal.SIGTERM)
-    try:
-      process.communicate(timeout=30)
-    finally:
-      if process.poll() is None:
-        process.kill()
+    stop(process)

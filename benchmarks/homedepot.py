@@ -65,6 +65,10 @@ VARIANTS = {
     "full_finetune": {"model.query.frozen_layers": 0},
     # The query's n-grams through the product tower's hash table (models/lexical_path.py).
     "lexical": {"model.query.lexical": True},
+    # Both towers' title n-grams through one shared map, concatenated to the dense output: the
+    # score is (1 - w) cos(dense) + w cos(n-grams), w learned (models/lexical_path.py).
+    "lexical_channel": {"model.query.lexical": True, "model.lexical_dim": 128,
+                        "model.lexical_weight": 0.5},
     "all_together": {"model.query.lexical": True, "loss.hard_negatives": 2,
                      "model.query.frozen_layers": 0},
 }

@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- models (omnisage/models) --------------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()
-  m.embed_dim = 256          # output dim of both towers (paper 256, official code 512)
+  m.embed_dim = 256          # dense output dim of both towers (paper 256, official code 512)
   m.compat_dim = 256         # prefix of the query vector used by compatibility tasks (SPEC)
   m.hash_rows = 100_000      # rows of the shared double-hashed table E
   m.text_dim = 64 if tiny else 128   # width of E and of a field embedding
@@ -92,6 +92,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Lexical path (models/lexical_path.py): the query's n-grams through the entity tower's hash
   # table, added to the projection; exact words, sizes and part numbers reach the query vector.
   q.lexical = False
+  # Lexical channel (models/lexical_path.py, needs q.lexical): both towers' title n-grams through
+  # one shared map, concatenated to the dense output (width embed_dim + lexical_dim), its share of
+  # the score learned from lexical_weight. 0: off.
+  m.lexical_dim = 0
+  m.lexical_weight = 0.3
 
   # --- tasks and loss (omnisage/train/losses.py) -------------------------------------------
   t = c.tasks = ml_collections.ConfigDict()

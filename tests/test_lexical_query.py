@@ -192,3 +192,118 @@ def test_served_search_uses_the_lexical_encoder(lexical_bundle, tiny_prepared, t
   got = np.asarray(reply.json()["embeddings"][0], np.float32)
   np.testing.assert_allclose(got, want, atol=1e-5)
 
+
+
+def channel_config(lexical_dim: int | None = None, weight: float = 0.4):
+  config = lexical_config()
+  config.model.lexical_dim = lexical_dim or config.model.text_dim
+  config.model.lexical_weight = weight
+  return config
+
+
+def test_lexical_channel_scores_are_the_weighted_sum_of_two_cosines():
+  """[sqrt(1-w) dense | sqrt(w) lexical] on both sides: q.e = (1-w) cos(dense) + w cos(n-grams),
+  and the orthogonal start keeps the n-gram bags' cosine."""
+  from omnisage.models.omnisearchsage import output_dim
+  config = channel_config(weight=0.4)
+  model = build(config)
+  d = config.model.embed_dim
+  assert output_dim(config.model) == d + config.model.text_dim
+  rng = np.random.default_rng(3)
+  rows = packed_rows(rng, 6, config)
+  lq = config.data.batch_query_len
+  rows[5, lq:] = 0   # a query with no n-grams
+  rows[:5, lq] = np.maximum(rows[:5, lq], 1)
+  q = np.asarray(model.query_tower(jnp.asarray(rows)))
+  # Entities whose titles are exactly the queries' n-grams (field 0 = title), then unrelated ones.
+  width = config.data.max_entity_tokens
+  tokens = np.zeros((12, width), np.int32)
+  tokens[:6, :rows.shape[1] - lq] = rows[:, lq:]
+  tokens[6:, :20] = rng.integers(1, 300, (6, 20))
+  tokens[:, width - 1] = np.where(tokens[:, 0] == 0, 7, 0)   # no entity without a title
+  fields = np.zeros_like(tokens)
+  continuous = rng.normal(size=(12, 1536)).astype(np.float32)
+  e = np.asarray(model.entity_tower(jnp.asarray(tokens), jnp.asarray(fields),
+                                    jnp.asarray(continuous)))
+  assert q.shape == (6, d + 64) and e.shape == (12, d + 64)
+  np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+  w = 0.4
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  has = (rows[:, lq:] != 0).any(1)   # queries with n-grams; a query without has a unit dense half
+  assert has.sum() >= 3 and (~has).sum() >= 1
+  np.testing.assert_allclose(np.linalg.norm(q[:, :d], axis=1), np.where(has, np.sqrt(1 - w), 1),
+                             atol=1e-5)
+  want = (1 - w) * unit(q[:, :d]) @ unit(e[:, :d]).T + w * unit(q[:, d:]) @ unit(e[:, d:]).T
+  np.testing.assert_allclose((q @ e.T)[has], want[has], atol=1e-5)
+
+  # The lexical halves against a NumPy reference: LayerNorm-ed title sums through the kernel.
+  h = model.entity_tower.hash
+  table, weights = np.asarray(h.table[...]), np.asarray(h.token_weights[...])
+  index = np.asarray(h.hash_indices[...])
+  scale, bias = np.asarray(h.field_scale[...])[0], np.asarray(h.field_bias[...])[0]
+
+  def title_vec(ids):
+    emb = np.einsum("blk,blkd->bld", weights[ids], table[index[ids]])
+    s = (emb * (ids != 0)[..., None]).sum(1)
+    normed = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-6)
+    return (normed * scale + bias) * (ids != 0).any(1, keepdims=True)
+  kernel = np.asarray(model.entity_tower.lexical_channel.projection.kernel[...])
+  np.testing.assert_allclose(kernel.T @ kernel, np.eye(kernel.shape[1]), atol=1e-5)
+  for got, ids in ((q[has, d:], rows[has, lq:]), (e[:, d:], tokens)):
+    np.testing.assert_allclose(got, np.sqrt(w) * unit(title_vec(ids) @ kernel), atol=2e-5)
+  np.testing.assert_allclose(q[~has, d:], 0.0)
+  # The same n-grams on both sides: the lexical halves agree exactly (one table, one map).
+  np.testing.assert_allclose((unit(q[:, d:]) * unit(e[:6, d:])).sum(1)[has], 1.0, atol=1e-5)
+
+
+def test_lexical_channel_is_one_module_shared_by_both_towers():
+  config = channel_config(lexical_dim=16)
+  model = build(config)
+  assert model.query_tower.lexical.channel is model.entity_tower.lexical_channel
+  assert model.query_tower.lexical.projection is None   # no additive block beside it
+  paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  assert sum(p.endswith("lexical_channel/projection/kernel") for p in paths) == 1
+  weight = model.entity_tower.lexical_channel.weight
+  np.testing.assert_allclose(float(weight), 0.4, rtol=1e-6)
+  # The weight is learned: a loss that wants more lexical score moves it.
+  rows = jnp.asarray(packed_rows(np.random.default_rng(4), 4, config))
+  grads = nnx.grad(lambda m: -(m.query_tower(rows)[:, 256:] ** 2).sum())(model)
+  assert float(grads["entity_tower"]["lexical_channel"]["mix"][...]) < 0
+
+
+def test_lexical_channel_needs_the_query_ngrams():
+  config = tiny_config()
+  config.model.lexical_dim = 16
+  with pytest.raises(ValueError, match="model.query.lexical"):
+    build(config)
+  config = channel_config(weight=1.0)
+  with pytest.raises(ValueError, match="lexical_weight"):
+    build(config)
+
+
+def test_lexical_channel_through_export_and_bundle(tiny_prepared, tmp_path):
+  """A trained channel model: the bundle's dims say the wider output, and raw text through the
+  bundle gives the model's query vectors."""
+  from omnisage.serving.bundle.loader import load_bundle
+  from omnisage.train.omnisearchsage.towers import TrainedTowers
+  config, prepared = tiny_prepared
+  flags = (*common_flags(tmp_path, prepared), *LEXICAL, "--config.model.lexical_dim=16")
+  trained = run_launch("train", *flags, "--config.train.steps=4")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  exported = run_launch("export", *flags, f"--out={tmp_path / 'bundle'}")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  config = tiny_config()   # as the flags say: the default query_lexical_len
+  config.model.query.lexical, config.model.lexical_dim = True, 16
+  config.data.prepared_dir = prepared
+  assert last_json(exported)["export"]["dims"]["embed_dim"] == config.model.embed_dim + 16
+  towers = TrainedTowers(config, str(tmp_path))
+  texts = pq.read_table(os.path.join(prepared, "entities", "queries.parquet")
+                        ).column("text").to_pylist()[:6]
+  bundle = load_bundle(str(tmp_path / "bundle"))
+  rows = QueryEncoder.from_bundle(bundle).encode_batch([text.normalize(t) for t in texts],
+                                                       bundle.dims["query_len"])
+  np.testing.assert_allclose(bundle.embed_queries(rows), towers.query_texts(texts), atol=2e-5)
+  products = towers.entities("products")
+  assert products.shape[1] == config.model.embed_dim + 16
+  np.testing.assert_allclose(np.linalg.norm(products, axis=1), 1.0, atol=1e-5)

@@ -12,6 +12,10 @@ initialised to the identity, with the MLP's output layer initialised to zero: tr
 from the legacy embedding space (a pretrained model's quality) instead of a random one, and the
 MLP learns a correction on top of it.
 
+`lexical_channel` (set by the model that owns both towers, see lexical_path.LexicalChannel) makes
+the output [dense | lexical]: the title field's n-gram vector through the map the query tower
+shares.
+
 Usage:
   tower = EntityTower(vocab_size=V, hash_rows=100_000, text_dim=128, num_fields=8,
                       continuous_dim=1536, mlp_hidden=1024, embed_dim=256, hash_seed=1234,
@@ -23,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnisage.data.omnisearchsage.schema import LEGACY_DIM, VISUAL_DIM
+from omnisage.data.omnisearchsage.schema import FIELDS, LEGACY_DIM, VISUAL_DIM
 from omnisage.models.compat import l2_normalize
 from omnisage.models.hash_embedding import HashEmbedding
 
 CONTINUOUS_DIM = 2 * LEGACY_DIM + VISUAL_DIM  # [pinsage | itemsage | visual]
+TITLE_FIELD = FIELDS.index("title")
 
 
 class EntityTower(nnx.Module):
@@ -54,10 +59,12 @@ class EntityTower(nnx.Module):
     else:
       self.out = nnx.Linear(mlp_hidden, embed_dim, rngs=rngs)
       self.legacy_skip = None
+    self.lexical_channel = None   # shared with the query tower: attached by the owning model
 
   def __call__(self, tokens: jax.Array, fields: jax.Array, continuous: jax.Array) -> jax.Array:
     """tokens, fields: [B, L] int32; continuous: [B, continuous_dim] -> [B, embed_dim], unit."""
-    text = self.hash.field_embeddings(tokens, fields, self.num_fields).sum(axis=1)   # [B, text_dim]
+    per_field = self.hash.field_embeddings(tokens, fields, self.num_fields)   # [B, F, text_dim]
+    text = per_field.sum(axis=1)
     x = jnp.concatenate([text, continuous.astype(text.dtype)], axis=-1)
     x = self.norm1(jax.nn.relu(self.hidden1(x)))
     x = self.norm2(jax.nn.relu(self.hidden2(x)))
@@ -67,4 +74,6 @@ class EntityTower(nnx.Module):
       # slice is zero, so their sum is the entity's own.
       legacy = continuous[:, :LEGACY_DIM] + continuous[:, LEGACY_DIM:2 * LEGACY_DIM]
       y = y + self.legacy_skip(l2_normalize(legacy.astype(y.dtype)))
+    if self.lexical_channel is not None:
+      return self.lexical_channel(y, per_field[:, TITLE_FIELD])
     return l2_normalize(y)

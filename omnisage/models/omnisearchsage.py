@@ -24,7 +24,7 @@ from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import FIELDS
 from omnisage.models.entity_tower import CONTINUOUS_DIM, EntityTower
 from omnisage.models.hf_import import query_tower_from_config
-from omnisage.models.lexical_path import LexicalPath
+from omnisage.models.lexical_path import LexicalChannel, LexicalPath
 from omnisage.models.query_tower import QueryTower
 
 
@@ -47,7 +47,19 @@ def build_model(config, vocab_sizes: dict) -> OmniSearchSage:
                              embed_dim=m.embed_dim, hash_seed=m.hash_seed, rngs=rngs,
                              legacy_skip=bool(m.get("legacy_skip", False)))
   width = lexical_len(config)
+  channel_dim = int(m.get("lexical_dim", 0))
+  if channel_dim and not width:
+    raise ValueError("model.lexical_dim > 0 needs the query's n-grams: set model.query.lexical")
   if width:   # built last, so a model without it initialises exactly as before
+    channel = None
+    if channel_dim:   # one module, attached to both towers
+      channel = LexicalChannel(m.text_dim, channel_dim, float(m.get("lexical_weight", 0.3)), rngs)
+      entity_tower.lexical_channel = nnx.data(channel)
     query_tower.config = dataclasses.replace(query_tower.config, lexical_len=width)
-    query_tower.lexical = nnx.data(LexicalPath(entity_tower.hash, m.embed_dim, rngs))
+    query_tower.lexical = nnx.data(LexicalPath(entity_tower.hash, m.embed_dim, rngs, channel))
   return OmniSearchSage(query_tower, entity_tower, config.loss.temperature_init)
+
+
+def output_dim(model_config) -> int:
+  """Width of both towers' embeddings: embed_dim, plus the lexical channel's dims when it is on."""
+  return int(model_config.embed_dim) + int(model_config.get("lexical_dim", 0))

@@ -143,5 +143,5 @@ class QueryTower(nnx.Module):
       pooled = self.encode(tokens)[:, 0]
     y = self.projection(pooled)
     if lexical_len:
-      y = y + self.lexical(ngram_ids)
+      y = self.lexical.combine(y, ngram_ids)
     return l2_normalize(y)

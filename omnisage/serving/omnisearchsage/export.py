@@ -34,6 +34,7 @@ from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import FIELDS, vocab_sizes_of
 from omnisage.data.workdir import prepared_dir_of
 from omnisage.models import CONTINUOUS_DIM
+from omnisage.models.omnisearchsage import output_dim
 from omnisage.serving.bundle.writer import PLATFORMS, publish_bundle, start_bundle, write_towers
 from omnisage.train import sharding
 from omnisage.train.checkpoint import Checkpointer
@@ -60,7 +61,7 @@ def export_bundle(config, workdir: str, out_dir: str) -> dict:
   step, trained = restore_for_eval(config, workdir, state)
   model = statics.model(trained.params)
 
-  dims = {"embed_dim": int(config.model.embed_dim), "compat_dim": int(config.model.compat_dim),
+  dims = {"embed_dim": output_dim(config.model), "compat_dim": int(config.model.compat_dim),
           "query_len": int(config.data.batch_query_len),
           "entity_tokens": int(config.data.max_entity_tokens),
           "continuous_dim": int(CONTINUOUS_DIM), "num_fields": len(FIELDS)}

@@ -2,9 +2,10 @@
 
 Two prepared directories are "the same output" when their digests are equal: the meta.json counts
 and vocabulary sizes (not its timings or config echo), the bytes of every vocabulary file, every
-entity-table column value in row order (and its Arrow type), and per split and task the MULTISET
+entity-table column value in row order (and its Arrow type), per split and task the MULTISET
 of pair records: which shard a pair lands in is a shuffle, so records are decoded
-(schema.decode_pair), sorted and hashed together.
+(schema.decode_pair), sorted and hashed together; and, only when prepare wrote any (a raw
+judged_negatives table), each hard_negatives/*.parquet table column by column in row order.
 
 tests/fixtures/prepare_tiny_digest.json is the digest of the tiny synthetic world prepared by
 prepare.prepare before the Ray Data rewrite (issue 19); tests/test_prepare_ray.py holds every
@@ -82,6 +83,9 @@ def prepared_digest(prepared_dir: str) -> dict:
   digest["pairs"] = {
       f"{split}/{task}": pairs_digest(os.path.join(prepared_dir, split, task))
       for split in ("train", "eval") for task in ("q2pin", "q2product", "q2query")}
+  negatives = sorted(glob.glob(os.path.join(prepared_dir, "hard_negatives", "*.parquet")))
+  if negatives:   # absent from the tiny world (and its frozen digest)
+    digest["hard_negatives"] = {os.path.basename(p): table_digest(p) for p in negatives}
   return digest
 
 

@@ -2,9 +2,12 @@
 
 1. Today's prepare (tests/conftest.py `tiny_prepared`) still writes exactly the frozen digest of
    tests/fixtures/prepare_tiny_digest.json (tests/prepare_digest.py): it guards the replacement.
-2. Each finished stage of omnisage/data/omnisearchsage/ray_prepare.py, run on the two-node
+2. Each stage of the Ray engine (omnisage/data/omnisearchsage/ray_*.py), run on the two-node
    `ray_cluster` over the same raw world rewritten with small Parquet row groups (so several
    blocks, and bad rows and duplicates spread over them), gives today's values.
+3. prepare_on_ray against prepare() on the same raw dir: the same directory on a Home Depot-style
+   world (no pins, explicit split, judged negatives with bad rows), the same errors (type and
+   message) for inputs that cannot make a training set, the same `seconds` keys.
 """
 
 import json
@@ -28,9 +31,9 @@ def test_todays_prepare_matches_the_frozen_digest(tiny_prepared):
 
 @pytest.fixture(scope="module", autouse=True)
 def small_shuffle():
-  """The sort shuffle for this module's tiny group-bys (ray_prepare.SMALL_SHUFFLE)."""
-  from omnisage.data.omnisearchsage import ray_prepare
-  with ray_prepare.data_context(ray_prepare.SMALL_SHUFFLE):
+  """The sort shuffle for this module's tiny group-bys (ray_blocks.SMALL_SHUFFLE)."""
+  from omnisage.data.omnisearchsage import ray_blocks
+  with ray_blocks.data_context(ray_blocks.SMALL_SHUFFLE):
     yield
 
 
@@ -54,16 +57,16 @@ def world(tiny_prepared, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def entities(ray_cluster, world):
-  from omnisage.data.omnisearchsage import ray_prepare
+  from omnisage.data.omnisearchsage import ray_validate
   config, raw, _, _ = world
-  return ray_prepare.validate_entities(config, raw)
+  return ray_validate.validate_entities(config, raw)
 
 
 @pytest.fixture(scope="module")
 def logs(ray_cluster, world, entities):
-  from omnisage.data.omnisearchsage import ray_prepare
+  from omnisage.data.omnisearchsage import ray_validate
   config, raw, _, _ = world
-  return ray_prepare.validate_logs(config, raw, entities)
+  return ray_validate.validate_logs(config, raw, entities)
 
 
 def today_table(prepared, kind) -> pa.Table:
@@ -100,18 +103,18 @@ def test_log_validation_and_time_split(world, logs):
 @pytest.fixture(scope="module")
 def feats(world, entities, logs):
   """(board titles, engaged queries, uncertain keys, n-gram vocabulary) of the Ray stages."""
-  from omnisage.data.omnisearchsage import ray_prepare
+  from omnisage.data.omnisearchsage import ray_features
   d = world[0].data
-  boards = ray_prepare.board_titles(logs.saves, d.board_titles_top)
-  engaged, uncertain = ray_prepare.engaged_queries(logs.log, d.engaged_queries_top,
-                                                   d.engaged_refresh_days)
+  boards = ray_features.board_titles(logs.saves, d.board_titles_top)
+  engaged, uncertain = ray_features.engaged_queries(logs.log, d.engaged_queries_top,
+                                                    d.engaged_refresh_days)
   datasets = {k: e.dataset for k, e in entities.items()}
-  return boards, engaged, uncertain, ray_prepare.ngram_vocab(datasets, boards, engaged, d)
+  return boards, engaged, uncertain, ray_features.ngram_vocab(datasets, boards, engaged, d)
 
 
 def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
   from omnisage.data import text
-  from omnisage.data.omnisearchsage import ray_prepare
+  from omnisage.data.omnisearchsage import ray_features
   config, _, prepared, meta = world
   d = config.data
   boards, engaged, uncertain, vocab = feats
@@ -126,10 +129,10 @@ def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
   assert (vocab.trigrams, vocab.unigrams, vocab.bigrams) == (
       today.trigrams, today.unigrams, today.bigrams)
 
-  tables = ray_prepare.encode_entity_tables(datasets, boards, engaged, vocab, d)
-  dirs = ray_prepare.write_entity_tables(tables, str(tmp_path))
+  tables = ray_features.encode_entity_tables(datasets, boards, engaged, vocab, d)
+  dirs = ray_features.write_entity_tables(tables, str(tmp_path))
   for kind, directory in dirs.items():
-    got, want = ray_prepare.read_entity_table(directory), today_table(prepared, kind)
+    got, want = ray_features.read_entity_table(directory), today_table(prepared, kind)
     assert got.column_names == want.column_names
     for col in want.column_names:
       assert got[col].type == want[col].type, (kind, col)
@@ -137,19 +140,19 @@ def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
 
 
 def test_query_table_and_pairs(world, logs, feats, tmp_path):
-  from omnisage.data.omnisearchsage import ray_prepare
+  from omnisage.data.omnisearchsage import ray_features, ray_pairs
   from tests.prepare_digest import pairs_digest, sha256_file, sha256_json
   config, _, prepared, meta = world
   fixture = load_fixture()
-  texts = ray_prepare.query_texts(logs.log)
+  texts = ray_pairs.query_texts(logs.log)
   assert texts == today_table(prepared, "queries")["text"].to_pylist()
-  vocab_path = ray_prepare.query_vocab(config, logs.log, str(tmp_path))
+  vocab_path = ray_pairs.query_vocab(config, logs.log, str(tmp_path))
   assert sha256_file(vocab_path) == fixture["files"]["query_vocab.txt"]
 
-  written = ray_prepare.write_entity_tables(
-      {"queries": ray_prepare.query_table(texts, vocab_path, feats[3], config.data)},
+  written = ray_features.write_entity_tables(
+      {"queries": ray_pairs.query_table(texts, vocab_path, feats[3], config.data)},
       str(tmp_path))
-  table = ray_prepare.read_entity_table(written["queries"])
+  table = ray_features.read_entity_table(written["queries"])
   want = fixture["entities"]["queries"]
   assert table.num_rows == want["rows"]
   for col in table.column_names:
@@ -158,16 +161,153 @@ def test_query_table_and_pairs(world, logs, feats, tmp_path):
 
   q_index = {q: i for i, q in enumerate(texts)}
   q_tokens = [np.asarray(t, np.int32) for t in table["tokens"].to_pylist()]
-  pairs, dropped = ray_prepare.write_pairs(config, logs.log, q_index, q_tokens, str(tmp_path))
+  pairs, dropped = ray_pairs.write_pairs(config, logs.log, q_index, q_tokens, str(tmp_path))
   assert pairs == meta["pairs"] and dropped == meta["dropped_pairs"]
   for key, digest in fixture["pairs"].items():
     assert pairs_digest(os.path.join(tmp_path, key)) == digest, key
 
 
 def test_prepare_on_ray_writes_the_frozen_digest(ray_cluster, tiny_prepared, tmp_path):
-  """All stages together, on today's raw world (one row group per table), equal today's digest."""
+  """All stages together, on today's raw world (one row group per table), equal today's digest;
+  the summary's per-stage `seconds` have prepare's keys (and are in meta.json)."""
   from omnisage.data.omnisearchsage import ray_prepare
   config, prepared = tiny_prepared
   raw = os.path.join(os.path.dirname(prepared), "raw")
-  ray_prepare.prepare_on_ray(config, raw, str(tmp_path / "out"))
+  summary = ray_prepare.prepare_on_ray(config, raw, str(tmp_path / "out"))
   assert digest_diff(prepared_digest(str(tmp_path / "out")), load_fixture()) == []
+  with open(os.path.join(prepared, "meta.json")) as f:
+    today = json.load(f)["seconds"]
+  with open(tmp_path / "out" / "meta.json") as f:
+    meta = json.load(f)
+  assert set(summary["seconds"]) == set(today)   # meta.json's keys are sorted, hence sets
+  assert list(summary["seconds"]) == ["validate", "query_vocab", "features", "entities", "pairs"]
+  assert meta["seconds"] == summary["seconds"] and meta["engine"] == "ray"
+  assert all(v >= 0 for v in summary["seconds"].values())
+
+
+# --- 3. prepare_on_ray vs prepare() on the same raw dir ------------------------------------------
+def both_engines(config, raw: str, root) -> tuple[dict, dict]:
+  """(prepare's summary, prepare_on_ray's) of the same raw dir, into root/today and root/ray."""
+  from omnisage.data.omnisearchsage import prepare, ray_prepare
+  today = prepare.prepare(config, raw, str(root / "today"))
+  return today, ray_prepare.prepare_on_ray(config, raw, str(root / "ray"))
+
+
+@pytest.fixture(scope="module")
+def homedepot_world(tmp_path_factory):
+  """(config, raw dir) of a Home Depot-style world made by omnisage.data.sources.homedepot: no
+  pins, no board saves, an explicit split, judged negatives (relevance < 2) of training queries
+  plus one judged row per bad-row reason prepare counts; small row groups (several blocks)."""
+  import gzip
+
+  from configs import omnisage_homedepot
+  from omnisage.data.sources import homedepot
+  root = tmp_path_factory.mktemp("homedepot")
+  lines = ['"id","product_uid","product_title","search_term","relevance"']
+  for j in range(40):   # neighbours share a positive; two judged-irrelevant products each
+    for n, (uid, rel) in enumerate(((f"p{j}", 3), (f"p{j + 1}", 2.67), (f"neg{j}", 1.33),
+                                    (f"neg{j + 7}", 1))):
+      lines.append(f'{4 * j + n + 1},{uid},"{uid} cordless widget {j % 5}",query {j} drill,{rel}')
+  with gzip.open(root / "train.csv.gz", "wt", encoding="latin-1") as f:
+    f.write("\n".join(lines) + "\n")
+  hd = homedepot.load(str(root / "train.csv.gz"))
+  legacy = np.random.default_rng(0).standard_normal((hd.products.num_rows, 256)).astype(
+      np.float32)
+  raw = root / "raw"
+  homedepot.to_raw_tables(hd, str(raw), itemsage=legacy)
+  judged = pq.read_table(raw / "judged_negatives.parquet").to_pydict()
+  q, kind, eid = judged["query"][0], judged["entity_kind"][0], judged["entity_id"][0]
+  for row in ((q, "products", "no-such-product"),          # unknown_entity
+              (q, "pins", "a-pin"),                        # unknown_entity: there are no pins
+              ("never searched", kind, eid),               # unknown_query
+              (q, "boards", eid),                          # invalid_value
+              (None, kind, eid)):                          # missing_field
+    for col, value in zip(("query", "entity_kind", "entity_id"), row):
+      judged[col].insert(3, value)
+  pq.write_table(pa.table(judged), raw / "judged_negatives.parquet")
+  for name, size in (("products", 50), ("queries_log", 40), ("judged_negatives", 20)):
+    pq.write_table(pq.read_table(raw / f"{name}.parquet"), raw / f"{name}.parquet",
+                   row_group_size=size)
+  config = omnisage_homedepot.get_config("tiny")
+  config.data.engaged_queries_top = 20   # on: engaged queries under an explicit split
+  return config, str(raw)
+
+
+def test_prepare_on_ray_equals_prepare_on_a_home_depot_world(ray_cluster, homedepot_world,
+                                                             tmp_path):
+  """The same directory; a judged table of an earlier run (q2pin, which this world has none for)
+  is removed, as prepare removes it."""
+  config, raw = homedepot_world
+  stale = tmp_path / "ray" / "hard_negatives" / "q2pin.judged.parquet"
+  os.makedirs(stale.parent)
+  pq.write_table(pa.table(dict(query_index=[0], entity_index=[0], source=["judged"])), stale)
+  today, ray_summary = both_engines(config, raw, tmp_path)
+  assert not stale.exists()
+  assert today["judged_negatives"]["q2product"] > 0 and today["entities"]["pins"] == 0
+  assert today["split"]["kind"] == "column"
+  assert set(today["bad_rows"]["judged_negatives"]) == {
+      "missing_field", "invalid_value", "unknown_query", "unknown_entity"}
+  want = prepared_digest(str(tmp_path / "today"))
+  assert "q2product.judged.parquet" in want["hard_negatives"]
+  assert digest_diff(prepared_digest(str(tmp_path / "ray")), want) == []
+  assert ray_summary["bad_rows"] == today["bad_rows"]   # dict order too (meta.json sorts it)
+
+
+def _empty(raw, name):
+  pq.write_table(pq.read_table(raw / f"{name}.parquet").slice(0, 0), raw / f"{name}.parquet")
+
+
+def _column(raw, name, column, change):
+  table = pq.read_table(raw / f"{name}.parquet")
+  values = change(table)
+  pq.write_table(table.set_column(table.column_names.index(column), column, values),
+                 raw / f"{name}.parquet", row_group_size=250)
+
+
+def _unknown_pins(table):
+  kind = np.asarray(table["entity_kind"].to_pylist(), object)
+  ids = np.asarray(table["entity_id"].to_pylist(), object)
+  ids[kind == "pins"] = "pin_nobody_knows"
+  return pa.array(ids, pa.string())
+
+
+def _not_utf8_at(row):
+  def change(table):
+    values = [v.encode() if isinstance(v, str) else v for v in table["title"].to_pylist()]
+    values[row] = b"\xff\xfe broken"
+    return pa.array(values, pa.binary()).view(pa.string())
+  return change
+
+
+# Raw worlds prepare refuses (tests/test_prepare_faults.py), each made from the tiny world.
+REFUSED = {
+    "empty log": lambda raw: _empty(raw, "queries_log"),
+    "empty pins, q2pin needs them": lambda raw: _empty(raw, "pins"),
+    "every pin bad": lambda raw: _column(raw, "pins", "id",
+                                         lambda t: pa.nulls(t.num_rows, pa.string())),
+    "every log row bad": lambda raw: _column(raw, "queries_log", "entity_kind",
+                                             lambda t: pa.array(["boards"] * t.num_rows)),
+    "no training row engages pins": lambda raw: _column(raw, "queries_log", "entity_id",
+                                                        _unknown_pins),
+    # in the third row group of 250 rows: the message names the row counted from the file start
+    "invalid UTF-8 in a later block": lambda raw: _column(raw, "pins", "title", _not_utf8_at(617)),
+    "missing table": lambda raw: os.remove(raw / "board_saves.parquet"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_prepare_on_ray_refuses_what_prepare_refuses(ray_cluster, tiny_prepared, tmp_path, case):
+  """Same exception type and message as prepare (launch.py turns them into exit 2)."""
+  import shutil
+
+  from omnisage.data.omnisearchsage import prepare, ray_prepare
+  config, prepared = tiny_prepared
+  raw = tmp_path / "raw"
+  shutil.copytree(os.path.join(os.path.dirname(prepared), "raw"), raw)
+  REFUSED[case](raw)
+  errors = []
+  for run in (prepare.prepare, ray_prepare.prepare_on_ray):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+      run(config, str(raw), str(tmp_path / run.__name__))
+    errors.append((type(error.value), str(error.value)))
+  assert errors[0] == errors[1], case

@@ -38,98 +38,19 @@ from tqdm import tqdm
 
 from omnisage.data import text
 from omnisage.data.omnisearchsage import features, schema
-from omnisage.data.omnisearchsage.entity_rows import (
-  RowChecks,
-  encode_entities,
-  field_items,
-  normalized_texts,
-  valid_entities,
+from omnisage.data.omnisearchsage.entity_rows import encode_entities, field_items, valid_entities
+from omnisage.data.omnisearchsage.input_checks import InputChecks
+from omnisage.data.omnisearchsage.log_rows import (
+  DAY,
+  queries_table,
+  remove_stale_judged,
+  time_range,
+  valid_judged,
+  valid_log,
+  valid_saves,
+  write_judged,
 )
 from omnisage.data.omnisearchsage.raw_tables import read_raw_table
-
-DAY = 86_400
-# Timestamps (seconds since 1970 UTC) are valid in [TIME_MIN, the start of prepare + 1 day]: below
-# zero is `negative_timestamp`, otherwise outside is `timestamp_out_of_range`. A log with an
-# explicit `split` column is not split by time (Home Depot has no time and writes 0), so there, and
-# for its board saves, the lower bound is 0.
-TIME_MIN = 946_684_800  # 2000-01-01 00:00 UTC
-ALLOWED = {"pins": ("save", "long_click"), "products": ("save", "long_click", "add_to_cart",
-           "checkout"), "queries": ("click",)}
-# Values of the optional queries_log column `split` -> split code (0 train, 2 eval; 1 is the time
-# gap, which an explicit split does not have).
-SPLITS = {"train": 0, "eval": 2}
-
-
-def _member(values: np.ndarray, known) -> np.ndarray:
-  # A set lookup per row: np.isin on object arrays can degrade to comparing every pair.
-  return np.fromiter((v in known for v in values), bool, len(values))
-
-
-def _needed_entities(config) -> dict:
-  """Entity table -> the configured task that needs it (pairs per batch > 0; all without tasks)."""
-  tasks = config.get("tasks") or {}
-  return {schema.TASK_ENTITY[t]: t for t in ("q2pin", "q2product") if tasks.get(t, 1) > 0}
-
-
-def _timestamps(col, rows: RowChecks, lo: int, hi: int) -> np.ndarray:
-  """int64 seconds (0 where null) of a conformed column; flags null, negative, out-of-range rows."""
-  null = col.is_null().to_numpy(zero_copy_only=False)
-  ts = col.fill_null(0).to_numpy().astype(np.int64)
-  rows.flag(null, "missing_field")
-  rows.flag(~null & (ts < 0), "negative_timestamp")
-  rows.flag(~null & ((ts < lo) | (ts > hi)), "timestamp_out_of_range")
-  return ts
-
-
-def _log(table: pa.Table, entity_ids: dict, d, bad: dict, time_range) -> dict:
-  """Valid log rows: normalised query and target, kind, engagement code, timestamp."""
-  rows = RowChecks(table.num_rows)
-  query = normalized_texts(table["query"], rows, d.max_text_chars, required=True)
-  target = normalized_texts(table["entity_id"], rows, d.max_text_chars, required=True)
-  kind = table["entity_kind"].to_numpy(zero_copy_only=False)
-  eng = table["engagement"].to_numpy(zero_copy_only=False)
-  ts = _timestamps(table["timestamp"], rows, *time_range)
-  rows.flag((kind == None) | (eng == None), "missing_field")  # noqa: E711
-  allowed = {(k, e) for k, es in ALLOWED.items() for e in es}
-  rows.flag(np.fromiter(((k, e) not in allowed for k, e in zip(kind, eng)), bool, len(kind)),
-            "invalid_value")
-  has_split = "split" in table.column_names
-  if has_split:  # an explicit split (datasets without time) overrides the time split
-    split = table["split"].to_numpy(zero_copy_only=False)
-    rows.flag(np.fromiter((s not in SPLITS for s in split), bool, len(split)), "invalid_value")
-  raw_ids = table["entity_id"].to_numpy(zero_copy_only=False)
-  for k in ("pins", "products"):
-    sel = (kind == k) & rows.good
-    rows.flag(sel & ~_member(raw_ids, entity_ids[k]), "unknown_entity")
-  bad["queries_log"] = rows.counts()
-  keep = rows.good
-  eidx = np.array([entity_ids[k][r] if k != "queries" else -1
-                   for k, r in zip(kind[keep], raw_ids[keep])], np.int64)
-  out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx,
-             engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
-             timestamp=ts[keep])
-  if has_split:
-    out["split"] = np.array([SPLITS[s] for s in split[keep]], np.int64)
-  return out
-
-
-def _saves(table: pa.Table, pin_ids: dict, d, bad: dict, time_range) -> dict:
-  rows = RowChecks(table.num_rows)
-  title = normalized_texts(table["board_title"], rows, d.max_text_chars, required=True)
-  pins = table["pin_id"].to_numpy(zero_copy_only=False)
-  ts = _timestamps(table["timestamp"], rows, *time_range)
-  rows.flag(pins == None, "missing_field")  # noqa: E711
-  rows.flag(~_member(pins, pin_ids), "unknown_entity")
-  bad["board_saves"] = rows.counts()
-  keep = rows.good
-  return dict(pin=np.array([pin_ids[p] for p in pins[keep]], np.int64), title=title[keep],
-              timestamp=ts[keep])
-
-
-def _int32_lists(rows) -> pa.Array:
-  offsets = np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int32)
-  values = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
-  return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
 
 
 def _write_shards(records: list[bytes], directory: str, num_shards: int, rng) -> None:
@@ -170,69 +91,35 @@ def _engaged_queries(log: dict, sel: np.ndarray, top: int, refresh_days: int):
 
 def _judged_negatives(raw_dir: str, d, index: dict, q_index: dict, train_queries: set,
                       out_dir: str, bad: dict) -> dict:
-  """The optional judged_negatives table -> <out>/hard_negatives/<task>.judged.parquet.
-
-  A row is kept when its (normalised) query is a TRAINING query of the log and its entity exists;
-  other rows are bad rows counted by reason (unknown_query: the query has no training pair, so
-  the negative could never be used; unknown_entity). Returns {task: rows written}."""
-  from omnisage.data.omnisearchsage.hard_negatives import table_dir, write_table
-  directory = table_dir(out_dir)
-  for stale in ("q2pin.judged.parquet", "q2product.judged.parquet"):
-    if os.path.exists(os.path.join(directory, stale)):
-      os.remove(os.path.join(directory, stale))
+  """The optional judged_negatives table -> <out>/hard_negatives/<task>.judged.parquet; its bad
+  rows counted by reason (log_rows.valid_judged). Returns {task: rows written}."""
+  directory = remove_stale_judged(out_dir)
   if not os.path.exists(os.path.join(raw_dir, "judged_negatives.parquet")):
     return {}
-  table = read_raw_table(raw_dir, "judged_negatives")
-  rows = RowChecks(table.num_rows)
-  query = normalized_texts(table["query"], rows, d.max_text_chars, required=True)
-  kind = table["entity_kind"].to_numpy(zero_copy_only=False)
-  ids = table["entity_id"].to_numpy(zero_copy_only=False)
-  rows.flag((kind == None) | (ids == None), "missing_field")  # noqa: E711
-  rows.flag(np.fromiter((k not in ("pins", "products") for k in kind), bool, len(kind)),
-            "invalid_value")
-  known_query = np.fromiter((q_index.get(q, -1) in train_queries for q in query), bool, len(query))
-  rows.flag(rows.good & ~known_query, "unknown_query")
-  for k in ("pins", "products"):
-    rows.flag((kind == k) & rows.good & ~_member(ids, index[k]), "unknown_entity")
+  rows, judged = valid_judged(read_raw_table(raw_dir, "judged_negatives"), d, index, q_index,
+                              train_queries)
   bad["judged_negatives"] = rows.counts()
-  keep = rows.good
-  written = {}
-  for k, task in (("pins", "q2pin"), ("products", "q2product")):
-    sel = keep & (kind == k)
-    if sel.any():
-      written[task] = write_table(
-          os.path.join(directory, f"{task}.judged.parquet"),
-          [q_index[q] for q in query[sel]], [index[k][i] for i in ids[sel]], "judged")
-  return written
+  return write_judged(directory, judged)
 
 
 def prepare(config, raw_dir: str, out_dir: str) -> dict:
   """Builds `out_dir` from the raw tables in `raw_dir`; returns the summary also in meta.json."""
   d, clock, seconds = config.data, time.perf_counter(), {}
   raw = {name: read_raw_table(raw_dir, name) for name in schema.RAW_TABLES}
-  where = {name: f"{name} table {os.path.join(raw_dir, name + '.parquet')}" for name in raw}
-  needed = _needed_entities(config)
-  why = {"queries_log": "prepare makes every pair from it",
-         **{k: f"task {t} needs {k} (config.tasks.{t} > 0; set it to 0 for a world without {k})"
-            for k, t in needed.items()}}
-  for name, reason in why.items():
-    if not raw[name].num_rows:
-      raise ValueError(f"{where[name]} is empty (0 rows), but {reason}")
-  # An explicit split replaces the time split: timestamps need not be dates there (see TIME_MIN).
-  time_range = (0 if "split" in raw["queries_log"].column_names else TIME_MIN,
-                int(time.time()) + DAY)
+  checks = InputChecks(config, raw_dir)
+  checks.not_empty({name: t.num_rows for name, t in raw.items()})
+  # An explicit split replaces the time split: timestamps need not be dates there (log_rows).
+  valid_times = time_range("split" in raw["queries_log"].column_names)
   bad: dict = {}
   ents = {k: valid_entities(raw[k], k, d, bad) for k in ("pins", "products")}
-  for k in needed:
-    if not len(ents[k]["ids"]):
-      raise ValueError(f"{where[k]} has no valid row (all {raw[k].num_rows} bad: {bad[k]}), "
-                       f"but {why[k]}")
+  for k in ents:
+    checks.valid_entities(k, len(ents[k]["ids"]), raw[k].num_rows, bad[k])
   index = {k: {i: n for n, i in enumerate(e["ids"])} for k, e in ents.items()}
-  log = _log(raw["queries_log"], index, d, bad, time_range)
-  if not len(log["timestamp"]):
-    raise ValueError(f"{where['queries_log']} has no valid row (all {raw['queries_log'].num_rows} "
-                     f"bad: {bad['queries_log']})")
-  saves = _saves(raw["board_saves"], index["pins"], d, bad, time_range)
+  rows, log = valid_log(raw["queries_log"], index, d, valid_times)
+  bad["queries_log"] = rows.counts()
+  checks.valid_log(len(log["timestamp"]), raw["queries_log"].num_rows, bad["queries_log"])
+  rows, saves = valid_saves(raw["board_saves"], index["pins"], d, valid_times)
+  bad["board_saves"] = rows.counts()
   seconds["validate"] = time.perf_counter() - clock
 
   # --- time split (whole UTC days) ---
@@ -245,10 +132,7 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
     split = np.where(log["timestamp"] >= eval_start, 2,
                      np.where(log["timestamp"] < train_end, 0, 1))
   train = split == 0
-  for k, t in needed.items():  # else train finds no pairs to batch for task t
-    if not (train & (log["kind"] == k)).any():
-      raise ValueError(f"{where['queries_log']} has no valid training row engaging {k}, but "
-                       f"{why[k]} (bad rows: {bad['queries_log']})")
+  checks.training_rows(set(log["kind"][train].tolist()), bad["queries_log"])
 
   # --- queries: every distinct normalised query of the logs, both sides of query->query ---
   is_q = log["kind"] == "queries"
@@ -295,14 +179,9 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
         id=pa.array(e["ids"], pa.string()), tokens=tokens, fields=fields,
         legacy=e["legacy"], visual=e["visual"], title=pa.array(e["title"], pa.string()))),
         os.path.join(out_dir, "entities", f"{k}.parquet"))
-  # tokens: the query tower's WordPiece ids; lexical: the same n-gram ids an entity title gets
-  # (the query tower's lexical path, models/lexical_path.py).
-  pq.write_table(pa.table(dict(
-      entity_index=pa.array(np.arange(len(q_texts), dtype=np.int32)),
-      text=pa.array(q_texts, pa.string()),
-      tokens=_int32_lists(q_tokens),
-      lexical=_int32_lists([vocab.encode(q) for q in q_texts]))),
-      os.path.join(out_dir, "entities", "queries.parquet"))
+  pq.write_table(queries_table(np.arange(len(q_texts)), q_texts, q_tokens,
+                              [vocab.encode(q) for q in q_texts]),
+                 os.path.join(out_dir, "entities", "queries.parquet"))
   seconds["entities"] = time.perf_counter() - clock - sum(seconds.values())
 
   judged = _judged_negatives(raw_dir, d, index, q_index, train_queries=set(qi[train].tolist()),

@@ -1,0 +1,260 @@
+"""Step 5 of `launch.py prepare` on Ray Data: the queries table, judged negatives, pair shards.
+
+Everything keyed by a query's entity_index, so it all needs the distinct query texts first:
+  queries     every distinct normalised query of the logs (a unique()), the WordPiece vocabulary
+              learned on the driver (TensorFlow, as prepare.py) from the train queries in log
+              order, tokens and lexical n-gram ids in map_batches by QueryTokens actors.
+  judged      the optional judged_negatives table validated per row group (log_rows.valid_judged)
+              -> <out>/hard_negatives/<task>.judged.parquet, rows in input order.
+  pairs       the caps (features.cap_pairs with prepare's per-task generator) on the driver over
+              the (row, entity) ints of the train rows in log order, so the kept pairs are exactly
+              prepare's; records (schema.encode_pair) in map_batches, written by ArrayRecordSink
+              (a Datasink) after a seeded random_shuffle into num_shards blocks.
+
+Driver-side here: the distinct texts and their tokens, the train query ids, the (row, entity)
+columns the caps read, the kept judged negatives (ints). At production scale joins would replace
+the q_index / tokens broadcasts.
+
+Usage:
+  vocab_path = query_vocab(config, log, out_dir)
+  queries = query_table(query_texts(log), vocab_path, ngrams, d)      # a dataset
+  pairs, dropped = write_pairs(config, log, q_index, q_tokens, out_dir)
+"""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+
+from omnisage.data import text
+from omnisage.data.omnisearchsage import features, schema
+from omnisage.data.omnisearchsage.log_rows import (
+  queries_table,
+  remove_stale_judged,
+  valid_judged,
+  write_judged,
+)
+from omnisage.data.omnisearchsage.ray_blocks import (
+  check_raw_schema,
+  driver_table,
+  raw_path,
+  read_validated,
+  with_bad_rows,
+)
+
+
+# --- queries: distinct texts, WordPiece in map_batches, the queries table ------------------------
+def query_texts(log: ray.data.Dataset) -> list[str]:
+  """Every distinct normalised query of the logs, both sides of query->query, sorted: a
+  unique() aggregation (the list is the queries table, so the driver holds it)."""
+  def texts(t: pa.Table) -> pa.Table:
+    targets = t.filter(pc.equal(t["kind"], "queries"))["target"]
+    return pa.table(dict(text=pa.concat_arrays([t["query"].combine_chunks(),
+                                                targets.combine_chunks()])))
+  return sorted(log.map_batches(texts, batch_format="pyarrow").unique("text"))
+
+
+def train_queries(log: ray.data.Dataset) -> list[str]:
+  """The WordPiece learner's input, as prepare's: train queries in log order, then the train
+  query->query targets in log order (the learner runs on the driver, in TensorFlow)."""
+  table = driver_table(log.map_batches(lambda t: t.filter(pc.equal(t["split"], 0)).select(
+      ["row", "query", "target", "kind"]), batch_format="pyarrow"), pa.table(dict(
+          row=pa.array([], pa.int64()), query=pa.array([], pa.string()),
+          target=pa.array([], pa.string()), kind=pa.array([], pa.string()))))
+  table = table.take(pc.sort_indices(table["row"]))
+  return (table["query"].to_pylist()
+          + table.filter(pc.equal(table["kind"], "queries"))["target"].to_pylist())
+
+
+class QueryTokens:
+  """map_batches UDF: WordPiece tokens and n-gram (lexical) ids of query texts. TensorFlow is
+  imported in the Ray worker that runs it, never in the driver's training code."""
+
+  def __init__(self, vocab_path: str, lower_case: bool, max_len: int, ngram_ref):
+    from omnisage.data import wordpiece
+    self.tokenizer = wordpiece.QueryTokenizer(vocab_path, lower_case, max_len)
+    self.ngrams = ray.get(ngram_ref[0])   # in a list: Ray passes it as a ref, not a value
+
+  def __call__(self, t: pa.Table) -> pa.Table:
+    texts = t["text"].to_pylist()
+    return queries_table(t["entity_index"].to_numpy(), texts, self.tokenizer.tokenize(texts),
+                         [self.ngrams.encode(q) for q in texts])
+
+
+def query_vocab(config, log: ray.data.Dataset, out_dir: str) -> str:
+  """<out_dir>/query_vocab.txt: copied from data.query_vocab_file, or learned from the train
+  queries (driver-side TensorFlow, as prepare's)."""
+  import shutil
+  d = config.data
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "query_vocab.txt")
+  if d.query_vocab_file:
+    shutil.copyfile(d.query_vocab_file, path)
+  else:
+    from omnisage.data import wordpiece
+    wordpiece.write_vocab(wordpiece.learn_vocab(train_queries(log), d.query_vocab_size,
+                                                d.query_lower_case), path)
+  return path
+
+
+def query_table(texts: list[str], vocab_path: str, ngrams: text.NgramVocab, d,
+                workers: int = 1, batch_size: int = 4096) -> ray.data.Dataset:
+  """The entities/queries.parquet columns: tokenisation by `workers` QueryTokens actors."""
+  ds = ray.data.from_arrow(pa.table(dict(
+      entity_index=pa.array(np.arange(len(texts), dtype=np.int32)),
+      text=pa.array(texts, pa.string()))))
+  return ds.map_batches(QueryTokens, fn_constructor_args=(
+      vocab_path, d.query_lower_case, d.query_max_len, [ray.put(ngrams)]),
+      batch_size=batch_size, batch_format="pyarrow", concurrency=workers)
+
+
+# --- pairs: caps and the ArrayRecord datasink ----------------------------------------------------
+class ArrayRecordSink(ray.data.Datasink):
+  """Writes each input block of a dataset repartitioned into `num_shards` blocks as one shard
+  <directory>/shard-i-of-n.array_record (schema.encode_pair records in column `record`); shards
+  no block reached (fewer records than shards) are written empty, as prepare's are."""
+
+  def __init__(self, directory: str, num_shards: int):
+    self.directory, self.num_shards = directory, num_shards
+
+  def on_write_start(self, schema=None) -> None:
+    import shutil
+    if os.path.isdir(self.directory):   # stale shards of an earlier run
+      shutil.rmtree(self.directory)
+    os.makedirs(self.directory)
+
+  def write(self, blocks, ctx) -> int:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    shard = ctx.task_idx
+    if shard >= self.num_shards:
+      raise ValueError(f"write task {shard}: expected {self.num_shards} blocks (repartition)")
+    writer = ArrayRecordWriter(os.path.join(
+        self.directory, schema.shard_name(shard, self.num_shards)), "group_size:1")
+    n = 0
+    for block in blocks:
+      table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+      for record in table["record"].to_pylist():
+        writer.write(record)
+        n += 1
+    writer.close()
+    return n
+
+  def on_write_complete(self, write_result) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    for s in range(self.num_shards):
+      path = os.path.join(self.directory, schema.shard_name(s, self.num_shards))
+      if not os.path.exists(path):
+        ArrayRecordWriter(path, "group_size:1").close()
+
+
+def pair_rows(log: ray.data.Dataset, q_index_ref, task: str) -> ray.data.Dataset:
+  """The log rows of one task with query index `qi` and positive `entity` (a query's index for
+  q2query), q2query self-clicks marked (`self_click`)."""
+  kind = schema.TASK_ENTITY[task]
+
+  def fn(t: pa.Table) -> pa.Table:
+    q_index = ray.get(q_index_ref)
+    t = t.filter(pc.equal(t["kind"], kind))
+    qi = np.array([q_index[q] for q in t["query"].to_pylist()], np.int64)
+    entity = t["entity"].to_numpy()
+    if kind == "queries":
+      entity = np.array([q_index[q] for q in t["target"].to_pylist()], np.int64)
+    self_click = qi == entity if kind == "queries" else np.zeros(len(qi), bool)
+    return pa.table(dict(row=t["row"], qi=pa.array(qi), entity=pa.array(entity),
+                         engagement=t["engagement"], timestamp=t["timestamp"], split=t["split"],
+                         self_click=pa.array(self_click)))
+  return log.map_batches(fn, batch_format="pyarrow")
+
+
+def pair_mask(b: pa.Table, split: int):
+  """The rows of split code `split` that make pairs (a q2query self-click teaches nothing)."""
+  return pc.and_(pc.equal(b["split"], split), pc.invert(b["self_click"]))
+
+
+def write_pairs(config, log: ray.data.Dataset, q_index: dict, q_tokens: list, out_dir: str
+                ) -> tuple[dict, dict]:
+  """Step 5's pair shards: ({split: {task: pairs}}, dropped) as prepare's. The caps
+  (features.cap_pairs with prepare's per-task generator) run on the driver over the entity
+  column of the capped task's train rows in log order (ints only); records are built in
+  map_batches and written by ArrayRecordSink after a seeded random_shuffle."""
+  d = config.data
+  caps = {"q2pin": d.pin_pair_cap, "q2product": d.product_pair_cap, "q2query": None}
+  refs = ray.put(q_index), ray.put(q_tokens)
+  pairs: dict = {"train": {}, "eval": {}}
+  dropped = {"q2query_self_click": 0}
+  for t, task in enumerate(schema.TASK_ENTITY):
+    rng = np.random.default_rng([config.seed, t])
+    rows = pair_rows(log, refs[0], task).materialize()
+    if task == "q2query":
+      dropped["q2query_self_click"] = int(rows.sum("self_click") or 0) if rows.count() else 0
+    for name, code in (("train", 0), ("eval", 2)):
+      keep = None
+      if name == "train" and caps[task]:
+        table = driver_table(rows.map_batches(lambda b, c=code: b.filter(pair_mask(b, c)).select(
+            ["row", "entity"]), batch_format="pyarrow"), pa.table(dict(
+                row=pa.array([], pa.int64()), entity=pa.array([], pa.int64()))))
+        table = table.take(pc.sort_indices(table["row"]))
+        keep = table["row"].to_numpy()[features.cap_pairs(table["entity"].to_numpy(), caps[task],
+                                                           rng)]
+
+      def records(b: pa.Table, code=code, keep=keep, task=task) -> pa.Table:
+        tokens = ray.get(refs[1])
+        b = b.filter(pair_mask(b, code))
+        if keep is not None:
+          b = b.filter(pa.array(np.isin(b["row"].to_numpy(), keep)))
+        return pa.table(dict(record=pa.array([schema.encode_pair(a, e, g, s, tokens[a])
+                                              for a, e, g, s in zip(
+            b["qi"].to_pylist(), b["entity"].to_pylist(), b["engagement"].to_pylist(),
+            b["timestamp"].to_pylist())], pa.binary())))
+
+      ds = rows.map_batches(records, batch_format="pyarrow").materialize()
+      n = ds.count()
+      if n:
+        ds.random_shuffle(seed=int(rng.integers(2**31))).repartition(d.num_shards).write_datasink(
+            ArrayRecordSink(os.path.join(out_dir, name, task), d.num_shards))
+      else:
+        sink = ArrayRecordSink(os.path.join(out_dir, name, task), d.num_shards)
+        sink.on_write_start()
+        sink.on_write_complete(None)
+      pairs[name][task] = n
+  return pairs, dropped
+
+
+# --- judged negatives ---------------------------------------------------------------------------
+def train_query_ids(log: ray.data.Dataset, q_index: dict) -> set:
+  """The query_index of every query with a training row (the queries a judged negative may
+  join): a unique() over the train rows."""
+  train = log.map_batches(lambda t: t.filter(pc.equal(t["split"], 0)).select(["query"]),
+                          batch_format="pyarrow")
+  return {q_index[q] for q in train.unique("query")}
+
+
+def judged_block(table: pa.Table, start: int, ref, d) -> pa.Table:
+  """log_rows.valid_judged of one block, as summary rows (`ref`: the broadcast id maps)."""
+  entity_ids, q_index, train_ids = ray.get(ref)
+  rows, judged = valid_judged(table, d, entity_ids, q_index, train_ids)
+  return with_bad_rows(pa.table(dict(task=pa.array(judged["task"], pa.string()),
+                                     query_index=pa.array(judged["query_index"]),
+                                     entity_index=pa.array(judged["entity_index"]))), rows, start)
+
+
+def judged_negatives(config, raw_dir: str, out_dir: str, entity_ids: dict, q_index: dict,
+                     log: ray.data.Dataset) -> tuple[dict, dict | None]:
+  """prepare's judged negatives: ({task: rows written}, its bad-row counts or None when the
+  raw dir has no judged_negatives table). Stale tables of an earlier run are removed first."""
+  directory = remove_stale_judged(out_dir)
+  if not os.path.exists(raw_path(raw_dir, "judged_negatives")):
+    return {}, None
+  check_raw_schema(raw_dir, "judged_negatives")
+  ref = ray.put((entity_ids, q_index, train_query_ids(log, q_index)))
+  good, bad, _ = read_validated(raw_dir, "judged_negatives", judged_block, ref=ref, d=config.data)
+  table = driver_table(good, None)
+  if table is None:
+    return {}, bad
+  table = table.take(pc.sort_indices(table["row"]))    # input order, as prepare writes them
+  return write_judged(directory, dict(
+      task=np.asarray(table["task"].to_pylist(), object),
+      query_index=table["query_index"].to_numpy(), entity_index=table["entity_index"].to_numpy(),
+  )), bad

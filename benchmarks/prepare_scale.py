@@ -1,0 +1,239 @@
+"""prepare and the training input pipeline at 1x, 5x and 20x the demo world: rows/s and peak memory.
+
+Issue 19 asks that batch jobs run past one machine's memory: the peak memory of `prepare` (on Ray
+Data, omnisage/data/omnisearchsage/ray_prepare.py) and of the training input pipeline should stay
+flat in data size, and prepare at 1x should be no more than 2x slower than the in-memory path
+(omnisage/data/omnisearchsage/prepare.py), which is measured beside it at every scale given by
+--in-memory-scales.
+
+Each measurement runs in a child process; a sampler in this process adds up the proportional set
+size (PSS: shared pages, such as Ray's object store, counted once) of the child and every process
+below it (Ray's GCS, raylet and workers included) every 0.2 s, and keeps the maximum. The world is
+the demo's synthetic world (configs/omnisage_synthetic.py) with every count (queries, pins,
+products, boards, board saves and the three log tables) times the scale; the text vocabulary is
+the same. rows/s = raw log rows (queries_log + board_saves) / prepare's wall seconds. The pipeline
+measurement builds the Grain training pipeline (omnisage/data/omnisearchsage/pipeline.py) on the
+Ray output and draws --pipeline-batches batches.
+
+Usage:
+  .venv/bin/python benchmarks/prepare_scale.py [--scales 1,5,20] [--in-memory-scales 1,5]
+Prints a table and ends with one JSON line
+  {"prepare_scale": {"scale": {"1": {"prepare_peak_gb", "pipeline_peak_gb", "rows_per_s", ...},
+   ...}, ...}}.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+SCALED = ("num_queries", "num_pins", "num_products", "num_boards", "num_board_saves",
+          "num_query_pin", "num_query_product", "num_query_query")
+GB = 1024 ** 3
+
+
+def scaled_config(scale: float):
+  from configs import omnisage_synthetic
+  config = omnisage_synthetic.get_config(None)
+  for name in SCALED:
+    config.synthetic[name] = int(round(config.synthetic[name] * scale))
+  return config
+
+
+# --- children ----------------------------------------------------------------------------------
+
+def child_generate(args) -> dict:
+  from omnisage.data.omnisearchsage import synthetic
+  config = scaled_config(args.scale)
+  out = synthetic.generate(config.synthetic, config.seed, args.raw)
+  return {"rows": out["rows"], "seconds": out["seconds"]}
+
+
+def child_prepare(args) -> dict:
+  config = scaled_config(args.scale)
+  config.data.raw_dir, config.data.prepared_dir = args.raw, args.out
+  start = time.perf_counter()
+  if args.engine == "ray":
+    from omnisage.data.omnisearchsage.ray_prepare import prepare_on_ray
+    from omnisage.data.ray_runtime import init_ray
+    init_ray()
+    summary = prepare_on_ray(config, args.raw, args.out)
+  else:
+    from omnisage.data.omnisearchsage.prepare import prepare
+    summary = prepare(config, args.raw, args.out)
+  return {"seconds": time.perf_counter() - start, "pairs": summary.get("pairs")}
+
+
+def child_pipeline(args) -> dict:
+  from absl import flags
+  flags.FLAGS(["prepare_scale"])   # Grain workers read absl flags
+  from omnisage.data.omnisearchsage.pipeline import TrainData
+  config = scaled_config(args.scale)
+  config.data.prepared_dir = args.out
+  start = time.perf_counter()
+  data = TrainData(config, args.out, process_index=0, process_count=1)
+  it = data.iterator()
+  built = time.perf_counter() - start
+  for _ in range(args.pipeline_batches):
+    next(it)
+  return {"seconds": time.perf_counter() - start, "build_seconds": built,
+          "batches": args.pipeline_batches}
+
+
+CHILDREN = {"generate": child_generate, "prepare": child_prepare, "pipeline": child_pipeline}
+
+
+# --- the parent: a child under a memory sampler --------------------------------------------------
+
+def tree_memory(proc) -> int:
+  """PSS (RSS where PSS is unreadable) of proc and all its descendants, in bytes."""
+  import psutil
+  total = 0
+  for p in [proc] + proc.children(recursive=True):
+    try:
+      try:
+        total += p.memory_full_info().pss
+      except (psutil.AccessDenied, AttributeError):
+        total += p.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+      pass
+  return total
+
+
+def measured(what: str, scale: float, timeout: float, **kwargs) -> dict:
+  """Runs one child; returns its JSON plus "peak_gb" (the process tree's peak PSS)."""
+  import psutil
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--scale", str(scale)]
+  for key, value in kwargs.items():
+    cmd += [f"--{key.replace('_', '-')}", str(value)]
+  child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT)
+  proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
+
+  def sample():
+    while not done.is_set():
+      try:
+        peak[0] = max(peak[0], tree_memory(proc))
+      except psutil.NoSuchProcess:
+        return
+      done.wait(0.2)
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  try:
+    out, err = child.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    for p in proc.children(recursive=True) + [proc]:
+      p.kill()
+    child.communicate()
+    done.set()
+    return {"error": f"over {timeout:.0f} s", "peak_gb": round(peak[0] / GB, 3)}
+  done.set()
+  sampler.join()
+  if child.returncode != 0:
+    return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}",
+            "peak_gb": round(peak[0] / GB, 3)}
+  result = json.loads(out.strip().splitlines()[-1])
+  result["peak_gb"] = round(peak[0] / GB, 3)
+  return result
+
+
+def run_scale(scale: float, args, log) -> dict:
+  base = os.path.join(args.workdir, f"x{scale:g}")
+  raw, out_ray, out_mem = (os.path.join(base, n) for n in ("raw", "prepared_ray", "prepared_mem"))
+  shutil.rmtree(base, ignore_errors=True)
+  gen = measured("generate", scale, args.timeout, raw=raw)
+  if "error" in gen:
+    raise RuntimeError(f"generating the {scale:g}x world: {gen['error']}")
+  log_rows = int(gen["rows"]["queries_log"]) + int(gen["rows"]["board_saves"])
+  row = {"log_rows": log_rows}
+  prep = measured("prepare", scale, args.timeout, raw=raw, out=out_ray, engine="ray")
+  row.update(prepare_peak_gb=prep["peak_gb"], prepare_seconds=round(prep.get("seconds", 0), 1))
+  if "error" in prep:
+    row["error"] = prep["error"]
+  else:
+    row["rows_per_s"] = round(log_rows / prep["seconds"], 1)
+    pipe = measured("pipeline", scale, args.timeout, out=out_ray,
+                    pipeline_batches=args.pipeline_batches)
+    row.update(pipeline_peak_gb=pipe["peak_gb"], pipeline_seconds=round(pipe.get("seconds", 0), 1))
+    if "error" in pipe:
+      row["pipeline_error"] = pipe["error"]
+  if scale in args.in_memory_scales:
+    mem = measured("prepare", scale, args.timeout, raw=raw, out=out_mem, engine="local")
+    row["in_memory"] = {"prepare_peak_gb": mem["peak_gb"]}
+    if "error" in mem:
+      row["in_memory"]["error"] = mem["error"]
+    else:
+      row["in_memory"].update(prepare_seconds=round(mem["seconds"], 1),
+                              rows_per_s=round(log_rows / mem["seconds"], 1))
+  if not args.keep:
+    shutil.rmtree(base, ignore_errors=True)
+  log(f"  {scale:g}x: {json.dumps(row)}")
+  return row
+
+
+def ratio(a, b):
+  return round(a / b, 3) if a and b else None
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--scales", default="1,5,20")
+  p.add_argument("--in-memory-scales", default="1,5,20",
+                 help="scales at which the in-memory prepare is measured too")
+  p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "prepare_scale"))
+  p.add_argument("--pipeline-batches", type=int, default=50)
+  p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
+  p.add_argument("--keep", action="store_true", help="keep the worlds and outputs")
+  # The child side (internal).
+  p.add_argument("--child", choices=sorted(CHILDREN))
+  p.add_argument("--scale", type=float, default=1.0)
+  p.add_argument("--raw", default="")
+  p.add_argument("--out", default="")
+  p.add_argument("--engine", choices=("ray", "local"), default="ray")
+  args = p.parse_args(argv)
+  if args.child:
+    print(json.dumps(CHILDREN[args.child](args)), flush=True)
+    return {}
+  from benchmarks.machine import cpu_summary
+  try:
+    scales = [float(s) for s in args.scales.split(",") if s]
+    args.in_memory_scales = {float(s) for s in args.in_memory_scales.split(",") if s}
+  except ValueError as error:
+    p.error(f"--scales / --in-memory-scales: {error}")
+  if not scales or min(scales) <= 0:
+    p.error("--scales must be positive numbers")
+  log = lambda s: print(s, flush=True)
+  t0 = time.time()
+  rows = {f"{s:g}": run_scale(s, args, log) for s in scales}
+  print(f"\n| scale | log rows | prepare rows/s | prepare peak GB | pipeline peak GB | "
+        f"in-memory rows/s | in-memory peak GB |")
+  print("|---|---|---|---|---|---|---|")
+  for name, r in rows.items():
+    mem = r.get("in_memory", {})
+    print(f"| {name}x | {r['log_rows']:,} | {r.get('rows_per_s', r.get('error', '-'))} | "
+          f"{r['prepare_peak_gb']} | {r.get('pipeline_peak_gb', '-')} | "
+          f"{mem.get('rows_per_s', mem.get('error', '-'))} | {mem.get('prepare_peak_gb', '-')} |")
+  first, last = rows[f"{scales[0]:g}"], rows[f"{scales[-1]:g}"]
+  out = {"prepare_scale": {
+      "scale": rows,
+      "peak_growth": {"prepare": ratio(last["prepare_peak_gb"], first["prepare_peak_gb"]),
+                      "pipeline": ratio(last.get("pipeline_peak_gb"),
+                                        first.get("pipeline_peak_gb")),
+                      "from": f"{scales[0]:g}x", "to": f"{scales[-1]:g}x"},
+      "slowdown_vs_in_memory": ratio(first.get("in_memory", {}).get("rows_per_s"),
+                                     first.get("rows_per_s")),
+      "cpu": cpu_summary(), "seconds": round(time.time() - t0, 1)}}
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main()

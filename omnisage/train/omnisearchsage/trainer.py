@@ -17,6 +17,8 @@ import os
 
 import jax
 
+from omnisage.data.omnisearchsage.feature_examples import ensure_feature_examples
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
 from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
 from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import vocab_sizes_of
@@ -73,7 +75,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   step_fn = functools.partial(train_step, config=config,
                               optimizer=make_optimizer(config.train, config.model))
-  run = Trainable(mesh, statics, state, step_fn, TrainData(config, prepared, stores).iterator(),
+  if config.data.get("feature_examples", False):   # examples carry their features: no catalogue
+    ensure_feature_examples(config, prepared)
+    data = FeatureTrainData(config, prepared)
+  else:
+    data = TrainData(config, prepared, stores)
+  run = Trainable(mesh, statics, state, step_fn, data.iterator(),
                   examples_per_step=sum(task_batch_sizes(config).values()),
                   evaluate=evaluate if evaluators else None)
   _, summary = train_loop(config, workdir, run)

@@ -1,0 +1,291 @@
+"""Training examples that carry their features: the files the catalogue-free pipeline streams.
+
+Production training data is denormalised: each row already holds the features of its query and
+its positive, so the trainer reads rows and never looks an entity up. This step builds such rows
+from a prepared directory (after `prepare`, before training with `data.feature_examples = True`):
+
+  <prepared>/feature_examples/
+    meta.json                       counts, the settings they were built with, and the size and
+                                    mtime of every input file (a changed input means a rebuild)
+    train/<task>/shard-*.array_record     one example per training pair, in the pair shards'
+                                    order (shard i record j is the pair at shard i record j)
+    negatives/<kind>/shard-*.array_record one entity per record, in a shuffled order: the stream
+                                    the shared random negatives are read from
+    compat/<kind>/shard-*.array_record    the same, only the entities that have a legacy vector
+                                    (pins, products): the compatibility tasks' negatives
+
+A record is a few named arrays (`encode_arrays`). Entity features are stored unpadded, in blocks
+of n entities under a prefix (`query`, `pos`, `hard`, `entity`):
+
+  <p>_ids [n] int32, <p>_lengths [n] int32, <p>_tokens [sum lengths] int32
+  pins/products:  <p>_fields [sum lengths] int8, <p>_legacy [n, 256] float32 (zeros where
+                  missing), <p>_has_legacy [n] bool, <p>_visual [n, 1024] float16 (zeros)
+  queries:        <p>_lexical_lengths [n] int32, <p>_lexical [sum] int32 (n-gram ids)
+
+An example is the blocks `query` (1 row), `pos` (1 row) and, when the task has a hard-negatives
+table (hard_negatives.py), `hard`: its query's hard negatives other than the positive, at most
+HARD_KEPT (a seeded sample beyond that); the pipeline samples `loss.hard_negatives` of them per
+row. Padding and cropping to the config's widths happen when a batch is read
+(feature_pipeline.py), so one set of files serves every width.
+
+Usage:
+  write_feature_examples(config, prepared_dir)        # builds <prepared>/feature_examples
+  directory = ensure_feature_examples(config, prepared_dir)   # builds it only when stale
+"""
+
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+
+import grain
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage.entity_store import fixed_vectors
+from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir
+
+log = logging.getLogger(__name__)
+
+DIRNAME = "feature_examples"
+VERSION = 1
+HARD_KEPT = 32      # hard negatives kept per example (the pipeline samples loss.hard_negatives)
+CHUNK = 4096        # pair records read, encoded and written at a time
+
+# --- records: named arrays ----------------------------------------------------------------------
+# u16 count; per array: u8 name length, u8 dtype code, u8 ndim, the name, u32 per dimension;
+# then the arrays' little-endian bytes in the same order.
+_DTYPES = tuple(np.dtype(s) for s in ("<i4", "|i1", "<f4", "<f2", "|b1", "<i8"))
+_CODE = {d.str: i for i, d in enumerate(_DTYPES)}
+_COUNT, _ENTRY = struct.Struct("<H"), struct.Struct("<BBB")
+
+
+def encode_arrays(arrays: dict) -> bytes:
+  head, body = [_COUNT.pack(len(arrays))], []
+  for name, value in arrays.items():
+    value = np.ascontiguousarray(value)
+    if value.dtype.str not in _CODE:
+      raise TypeError(f"{name}: dtype {value.dtype} cannot be stored")
+    key = name.encode()
+    head.append(_ENTRY.pack(len(key), _CODE[value.dtype.str], value.ndim) + key +
+                struct.pack(f"<{value.ndim}I", *value.shape))
+    body.append(value.tobytes())
+  return b"".join(head + body)
+
+
+def decode_arrays(record: bytes) -> dict:
+  (count,), pos, entries = _COUNT.unpack_from(record, 0), _COUNT.size, []
+  for _ in range(count):
+    length, code, ndim = _ENTRY.unpack_from(record, pos)
+    pos += _ENTRY.size
+    name = record[pos:pos + length].decode()
+    pos += length
+    shape = struct.unpack_from(f"<{ndim}I", record, pos)
+    pos += 4 * ndim
+    entries.append((name, _DTYPES[code], shape))
+  out = {}
+  for name, dtype, shape in entries:
+    size = math.prod(shape)
+    out[name] = np.frombuffer(record, dtype, size, pos).reshape(shape)
+    pos += size * dtype.itemsize
+  return out
+
+
+# --- entity features, unpadded ------------------------------------------------------------------
+class _Ragged:
+  """A list column as offsets + values (row i: values[offsets[i]:offsets[i+1]])."""
+
+  def __init__(self, column, dtype):
+    column = column.combine_chunks()
+    self.offsets = column.offsets.to_numpy().astype(np.int64)
+    self.values = column.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+  def rows(self, idx) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [n] int32, concatenated values) of rows idx."""
+    parts = [self.values[self.offsets[i]:self.offsets[i + 1]] for i in idx]
+    lengths = np.asarray([len(p) for p in parts], np.int32)
+    return lengths, (np.concatenate(parts) if parts else self.values[:0])
+
+
+class EntityRows:
+  """One entity table's features as stored in the records (row i is entity_index i)."""
+
+  def __init__(self, prepared_dir: str, kind: str):
+    path = os.path.join(prepared_dir, "entities", f"{kind}.parquet")
+    table = pq.read_table(path)
+    if not np.array_equal(table.column("entity_index").to_numpy(), np.arange(table.num_rows)):
+      raise ValueError(f"{path}: entity_index must be 0..N-1 in row order")
+    self.kind, self.size = kind, table.num_rows
+    self.tokens = _Ragged(table.column("tokens"), np.int32)
+    self.lexical = self.fields = self.legacy = None
+    if kind == "queries":
+      if "lexical" in table.column_names:
+        self.lexical = _Ragged(table.column("lexical"), np.int32)
+      return
+    self.fields = _Ragged(table.column("fields"), np.int8)
+    self.legacy, self.has_legacy = fixed_vectors(table.column("legacy"), schema.LEGACY_DIM)
+    visual, _ = fixed_vectors(table.column("visual"), schema.VISUAL_DIM)
+    self.visual = visual.astype(np.float16)   # as EntityStore holds it
+
+  def block(self, idx, prefix: str) -> dict:
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    lengths, tokens = self.tokens.rows(idx)
+    out = {f"{prefix}_ids": idx.astype(np.int32), f"{prefix}_lengths": lengths,
+           f"{prefix}_tokens": tokens}
+    if self.kind == "queries":
+      if self.lexical is not None:
+        out[f"{prefix}_lexical_lengths"], out[f"{prefix}_lexical"] = self.lexical.rows(idx)
+      return out
+    out[f"{prefix}_fields"] = self.fields.rows(idx)[1]
+    out.update({f"{prefix}_legacy": self.legacy[idx], f"{prefix}_has_legacy": self.has_legacy[idx],
+                f"{prefix}_visual": self.visual[idx]})
+    return out
+
+
+# --- the directory ------------------------------------------------------------------------------
+def directory_of(prepared_dir: str) -> str:
+  return os.path.join(prepared_dir, DIRNAME)
+
+
+def _inputs(config, prepared_dir: str) -> dict:
+  """{path relative to prepared (or absolute for an override): [size, mtime_ns]} of every file the
+  examples are built from."""
+  paths = [os.path.join(prepared_dir, "entities", f"{k}.parquet") for k in schema.ENTITY_KINDS]
+  paths += sorted(glob.glob(os.path.join(prepared_dir, "train", "*", "*.array_record")))
+  hard = table_dir(prepared_dir, config.data.get("hard_negatives_dir", ""))
+  paths += sorted(glob.glob(os.path.join(hard, "*.parquet")))
+  out = {}
+  for path in paths:
+    stat = os.stat(path)
+    out[os.path.relpath(path, prepared_dir)] = [stat.st_size, stat.st_mtime_ns]
+  return out
+
+
+def _settings(config) -> dict:
+  return {"version": VERSION, "seed": int(config.seed), "hard_kept": HARD_KEPT,
+          "hard_negatives_dir": config.data.get("hard_negatives_dir", "")}
+
+
+def read_meta(prepared_dir: str) -> dict:
+  path = os.path.join(directory_of(prepared_dir), "meta.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: build it with feature_examples."
+                            "write_feature_examples(config, prepared_dir)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_current(config, prepared_dir: str) -> bool:
+  """Whether the examples exist and were built from today's inputs with today's settings."""
+  try:
+    meta = read_meta(prepared_dir)
+  except FileNotFoundError:
+    return False
+  return meta["settings"] == _settings(config) and meta["inputs"] == _inputs(config, prepared_dir)
+
+
+def _write_records(path: str, records) -> int:
+  writer, count = ArrayRecordWriter(path, "group_size:1"), 0
+  for record in records:
+    writer.write(record)
+    count += 1
+  writer.close()
+  return count
+
+
+def _task_examples(config, prepared_dir: str, task: str, rows: dict, hard, out: str) -> int:
+  """One output shard per pair shard, record for record."""
+  kind, queries = schema.TASK_ENTITY[task], rows["queries"]
+  rng = np.random.default_rng([config.seed, sorted(schema.TASK_ENTITY).index(task)])
+  directory, total = os.path.join(out, "train", task), 0
+  os.makedirs(directory)
+  for path in sorted(glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record"))):
+    source = grain.sources.ArrayRecordDataSource([path])
+
+    def records():
+      for start in range(0, len(source), CHUNK):
+        for raw in source.__getitems__(range(start, min(start + CHUNK, len(source)))):
+          pair = schema.decode_pair(raw)
+          q, e = pair["query_index"], pair["entity_index"]
+          example = {**queries.block([q], "query"), **rows[kind].block([e], "pos")}
+          if hard is not None:
+            pool = hard.entities[hard.offsets[q]:hard.offsets[q + 1]]
+            pool = pool[pool != e]
+            if len(pool) > HARD_KEPT:
+              pool = np.sort(rng.choice(pool, HARD_KEPT, replace=False))
+            example.update(rows[kind].block(pool, "hard"))
+          yield encode_arrays(example)
+    total += _write_records(os.path.join(directory, os.path.basename(path)), records())
+  return total
+
+
+def _entity_stream(rows: EntityRows, idx: np.ndarray, directory: str, num_shards: int) -> int:
+  os.makedirs(directory)
+  for s, part in enumerate(np.array_split(idx, num_shards)):
+    _write_records(os.path.join(directory, schema.shard_name(s, num_shards)),
+                   (encode_arrays(rows.block([i], "entity")) for i in part))
+  return len(idx)
+
+
+def write_feature_examples(config, prepared_dir: str) -> dict:
+  """Builds <prepared>/feature_examples (replacing an older one whole); returns its meta.
+
+  Loads the entity tables once (unpadded) and streams the pair shards through in chunks of CHUNK
+  records, so memory is the catalogue plus one chunk, whatever the number of pairs.
+  """
+  final = directory_of(prepared_dir)
+  out = f"{final}.tmp-{os.getpid()}"
+  shutil.rmtree(out, ignore_errors=True)
+  inputs = _inputs(config, prepared_dir)   # before reading: a file changed meanwhile is stale
+  rows = {kind: EntityRows(prepared_dir, kind) for kind in schema.ENTITY_KINDS}
+  meta = {"settings": _settings(config), "inputs": inputs, "pairs": {}, "hard_negatives": [],
+          "negatives": {}, "compat": {}}
+  override = config.data.get("hard_negatives_dir", "")
+  for task, kind in schema.TASK_ENTITY.items():
+    if not glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record")):
+      continue
+    hard = HardNegatives.load(prepared_dir, task, rows["queries"].size, rows[kind].size, override)
+    if hard is not None:
+      meta["hard_negatives"].append(task)
+    meta["pairs"][task] = _task_examples(config, prepared_dir, task, rows, hard, out)
+  num_shards = int(config.data.num_shards)
+  for i, kind in enumerate(schema.ENTITY_KINDS):
+    # Shuffled once here; the pipeline reads the stream in order, so the negatives of a step are
+    # a contiguous run of records (sequential reads) and still a uniform sample.
+    order = np.random.default_rng([config.seed, 7919, i]).permutation(rows[kind].size)
+    meta["negatives"][kind] = _entity_stream(rows[kind], order,
+                                             os.path.join(out, "negatives", kind), num_shards)
+    if kind != "queries":
+      with_legacy = order[rows[kind].has_legacy[order]]
+      meta["compat"][kind] = _entity_stream(rows[kind], with_legacy,
+                                            os.path.join(out, "compat", kind), num_shards)
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  shutil.rmtree(final, ignore_errors=True)
+  os.replace(out, final)
+  log.info("feature examples: %s pairs, negatives %s -> %s", meta["pairs"], meta["negatives"],
+           final)
+  return meta
+
+
+def ensure_feature_examples(config, prepared_dir: str) -> str:
+  """Builds the examples of prepared_dir (on process 0, the others wait) when missing or stale;
+  returns their directory.
+
+  Until `prepare` writes them itself this is how a run with data.feature_examples gets them.
+  """
+  if jax.process_index() == 0 and not is_current(config, prepared_dir):
+    write_feature_examples(config, prepared_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("feature_examples")
+  if not is_current(config, prepared_dir):
+    raise FileNotFoundError(f"{directory_of(prepared_dir)} is missing or stale on process "
+                            f"{jax.process_index()}: is {prepared_dir} shared by all hosts?")
+  return directory_of(prepared_dir)

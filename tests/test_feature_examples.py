@@ -1,13 +1,16 @@
 """Examples that carry their features (feature_examples.py) and the catalogue-free pipeline over
 them (feature_pipeline.py), against today's pipeline.TrainData on the tiny world: same keys, shapes
 and dtypes; the same pairs with the same positive features; negatives that are the catalogue's
-rows; exact resume; hosts that read disjoint rows and share the negatives; `launch.py train`."""
+rows; exact resume; hosts that read disjoint rows and share the negatives; `launch.py train`, and
+its exact resume after a SIGKILL."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import grain
 import numpy as np
@@ -15,7 +18,7 @@ import pytest
 
 from omnisage.data.omnisearchsage import feature_examples, hard_negatives, pipeline, schema
 from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
-from tests import test_train_sharded
+from tests import test_resume, test_train_sharded
 from tests.helpers import ROOT, common_flags, last_json, run_launch, subprocess_env
 from tests.test_multihost import RecordingSource
 
@@ -71,6 +74,27 @@ def test_records_round_trip():
   for key, value in arrays.items():
     assert back[key].dtype == value.dtype
     np.testing.assert_array_equal(back[key], value)
+
+
+def test_a_batch_of_records_decodes_as_their_concatenation():
+  rng = np.random.default_rng(0)
+  parts = []
+  for n in (2, 0, 3, 1):
+    lengths = rng.integers(0, 5, n).astype(np.int32)
+    parts.append({"e_ids": np.arange(n, dtype=np.int32), "e_lengths": lengths,
+                  "e_tokens": rng.integers(0, 99, lengths.sum()).astype(np.int32),
+                  "e_legacy": rng.normal(size=(n, 4)).astype(np.float32),
+                  "e_has_legacy": rng.random(n) < 0.5})
+  arrays, rows = feature_examples.decode_batch([feature_examples.encode_arrays(p) for p in parts])
+  assert list(arrays) == list(parts[0])
+  for key in parts[0]:
+    want = np.concatenate([p[key] for p in parts])
+    assert arrays[key].dtype == want.dtype and arrays[key].flags.writeable
+    np.testing.assert_array_equal(arrays[key], want, err_msg=key)
+    np.testing.assert_array_equal(rows[key], [len(p[key]) for p in parts])
+  other = feature_examples.encode_arrays({"other": np.zeros(1, np.int32)})
+  with pytest.raises(ValueError, match="layouts"):
+    feature_examples.decode_batch([feature_examples.encode_arrays(parts[0]), other])
 
 
 def test_same_batches_as_today_but_the_negatives(world):
@@ -188,3 +212,32 @@ def test_loss_and_gradients_agree_on_1_and_8_devices(world):
   for mesh in ("8x1", "4x2"):
     assert abs(out[mesh]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (mesh, out)
     assert out[mesh]["worst_grad_excess"] <= 1.0, (mesh, out[mesh])
+
+
+def test_sigkill_and_resume_reproduces_the_losses_exactly(world, tmp_path):
+  """tests/test_resume.py's check with data.feature_examples: the iterator state in the
+  checkpoint resumes the example and negative streams where they were."""
+  _, prepared, _ = world
+  steps, flag = 12, "--config.data.feature_examples=True"
+  reference, _ = test_resume.run([*test_resume.train_cmd(tmp_path / "reference", prepared, steps),
+                                  flag])
+  assert reference["steps"] == steps
+  reference = test_resume.losses_by_step(tmp_path / "reference")
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen([*test_resume.train_cmd(workdir, prepared, steps), flag], cwd=ROOT,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not test_resume.checkpoint_steps(workdir):
+    if process.poll() is not None:
+      pytest.fail("training finished before it could be killed")
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(test_resume.losses_by_step(workdir)) < steps, "the kill came too late"
+  summary, _ = test_resume.run([*test_resume.train_cmd(workdir, prepared, steps), flag])
+  assert summary["resumed_from"] is not None and summary["resumed_from"] >= 4
+  resumed = test_resume.losses_by_step(workdir)
+  assert sorted(resumed) == sorted(reference) == list(range(1, steps + 1))
+  for step in resumed:
+    assert resumed[step] == reference[step], (step, resumed[step], reference[step])

@@ -5,11 +5,13 @@ The pipeline test builds both hosts' Grain pipelines in this process and checks,
 that they read disjoint rows whose union (in host order) is the one-host global batch. The training
 test runs `launch.py train` as one 8-device process and as two 4-device processes (mesh data=8 in
 both), compares the per-step losses and the evaluations, and checks from the record indices each
-process's data source served that the two processes read disjoint records.
+process's data source served that the two processes read disjoint records; both again with
+data.feature_examples (the second process waits while the first builds the examples).
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import grain
 import numpy as np
 import pytest
 
-from omnisage.data.omnisearchsage import pipeline
+from omnisage.data.omnisearchsage import feature_examples, pipeline
 from tests.helpers import ROOT, common_flags, subprocess_env
 
 STEPS = 6
@@ -133,16 +135,26 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_prepared, tmp_path_factory):
-  """Workdirs of one 8-device process ("one") and two 4-device processes ("two")."""
+@pytest.fixture(scope="module", params=[False, True], ids=["stores", "feature_examples"])
+def runs(request, tiny_prepared, tmp_path_factory):
+  """Workdirs of one 8-device process ("one") and two 4-device processes ("two"), trained from
+  the entity stores or, with data.feature_examples, from examples that carry their features. Each
+  of those runs gets a prepared copy without the examples: "two" builds them on process 0 while
+  process 1 waits at ensure_feature_examples's barrier."""
   _, prepared = tiny_prepared
   one, two = tmp_path_factory.mktemp("one_process"), tmp_path_factory.mktemp("two_processes")
+  prepared_of, extra = {"one": prepared, "two": prepared}, []
+  if request.param:
+    extra = ["--config.data.feature_examples=True"]
+    for name in prepared_of:
+      prepared_of[name] = str(tmp_path_factory.mktemp(f"prepared_{name}") / "prepared")
+      shutil.copytree(prepared, prepared_of[name],
+                      ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
   coordinator = f"--coordinator_address=127.0.0.1:{free_port()}"
-  procs = {"one": start(one, prepared, "one", 8)}
+  procs = {"one": start(one, prepared_of["one"], "one", 8, *extra)}
   for i in range(2):
-    procs[f"two{i}"] = start(two, prepared, f"two{i}", 4, coordinator, "--num_processes=2",
-                             f"--process_id={i}")
+    procs[f"two{i}"] = start(two, prepared_of["two"], f"two{i}", 4, coordinator,
+                             "--num_processes=2", f"--process_id={i}", *extra)
   try:
     outputs = wait_all(procs, timeout=900)
   except AssertionError:

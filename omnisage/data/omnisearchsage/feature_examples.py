@@ -41,11 +41,10 @@ import os
 import shutil
 import struct
 
-import grain
 import jax
 import numpy as np
 import pyarrow.parquet as pq
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.entity_store import fixed_vectors
@@ -95,6 +94,63 @@ def decode_arrays(record: bytes) -> dict:
     out[name] = np.frombuffer(record, dtype, size, pos).reshape(shape)
     pos += size * dtype.itemsize
   return out
+
+
+def _header(record: bytes) -> tuple[int, list, list]:
+  """(header bytes, [(name, dtype, ndim)], [offset of each shape u32]) of a record."""
+  (count,), pos, entries, dims = _COUNT.unpack_from(record, 0), _COUNT.size, [], []
+  for _ in range(count):
+    length, code, ndim = _ENTRY.unpack_from(record, pos)
+    pos += _ENTRY.size
+    entries.append((record[pos:pos + length].decode(), _DTYPES[code], ndim))
+    pos += length
+    dims += range(pos, pos + 4 * ndim, 4)
+    pos += 4 * ndim
+  return pos, entries, dims
+
+
+def decode_batch(records: list[bytes]) -> tuple[dict, dict]:
+  """Records that hold the same names, dtypes and ranks (those of one stream or task) ->
+  ({name: the records' arrays concatenated along axis 0}, {name: [records] int64, each record's
+  length along axis 0}).
+
+  Concatenated blocks are blocks: the tokens of rows [a, b) are still runs of `<p>_tokens` in row
+  order. The headers are then the same bytes but for the shapes, so they are read as one array,
+  and each array is gathered with one join, instead of a Python decode per record. The arrays
+  are writable (their own buffers).
+  """
+  size, entries, dims = _header(records[0])
+  lengths = np.fromiter(map(len, records), np.int64, len(records))
+  if lengths.min() < size:
+    raise ValueError("records of different layouts cannot be decoded as one batch")
+  heads = np.frombuffer(b"".join([r[:size] for r in records]), np.uint8).reshape(len(records), size)
+  fixed = np.ones(size, bool)
+  for d in dims:
+    fixed[d:d + 4] = False
+  if not (heads[:, fixed] == heads[0, fixed]).all():
+    raise ValueError("records of different layouts cannot be decoded as one batch")
+  columns = np.asarray([d + i for d in dims for i in range(4)], np.int64)
+  shapes = np.ascontiguousarray(heads[:, columns]).view("<u4").astype(np.int64)
+  sizes, i = [], 0
+  for _, dtype, ndim in entries:
+    sizes.append(shapes[:, i:i + ndim].prod(1) * dtype.itemsize)
+    i += ndim
+  nbytes = np.stack(sizes, 1)                             # [records, arrays]
+  starts = size + np.cumsum(nbytes, 1) - nbytes           # within each record
+  if not np.array_equal(size + nbytes.sum(1), lengths):
+    raise ValueError("a record's length does not match its header")
+  views = [memoryview(r) for r in records]
+  out, rows, i = {}, {}, 0
+  for j, (name, dtype, ndim) in enumerate(entries):
+    trailing = shapes[:, i + 1:i + ndim]
+    if ndim > 1 and not (trailing == trailing[0]).all():
+      raise ValueError(f"{name}: the records' arrays differ beyond axis 0")
+    data = bytearray().join([v[a:a + n] for v, a, n in zip(views, starts[:, j].tolist(),
+                                                    nbytes[:, j].tolist())])
+    out[name] = np.frombuffer(data, dtype).reshape((-1, *trailing[0].tolist()) if ndim else -1)
+    rows[name] = shapes[:, i] if ndim else np.ones(len(records), np.int64)
+    i += ndim
+  return out, rows
 
 
 # --- entity features, unpadded ------------------------------------------------------------------
@@ -206,11 +262,14 @@ def _task_examples(config, prepared_dir: str, task: str, rows: dict, hard, out: 
   directory, total = os.path.join(out, "train", task), 0
   os.makedirs(directory)
   for path in sorted(glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record"))):
-    source = grain.sources.ArrayRecordDataSource([path])
+    # Read in order with a plain reader (not a Grain data source: what the trainer's data
+    # sources serve is its training data alone).
+    reader = ArrayRecordReader(path)
 
     def records():
-      for start in range(0, len(source), CHUNK):
-        for raw in source.__getitems__(range(start, min(start + CHUNK, len(source)))):
+      count = reader.num_records()
+      for start in range(0, count, CHUNK):
+        for raw in reader.read(start, min(start + CHUNK, count)):
           pair = schema.decode_pair(raw)
           q, e = pair["query_index"], pair["entity_index"]
           example = {**queries.block([q], "query"), **rows[kind].block([e], "pos")}
@@ -222,6 +281,7 @@ def _task_examples(config, prepared_dir: str, task: str, rows: dict, hard, out: 
             example.update(rows[kind].block(pool, "hard"))
           yield encode_arrays(example)
     total += _write_records(os.path.join(directory, os.path.basename(path)), records())
+    reader.close()
   return total
 
 

@@ -1,17 +1,20 @@
 """Grain input pipeline over examples that carry their features: no catalogue on any host.
 
 The catalogue-free twin of pipeline.TrainData (`data.feature_examples = True`); it yields batches
-with the same keys, shapes and dtypes, from the files of feature_examples.py. Per task:
+with the same keys, shapes and dtypes, from the files of feature_examples.py. Element k of the
+dataset is step k; per task it zips:
 
-  examples: ArrayRecord shards -> shuffle (reseeded every epoch) -> repeat -> decode + pad (+ a
-            sample of the row's hard negatives) -> batch(pairs per host) -> this host's batches
-  negatives: the pre-shuffled entity stream -> repeat -> decode + pad -> batch(negatives per host)
-            -> this host's batches (and, with tasks.compat, the stream of entities that have a
-            legacy vector)
+  examples: this host's slice of the task's global batch k of the shuffled (reseeded every epoch),
+            repeated example shards, read in one batched read, decoded and padded as one batch
+            (+ a sample of each row's hard negatives)
+  negatives: this host's slice of the k-th run of the pre-shuffled entity stream, read the same
+            way (and, with tasks.compat, of the stream of entities that have a legacy vector)
 
-then the streams are zipped and each element becomes the task's batch. The examples are shuffled
-exactly as TrainData shuffles the pair shards (same seeds, same record order), so both pipelines
-see the same pairs in the same order; only the random negatives differ.
+then each element becomes {task: batch}. The examples are shuffled exactly as TrainData shuffles
+the pair shards (same seeds, same record order), so both pipelines see the same pairs in the same
+order; only the random negatives differ. Reading a batch's records in one call (ArrayRecord reads
+each shard's share in one go, the shards in parallel) and decoding and padding them as arrays,
+not record by record, is what makes the pipeline about as fast as TrainData (docs/scale_out.md).
 
 Shared random negatives: global step k reads records [k*n, (k+1)*n) of the stream (n =
 loss.random_negatives, wrapping around), host h the h-th slice of them, so every host of a step
@@ -40,27 +43,34 @@ from omnisage.data.omnisearchsage.pipeline import STEPS_LIMIT, shard_paths, task
 from omnisage.data.omnisearchsage.query_input import lexical_len
 
 
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """The positions starts[i] .. starts[i] + lengths[i] - 1 of every run, one run after another."""
+  lengths = np.asarray(lengths, np.int64)
+  firsts = np.cumsum(lengths) - lengths   # where each run begins in the output
+  return np.repeat(np.asarray(starts, np.int64) - firsts, lengths) + np.arange(lengths.sum())
+
+
 def _pad_ragged(values: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
   """[n, width] int32: row i is the i-th run of `values`, cropped or right-padded with 0."""
+  lengths = np.asarray(lengths, np.int64)
+  columns = np.arange(width)
+  keep = columns < lengths[:, None]
   out = np.zeros((len(lengths), width), np.int32)
-  start = 0
-  for i, length in enumerate(lengths):
-    keep = min(int(length), width)
-    out[i, :keep] = values[start:start + keep]
-    start += int(length)
+  out[keep] = values[((np.cumsum(lengths) - lengths)[:, None] + columns)[keep]]
   return out
 
 
 def select_rows(arrays: dict, prefix: str, take: np.ndarray) -> dict:
   """Rows `take` of a block of entities, as a block of its own."""
+  take = np.asarray(take, np.int64)
   out = {}
   for name, lengths in (("tokens", "lengths"), ("fields", "lengths"),
                         ("lexical", "lexical_lengths")):
     key = f"{prefix}_{name}"
     if key in arrays:
-      ends = np.cumsum(arrays[f"{prefix}_{lengths}"])
-      starts = ends - arrays[f"{prefix}_{lengths}"]
-      out[key] = np.concatenate([arrays[key][:0]] + [arrays[key][starts[i]:ends[i]] for i in take])
+      lengths = np.asarray(arrays[f"{prefix}_{lengths}"], np.int64)
+      starts = np.cumsum(lengths) - lengths
+      out[key] = arrays[key][_runs(starts[take], lengths[take])]
   for name in ("ids", "lengths", "lexical_lengths", "legacy", "has_legacy", "visual"):
     if f"{prefix}_{name}" in arrays:
       out[f"{prefix}_{name}"] = arrays[f"{prefix}_{name}"][take]
@@ -97,44 +107,85 @@ def entity_inputs(arrays: dict, src: str, dst: str, kind: str, widths: Widths,
          f"{dst}_continuous": continuous_vectors(kind, arrays[f"{src}_legacy"],
                                                  arrays[f"{src}_visual"])}
   if legacy:
-    out[f"{dst}_legacy"] = arrays[f"{src}_legacy"].copy()
-    out[f"{dst}_has_legacy"] = arrays[f"{src}_has_legacy"].copy()
+    out[f"{dst}_legacy"] = arrays[f"{src}_legacy"]
+    out[f"{dst}_has_legacy"] = arrays[f"{src}_has_legacy"]
   return out
 
 
-class DecodeExample(grain.transforms.RandomMap):
-  """Example record -> one row of a task's batch: query_tokens, query_ids, pos_ids, pos_* and,
-  with hard_k > 0, hard_ids/hard_valid/hard_* ([hard_k] slots; empty slots are zeros, invalid)."""
+def read_records(source, keys: list[int]) -> list[bytes]:
+  """Records `keys` of a data source. ArrayRecord's reads them in one call per shard, the shards
+  in parallel (a tenth of the time of one read per record); a source without batched reads (a
+  test's wrapper) is read record by record."""
+  read = getattr(source, "__getitems__", None)
+  return list(read(keys)) if read is not None else [source[key] for key in keys]
 
-  def __init__(self, kind: str, widths: Widths, hard_k: int = 0):
-    self.kind, self.widths, self.hard_k = kind, widths, hard_k
 
-  def random_map(self, record: bytes, rng: np.random.Generator) -> dict:
-    arrays = feature_examples.decode_arrays(record)
-    query = entity_inputs(arrays, "query", "query", "queries", self.widths)
-    row = {"query_tokens": query["query_tokens"][0], "query_ids": arrays["query_ids"][0],
-           "pos_ids": arrays["pos_ids"][0]}
-    row.update({k: v[0] for k, v in entity_inputs(arrays, "pos", "pos", self.kind,
-                                                  self.widths).items()})
+class HostBatches(grain.transforms.Map):
+  """Step k -> this host's rows of a stream's global batch k, read and decoded together.
+
+  A global batch is `rows * hosts` consecutive elements of the stream and host h's rows are its
+  h-th slice, as `ds.batch(rows)[h::hosts]` would take them; only this host's records are read.
+  """
+
+  def __init__(self, source, rows: int, host: int, hosts: int):
+    self.source, self.rows, self.host, self.hosts = source, rows, host, hosts
+
+  def positions(self, step: int) -> range:
+    first = (step * self.hosts + self.host) * self.rows
+    return range(first, first + self.rows)
+
+  def read(self, keys: list[int]) -> tuple[dict, dict]:
+    return feature_examples.decode_batch(read_records(self.source, keys))
+
+
+class ExampleBatches(HostBatches):
+  """A task's examples: query_tokens, query_ids, pos_ids, pos_* and, with hard_k > 0,
+  hard_ids/hard_valid/hard_* ([rows, hard_k] slots; empty slots are zeros, invalid).
+
+  `order` maps a position to its record (the shuffled, repeated stream). The hard-negative sample
+  of position i draws from Philox(seed) at counter i: the generator Grain's `random_map` hands
+  element i, so the sample depends on the position alone (not on the hosts or the batching).
+  """
+
+  def __init__(self, source, order: grain.MapDataset, rows: int, host: int, hosts: int,
+               kind: str, widths: Widths, hard_k: int = 0, seed: int = 0):
+    super().__init__(source, rows, host, hosts)
+    self.order, self.kind, self.widths, self.hard_k, self.seed = order, kind, widths, hard_k, seed
+
+  def map(self, step: int) -> dict:
+    positions = self.positions(step)
+    arrays, counts = self.read([self.order[i] for i in positions])
+    batch = {"query_tokens": entity_inputs(arrays, "query", "query", "queries",
+                                           self.widths)["query_tokens"],
+             "query_ids": arrays["query_ids"], "pos_ids": arrays["pos_ids"]}
+    batch.update(entity_inputs(arrays, "pos", "pos", self.kind, self.widths))
     if self.hard_k:
-      row.update(self._hard(arrays, rng))
-    return row
+      batch.update(self._hard(arrays, counts, positions))
+    return batch
 
-  def _hard(self, arrays: dict, rng: np.random.Generator) -> dict:
-    k = self.hard_k
-    if "hard_ids" in arrays:   # the task has a table (the block may have no rows)
-      have = len(arrays["hard_ids"])
-      take = np.arange(have) if have <= k else np.sort(rng.choice(have, k, replace=False))
-      block = select_rows(arrays, "hard", take)
+  def _hard(self, arrays: dict, counts: dict, positions: range) -> dict:
+    k, n = self.hard_k, len(positions)
+    if "hard_ids" in arrays:   # the task has a table (a row's block may be empty)
+      have = counts["hard_ids"]
+      takes = [np.arange(h) if h <= k else np.sort(
+                   np.random.Generator(np.random.Philox(self.seed, counter=[0, 0, 0, i]))
+                   .choice(h, k, replace=False))
+               for i, h in zip(positions, have.tolist())]
+      first = np.cumsum(have) - have
+      block = select_rows(arrays, "hard", np.concatenate(
+          [first[r] + take for r, take in enumerate(takes)]))
+      chosen = np.minimum(have, k)
     else:
-      block = self._empty()
-    chosen = len(block["hard_ids"])
-    out = {"hard_ids": np.zeros(k, np.int32), "hard_valid": np.arange(k) < chosen}
-    out["hard_ids"][:chosen] = block["hard_ids"]
+      block, chosen = self._empty(), np.zeros(n, np.int64)
+    slots = _runs(np.arange(n) * k, chosen)   # row r's negatives in its first chosen[r] slots
+    out = {"hard_ids": np.zeros((n, k), np.int32),
+           "hard_valid": np.arange(k) < chosen[:, None]}
+    out["hard_ids"].reshape(-1)[slots] = block["hard_ids"]
     for key, value in entity_inputs(block, "hard", "hard", self.kind, self.widths,
-                                    legacy=False).items():   # padded to k slots
-      out[key] = np.zeros((k,) + value.shape[1:], value.dtype)
-      out[key][:chosen] = value
+                                    legacy=False).items():
+      full = np.zeros((n * k,) + value.shape[1:], value.dtype)
+      full[slots] = value
+      out[key] = full.reshape((n, k) + value.shape[1:])
     return out
 
   def _empty(self) -> dict:
@@ -149,22 +200,22 @@ class DecodeExample(grain.transforms.RandomMap):
             "hard_visual": np.zeros((0, schema.VISUAL_DIM), np.float16)}
 
 
-class DecodeEntity(grain.transforms.Map):
-  """Entity-stream record -> one random (or compatibility) negative, keyed as TrainData keys it."""
+class EntityBatches(HostBatches):
+  """The random (or compatibility) negatives, keyed as TrainData keys them: global step k takes
+  the stream's records [k*n, (k+1)*n), wrapping around; one contiguous run per host."""
 
-  def __init__(self, kind: str, widths: Widths, compat: bool = False):
-    self.kind, self.widths, self.compat = kind, widths, compat
+  def __init__(self, source, rows: int, host: int, hosts: int, kind: str, widths: Widths,
+               compat: bool = False):
+    super().__init__(source, rows, host, hosts)
+    self.size, self.kind, self.widths, self.compat = len(source), kind, widths, compat
 
-  def map(self, record: bytes) -> dict:
-    arrays = feature_examples.decode_arrays(record)
+  def map(self, step: int) -> dict:
+    arrays, _ = self.read([i % self.size for i in self.positions(step)])
     if self.compat:
-      return {"compat_neg_ids": arrays["entity_ids"][0],
-              "compat_neg_legacy": arrays["entity_legacy"][0].copy()}
+      return {"compat_neg_ids": arrays["entity_ids"], "compat_neg_legacy": arrays["entity_legacy"]}
     # The legacy vectors of random negatives are not used: compat tasks have their own.
-    row = {"neg_ids": arrays["entity_ids"][0]}
-    row.update({k: v[0] for k, v in entity_inputs(arrays, "entity", "neg", self.kind,
-                                                  self.widths, legacy=False).items()})
-    return row
+    return {"neg_ids": arrays["entity_ids"],
+            **entity_inputs(arrays, "entity", "neg", self.kind, self.widths, legacy=False)}
 
 
 class Assemble(grain.transforms.Map):
@@ -210,36 +261,38 @@ class FeatureTrainData:
       raise ValueError(f"{what}={global_count} is not divisible by {self.process_count} hosts")
     return global_count // self.process_count
 
-  def _host_batches(self, ds: grain.MapDataset, rows: int) -> grain.MapDataset:
-    ds = ds.batch(rows, drop_remainder=True)
-    # This host's rows of every global batch (MapDatasets are lazy: other rows are never read),
-    # cut to one length for the zip, as in TrainData.
-    return ds[self.process_index::self.process_count][:STEPS_LIMIT]
+  def _source(self, part: str, name: str):
+    return grain.sources.ArrayRecordDataSource(shard_paths(self.directory, part, name))
 
-  def _stream(self, part: str, kind: str, rows: int, decode) -> grain.MapDataset:
-    source = grain.sources.ArrayRecordDataSource(shard_paths(self.directory, part, kind))
-    return self._host_batches(grain.MapDataset.source(source).repeat().map(decode), rows)
+  def _steps(self, batches: HostBatches) -> grain.MapDataset:
+    # Element k is step k; every stream is cut to the same (practically endless) number of steps
+    # for the zip, as in TrainData.
+    return grain.MapDataset.range(STEPS_LIMIT).map(batches)
 
   def dataset(self) -> grain.MapDataset:
     cfg, parents, layout = self.config, [], []
+    host, hosts = self.process_index, self.process_count
     n = int(cfg.loss.random_negatives)
     negatives = self._per_host(n, "loss.random_negatives")
     for i, task in enumerate(self.tasks):
       kind = schema.TASK_ENTITY[task]
-      source = grain.sources.ArrayRecordDataSource(shard_paths(self.directory, "train", task))
-      # The same seed and chain as TrainData's shuffle: the same pairs in the same order.
-      ds = grain.MapDataset.source(source).seed(cfg.seed + 1000 * i).shuffle().repeat()
-      decode = DecodeExample(kind, self.widths, self.hard_k)
-      ds = ds.random_map(decode, seed=cfg.seed + 1000 * i + 17)
-      parents += [self._host_batches(ds, self._per_host(cfg.tasks[task], f"tasks.{task}")),
-                  self._stream("negatives", kind, negatives, DecodeEntity(kind, self.widths))]
+      source = self._source("train", task)
+      # The same seed and shuffle as TrainData's over the same number of records: position j
+      # is the same pair in both pipelines.
+      order = grain.MapDataset.range(len(source)).seed(cfg.seed + 1000 * i).shuffle().repeat()
+      rows = self._per_host(cfg.tasks[task], f"tasks.{task}")
+      parents += [
+          self._steps(ExampleBatches(source, order, rows, host, hosts, kind, self.widths,
+                                     self.hard_k, seed=cfg.seed + 1000 * i + 17)),
+          self._steps(EntityBatches(self._source("negatives", kind), negatives, host, hosts,
+                                    kind, self.widths))]
       log_q = {"neg_log_q": np.log(n / self.meta["negatives"][kind])}
       if cfg.tasks.compat and kind in self.meta["compat"]:
         pool = self.meta["compat"][kind]
         if not pool:
           raise ValueError(f"tasks.compat needs {kind} with a legacy vector; there are none")
-        parents.append(self._stream("compat", kind, negatives,
-                                    DecodeEntity(kind, self.widths, compat=True)))
+        parents.append(self._steps(EntityBatches(self._source("compat", kind), negatives, host,
+                                                 hosts, kind, self.widths, compat=True)))
         log_q["compat_neg_log_q"] = np.log(n / pool)
       layout.append((task, len(parents) - sum(c for _, c, _ in layout), log_q))
     return ZipMapDataset(parents=parents).map(Assemble(layout))

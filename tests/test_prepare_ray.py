@@ -8,6 +8,8 @@
 3. prepare_on_ray against prepare() on the same raw dir: the same directory on a Home Depot-style
    world (no pins, explicit split, judged negatives with bad rows), the same errors (type and
    message) for inputs that cannot make a training set, the same `seconds` keys.
+4. The engaged-query lists computed for all keys at once (ray_features) against prepare's key by
+   key, and `launch.py prepare --config.data.engine=ray` against the local engine.
 """
 
 import json
@@ -114,7 +116,7 @@ def feats(world, entities, logs):
 
 def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
   from omnisage.data import text
-  from omnisage.data.omnisearchsage import ray_features
+  from omnisage.data.omnisearchsage import ray_blocks, ray_features
   config, _, prepared, meta = world
   d = config.data
   boards, engaged, uncertain, vocab = feats
@@ -130,17 +132,38 @@ def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
       today.trigrams, today.unigrams, today.bigrams)
 
   tables = ray_features.encode_entity_tables(datasets, boards, engaged, vocab, d)
-  dirs = ray_features.write_entity_tables(tables, str(tmp_path))
-  for kind, directory in dirs.items():
-    got, want = ray_features.read_entity_table(directory), today_table(prepared, kind)
+  for kind, ds in tables.items():   # several blocks each, in any order: the sink orders them
+    path = os.path.join(tmp_path, f"{kind}.parquet")
+    ray_blocks.write_table_file(ds, path)
+    got, want = pq.read_table(path), today_table(prepared, kind)
     assert got.column_names == want.column_names
     for col in want.column_names:
       assert got[col].type == want[col].type, (kind, col)
       assert got[col].to_pylist() == want[col].to_pylist(), (kind, col)
 
 
+def test_table_file_sink_orders_blocks_and_writes_empty_tables(ray_cluster, tmp_path):
+  """write_table_file: blocks in any order (and, though the entity tables never have them,
+  overlapping entity_index ranges) give one file in entity_index order; no row: `empty`."""
+  import ray
+
+  from omnisage.data.omnisearchsage import ray_blocks
+  def block(index):
+    return pa.table(dict(entity_index=pa.array(index, pa.int32()),
+                         id=pa.array([f"e{i}" for i in index])))
+  ds = ray.data.from_arrow([block([4, 5]), block([0, 1, 2]), block([3, 9]), block([6, 7, 8])])
+  ray_blocks.write_table_file(ds, str(tmp_path / "ranges.parquet"))
+  assert pq.read_table(tmp_path / "ranges.parquet") == block(list(range(10)))
+  ds = ray.data.from_arrow([block([5, 1]), block([0, 3])])
+  ray_blocks.write_table_file(ds, str(tmp_path / "overlap.parquet"))
+  assert pq.read_table(tmp_path / "overlap.parquet") == block([0, 1, 3, 5])
+  empty = block([])
+  ray_blocks.write_table_file(ds.filter(lambda r: False), str(tmp_path / "empty.parquet"), empty)
+  assert pq.read_table(tmp_path / "empty.parquet") == empty
+
+
 def test_query_table_and_pairs(world, logs, feats, tmp_path):
-  from omnisage.data.omnisearchsage import ray_features, ray_pairs
+  from omnisage.data.omnisearchsage import ray_blocks, ray_pairs
   from tests.prepare_digest import pairs_digest, sha256_file, sha256_json
   config, _, prepared, meta = world
   fixture = load_fixture()
@@ -149,10 +172,10 @@ def test_query_table_and_pairs(world, logs, feats, tmp_path):
   vocab_path = ray_pairs.query_vocab(config, logs.log, str(tmp_path))
   assert sha256_file(vocab_path) == fixture["files"]["query_vocab.txt"]
 
-  written = ray_features.write_entity_tables(
-      {"queries": ray_pairs.query_table(texts, vocab_path, feats[3], config.data)},
-      str(tmp_path))
-  table = ray_features.read_entity_table(written["queries"])
+  path = os.path.join(tmp_path, "entities", "queries.parquet")
+  ray_blocks.write_table_file(ray_pairs.query_table(texts, vocab_path, feats[3], config.data),
+                              path)
+  table = pq.read_table(path)
   want = fixture["entities"]["queries"]
   assert table.num_rows == want["rows"]
   for col in table.column_names:
@@ -311,3 +334,74 @@ def test_prepare_on_ray_refuses_what_prepare_refuses(ray_cluster, tiny_prepared,
       run(config, str(raw), str(tmp_path / run.__name__))
     errors.append((type(error.value), str(error.value)))
   assert errors[0] == errors[1], case
+
+
+# --- 4. the engaged-query lists against prepare's, and `launch.py prepare` on the Ray engine -----
+def test_engaged_lists_vs_prepare():
+  """ray_features.engaged_block (every key's windows merged at once, in Arrow) against
+  prepare._engaged_queries (features.merge_engaged_queries / uncertain_merge_keys key by key)
+  on random logs: ties, non-ASCII queries, short top lists, several refresh windows."""
+  from omnisage.data.omnisearchsage import prepare, ray_features
+  from omnisage.data.omnisearchsage.log_rows import DAY
+  rng = np.random.default_rng(0)
+  words = np.array(["a", "b", "ab", "B", "é", "e\u0301", "ä", "日本", "a b", "ß", "aa"], object)
+  uncertain_seen = 0
+  for trial in range(12):
+    n = int(rng.integers(1, 2000))
+    log = dict(entity=rng.integers(0, int(rng.integers(1, 25)), n),
+               engagement=rng.integers(0, 3, n), query=words[rng.zipf(1.3, n) % len(words)],
+               timestamp=rng.integers(0, 30 * DAY, n))
+    for top, refresh in ((1, 1), (2, 3), (3, 7), (5, 0)):
+      want, want_unsure = prepare._engaged_queries(log, np.ones(n, bool), top, refresh)
+      ts = log["timestamp"]
+      got = ray_features.engaged_block(pa.table(dict(
+          kind=pa.array(["pins"] * n), entity=pa.array(log["entity"]),
+          engagement=pa.array(log["engagement"]), query=pa.array(list(log["query"])),
+          window=pa.array(ts // (refresh * DAY) if refresh else np.zeros_like(ts)),
+          count=pa.array(np.ones(n, np.int64)))), top)
+      keys = list(zip(got["entity"].to_pylist(), got["engagement"].to_pylist()))
+      assert dict(zip(keys, (list(zip(q, c)) for q, c in zip(
+          got["queries"].to_pylist(), got["counts"].to_pylist())))) == want, (trial, top)
+      assert {k for k, u in zip(keys, got["uncertain"].to_pylist()) if u} == want_unsure
+      uncertain_seen += len(want_unsure)
+  assert uncertain_seen > 0   # the certification check was exercised
+
+
+def test_launch_prepare_with_the_ray_engine(tiny_prepared, tmp_path):
+  """`launch.py prepare --config.data.engine=ray` (a child process: init_ray starts its own local
+  Ray) writes the local engine's directory; a raw table prepare refuses (invalid UTF-8, found in
+  a Ray task) ends as prepare's does: exit 2, `error: <prepare's message>`, no traceback."""
+  import shutil
+
+  from omnisage.data.omnisearchsage import prepare
+  from tests.helpers import TINY_CONFIG, last_json, run_launch
+  config, prepared = tiny_prepared
+  raw = os.path.join(os.path.dirname(prepared), "raw")
+  flags = [f"--config={TINY_CONFIG}:tiny", "--config.data.engine=ray"]
+  result = run_launch("prepare", *flags, f"--workdir={tmp_path / 'ok'}",
+                      f"--config.data.raw_dir={raw}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = last_json(result)["prepare"]
+  assert summary["engine"] == "ray" and summary["prepared_dir"] == str(tmp_path / "ok" / "prepared")
+  assert digest_diff(prepared_digest(summary["prepared_dir"]), prepared_digest(prepared)) == []
+
+  broken = tmp_path / "broken"
+  shutil.copytree(raw, broken)
+  REFUSED["invalid UTF-8 in a later block"](broken)
+  with pytest.raises(ValueError) as error:
+    prepare.prepare(config, str(broken), str(tmp_path / "local"))
+  result = run_launch("prepare", *flags, f"--workdir={tmp_path / 'bad'}",
+                      f"--config.data.raw_dir={broken}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert f"error: {error.value}" in result.stderr and "Traceback" not in result.stderr
+  assert last_json(result)["prepare"] == {"error": str(error.value)}
+
+
+def test_an_unknown_engine_is_a_clear_error(tmp_path):
+  from omnisage.data.omnisearchsage import prepare
+  from tests.helpers import tiny_config
+  config = tiny_config()
+  config.data.engine = "spark"
+  with pytest.raises(ValueError, match=r"config.data.engine must be one of \('local', 'ray'\)"):
+    prepare.prepare_workdir(config, str(tmp_path))
+  assert not os.listdir(tmp_path)   # refused before the synthetic world is generated

@@ -1,11 +1,12 @@
 """Ray for the batch jobs: start it once per process, in-process by default or on a cluster.
 
-The batch jobs (`launch.py embed` with `engine="ray"`) run on Ray Data (docs/scale_out.md). On one
-machine nothing needs setting up: Ray starts inside the job's process and stops with it. On a
-cluster, `ray start --head` on one node and `ray start --address=HEAD:6379` on the others; the job
-then joins it with `--config.ray_address=HEAD:6379` (or "auto": the cluster started on this
-machine). A process that already joined Ray (a test's cluster, a notebook) keeps its connection:
-init_ray never restarts or re-points it.
+The batch jobs (`launch.py embed` with `engine="ray"`, `launch.py prepare` with
+`data.engine="ray"`) run on Ray Data (docs/scale_out.md). On one machine nothing needs setting
+up: Ray starts inside the job's process and stops with it. On a cluster, `ray start --head` on
+one node and `ray start --address=HEAD:6379` on the others; the job then joins it with
+`--config.ray_address=HEAD:6379` (prepare: `data.ray_address`; or "auto": the cluster started on
+this machine). A process that already joined Ray (a test's cluster, a notebook) keeps its
+connection: init_ray never restarts or re-points it.
 
 Usage: `init_ray(config.ray_address)`.
 """

@@ -234,12 +234,21 @@ def prepare(config, raw_dir: str, out_dir: str) -> dict:
   return summary
 
 
+ENGINES = ("local", "ray")   # config.data.engine: this function, or ray_prepare.prepare_on_ray
+
+
 def prepare_workdir(config, workdir: str) -> dict:
-  """`launch.py prepare` of OmniSearchSage: `config.data.raw_dir`, or a synthetic world generated
-  into <workdir>/raw when it is empty, -> prepared_dir_of(config, workdir). Prints the bad-row
-  table; returns the summary."""
+  """`launch.py prepare` (and `demo`) of OmniSearchSage: `config.data.raw_dir`, or a synthetic
+  world generated into <workdir>/raw when it is empty, -> prepared_dir_of(config, workdir), by
+  the engine `config.data.engine`: "local" (`prepare`, in this process) or "ray" (the same
+  directory from Ray Data: ray_prepare.prepare_on_ray on the Ray instance of
+  `config.data.ray_address`, a private local one when unset; docs/scale_out.md). Prints the
+  bad-row table; returns the summary."""
   from omnisage.data.omnisearchsage import synthetic
   from omnisage.data.workdir import prepared_dir_of
+  engine = config.data.get("engine", "local")
+  if engine not in ENGINES:
+    raise ValueError(f"config.data.engine must be one of {ENGINES}, got {engine!r}")
   t0 = time.time()
   raw_dir, generated = config.data.raw_dir, False
   if not raw_dir:
@@ -247,9 +256,15 @@ def prepare_workdir(config, workdir: str) -> dict:
     synthetic.generate(config.synthetic, config.seed, raw_dir)
     generated = True
   out_dir = prepared_dir_of(config, workdir)
-  summary = prepare(config, raw_dir, out_dir)
+  if engine == "ray":   # imported here: the local engine never pays for importing Ray
+    from omnisage.data.omnisearchsage.ray_prepare import prepare_on_ray
+    from omnisage.data.ray_runtime import init_ray
+    init_ray(config.data.get("ray_address") or None)
+    summary = prepare_on_ray(config, raw_dir, out_dir)
+  else:
+    summary = prepare(config, raw_dir, out_dir)
   print_bad_rows(summary.get("bad_rows", {}))
-  return {"raw_dir": raw_dir, "prepared_dir": out_dir, "synthetic": generated,
+  return {"raw_dir": raw_dir, "prepared_dir": out_dir, "synthetic": generated, "engine": engine,
           **{k: v for k, v in summary.items() if k != "config"},
           "step_seconds": summary.get("seconds"), "seconds": round(time.time() - t0, 2)}
 

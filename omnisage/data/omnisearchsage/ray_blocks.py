@@ -1,21 +1,29 @@
-"""Raw Parquet tables as Ray Data blocks with global row numbers, and bad rows counted over blocks.
+"""Raw Parquet tables as Ray Data blocks with global row numbers, and the block-level helpers of
+the Ray Data engine of `launch.py prepare` (ray_prepare.py).
 
-The Ray Data engine of `launch.py prepare` (ray_prepare.py) validates a raw table one Parquet row
-group per block. Ray's read_parquet gives no row numbers, and prepare's rules need them ("the
-first valid row of an id wins", the dense entity_index, pairs in log order), so a block here is
-read in a task from its row group and knows its first global row (`read_row_groups`).
+Reading: a raw table is validated one block per Parquet row group (or per slice of one, when
+the file has fewer row groups than the cluster has CPUs: `block_units`). Ray's read_parquet
+gives no row numbers, and prepare's rules need them ("the first valid row of an id wins", the
+dense entity_index, pairs in log order), so a block here is read in a task and knows its first
+global row (`read_row_groups`).
 
 A validation function turns a block into its valid rows plus one summary row per bad-row reason
-(`summary_rows`); `read_validated` splits them again and sums the counts over blocks with a
-group-by, so prepare's bad-row table is exact however the table is cut into blocks.
+(`summary_rows`); `read_validated` splits them again and sums the counts over blocks (a few rows
+per block, summed on the driver), so prepare's bad-row table is exact however the table is cut.
 
 A defect that prepare reports as a ValueError while reading (bytes that are not UTF-8) travels
 from the task to the driver as data, not as Ray's task error: the driver then raises prepare's own
 error (raw_tables.read_raw_table on that table), which `launch.py` turns into exit 2.
 
+Group-bys: `map_key_blocks` co-locates the rows of each key in one block as map_groups does,
+then calls its function once per block (vectorised over the block's keys), not once per key;
+`sum_by` is a groupby().sum() that way. Writing: `write_table_file` (OrderedParquetSink) writes
+a dataset as prepare's one Parquet file per table, in a write task, not through the driver.
+
 Usage:
   with data_context(SMALL_SHUFFLE):
     good, bad, examples = read_validated(raw_dir, "pins", fn)   # fn(table, start) -> pa.Table
+    counts = sum_by(ds, ["word"])                               # groupby("word").sum("count")
 """
 
 import contextlib
@@ -34,10 +42,17 @@ EXAMPLES = 5   # bad rows kept as examples per table (valid_entities' `rejected`
 # A block's reading error, as the `reason` of a summary row (never one of REASONS).
 INPUT_ERROR = "input_error: "
 
-# Ray Data's default shuffle (2.60: SHUFFLE_V2, hash shuffle on aggregator actors) is the one
-# for big group-bys, but starting its actors costs seconds per group-by, which dominates small
-# worlds (docs/scale_out.md, "prepare() vs prepare_on_ray"). Tests pass SMALL_SHUFFLE.
+# The shuffle the engine runs with (prepare_on_ray's default). Ray Data's default
+# (2.60: SHUFFLE_V2, hash shuffle on aggregator actors) starts its actors for every shuffle, and
+# costs 4x the wall time on the demo world (docs/scale_out.md); every group-by here is a
+# co-location plus one call per block (map_key_blocks), which a sort does as well.
 SMALL_SHUFFLE = "sort_shuffle_pull_based"
+# A row group is cut into blocks of at least this many rows when the file has fewer row groups
+# than the cluster has CPUs (block_units): below it a task costs more than it saves.
+MIN_BLOCK_ROWS = 10_000
+# map_batches over whole blocks, one call per block (its default is a call per 1024 rows): a
+# broadcast dict is unpickled by each ray.get, and per-block pre-aggregations need the block.
+WHOLE_BLOCKS = dict(batch_size=None, batch_format="pyarrow")
 
 
 @contextlib.contextmanager
@@ -73,22 +88,38 @@ def check_raw_schema(raw_dir: str, name: str) -> int:
   return meta.num_rows
 
 
+def block_units(counts: list[int], cpus: float, min_rows: int = MIN_BLOCK_ROWS) -> list[dict]:
+  """The blocks of a file with row groups of `counts` rows: {group, offset, rows, start (global
+  row)}. A row group is one block, or, when the file has fewer row groups than the cluster has
+  CPUs, equal slices of at least `min_rows` rows (so that a one-row-group table still keeps
+  every CPU busy, in validation and in every stage after it). No row group: one empty block."""
+  total = sum(counts)
+  target = max(min_rows, -(-total // max(int(cpus), 1)))
+  units, start = [], 0
+  for g, n in enumerate(counts):
+    bounds = np.linspace(0, n, max(1, -(-n // target)) + 1).astype(np.int64)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+      units.append({"group": g, "offset": a, "rows": b - a, "start": start + a})
+    start += n
+  return units or [{"group": -1, "offset": 0, "rows": 0, "start": 0}]
+
+
 def read_row_groups(path: str, name: str, fn, **fn_kwargs) -> ray.data.Dataset:
-  """`fn(table, start=first global row, **fn_kwargs) -> pa.Table` over every row group of the
-  raw table `name`, each its own Ray Data block (read in the task: nothing passes the driver).
-  A file without row groups is one empty block (so the dataset has the columns of `fn`)."""
+  """`fn(table, start=first global row, **fn_kwargs) -> pa.Table` over every block of the raw
+  table `name` (`block_units`: its row groups, or slices of them), each block its own task
+  (read in the task: nothing passes the driver)."""
   meta = pq.read_metadata(path)
-  counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-  starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64) if counts else []
-  units = [{"group": g, "start": int(s)} for g, s in enumerate(starts)] or [
-      {"group": -1, "start": 0}]
+  units = block_units([meta.row_group(g).num_rows for g in range(meta.num_row_groups)],
+                      ray.cluster_resources().get("CPU", 1))
   where = f"{name} table {path}"
 
   def read(batch: dict) -> pa.Table:
     parts = []
-    for g, s in zip(batch["group"].tolist(), batch["start"].tolist()):
+    columns = (batch[k].tolist() for k in ("group", "offset", "rows", "start"))
+    for g, offset, rows, s in zip(*columns):
       file = pq.ParquetFile(path)
-      table = file.read_row_group(g) if g >= 0 else file.schema_arrow.empty_table()
+      table = file.read_row_group(g).slice(offset, rows) if g >= 0 else (
+          file.schema_arrow.empty_table())
       try:
         table = conform_raw_table(table, name, where)
       except ValueError as error:   # to the driver as data (module docstring)
@@ -127,6 +158,31 @@ def good_rows(t: pa.Table) -> pa.Table:
   return t.filter(pc.is_null(t["reason"])).drop_columns(["reason", "count"])
 
 
+def map_key_blocks(ds: ray.data.Dataset, keys: list[str], fn, **fn_kwargs) -> ray.data.Dataset:
+  """`fn(block) -> pa.Table` once per block of `ds` rearranged so that every row of a value of
+  `keys` lies in one block. It is map_groups' co-location (Ray 2.60 GroupedData.map_groups: a
+  hash repartition on `keys` under the hash shuffles, a global sort under the sort shuffle)
+  without map_groups' one Python call per key: `fn` sees a block's many keys at once, which is
+  what makes a group-by of 50k small keys cost seconds instead of a minute."""
+  from ray.data.context import ShuffleStrategy
+  ctx = ds.context
+  if ctx.shuffle_strategy in (ShuffleStrategy.HASH_SHUFFLE, ShuffleStrategy.SHUFFLE_V2,
+                              ShuffleStrategy.GPU_SHUFFLE):
+    ds = ds.repartition(ctx.default_hash_shuffle_parallelism, keys=keys)
+  else:
+    ds = ds.sort(keys)
+  return ds.map_batches(fn, fn_kwargs=fn_kwargs, **WHOLE_BLOCKS)
+
+
+def sum_by(ds: ray.data.Dataset, keys: list[str], column: str = "count") -> ray.data.Dataset:
+  """groupby(keys).sum(column), the sum keeping the name `column`: pyarrow's group_by in each
+  block of map_key_blocks (Ray 2.60's groupby().sum() over 10^5 keys takes ~10 s on 2 cores)."""
+  def fn(t: pa.Table) -> pa.Table:
+    return t.group_by(keys, use_threads=False).aggregate([(column, "sum")]).rename_columns(
+        {f"{column}_sum": column})
+  return map_key_blocks(ds, keys, fn)
+
+
 def driver_table(ds: ray.data.Dataset, empty: pa.Table) -> pa.Table:
   """The rows of `ds` on the driver (for small int columns), or `empty` when it has none: Ray
   Data may drop empty blocks, so a dataset of no rows can have no block and no columns."""
@@ -144,17 +200,53 @@ def read_validated(raw_dir: str, name: str, fn, **fn_kwargs
   """read_row_groups + validation `fn` (its output: summary_rows) -> (the valid rows,
   {reason: count summed over blocks} in REASONS order, {row: reason} of the first examples)."""
   ds = read_row_groups(raw_path(raw_dir, name), name, fn, **fn_kwargs).materialize()
-  bad = ds.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])).select(
-      ["row", "reason", "count"]), batch_format="pyarrow").materialize()
-  failed = sorted((r["row"], r["reason"]) for r in bad.map_batches(
-      lambda t: t.filter(pc.starts_with(t["reason"], INPUT_ERROR)),
-      batch_format="pyarrow").take_all())
+  # The summary rows are a few per block: read once, summed on the driver.
+  bad = driver_table(ds.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])).select(
+      ["row", "reason", "count"]), **WHOLE_BLOCKS), pa.table(dict(
+          row=pa.array([], pa.int64()), reason=pa.array([], pa.string()),
+          count=pa.array([], pa.int64()))))
+  rows, reasons = bad["row"].to_pylist(), bad["reason"].to_pylist()
+  failed = sorted((r, why) for r, why in zip(rows, reasons) if why.startswith(INPUT_ERROR))
   if failed:   # prepare's own error (the row number it names counts from the file's start)
     read_raw_table(raw_dir, name)
     raise ValueError(failed[0][1][len(INPUT_ERROR):])
-  good = ds.map_batches(good_rows, batch_format="pyarrow")
-  counts = {r["reason"]: int(r["sum(count)"]) for r in bad.groupby("reason").sum("count")
-            .take_all() if r["sum(count)"]}
-  examples = sorted((r["row"], r["reason"]) for r in bad.map_batches(
-      lambda t: t.filter(pc.greater_equal(t["row"], 0)), batch_format="pyarrow").take_all())
+  counts: dict = {}
+  for why, n in zip(reasons, bad["count"].to_pylist()):
+    counts[why] = counts.get(why, 0) + n
+  examples = sorted((r, why) for r, why in zip(rows, reasons) if r >= 0)
+  good = ds.map_batches(good_rows, **WHOLE_BLOCKS)
   return good, ordered(counts), dict(examples[:EXAMPLES])
+
+
+# --- one Parquet file per table, written by a datasink -------------------------------------------
+class OrderedParquetSink(ray.data.Datasink):
+  """prepare's one-file layout (entities/<kind>.parquet, rows in `key` order), written by the
+  one write task of a dataset repartitioned into one block (`write_table_file`): the task puts
+  the blocks in key order (each covers one range of entity_index, so ordering the blocks is
+  enough; overlapping ranges, which the entity tables never have, are sorted row by row) and
+  writes the file, so no row passes through the driver. `path` must be on a filesystem that
+  node sees (as the ArrayRecord shards'). No row at all: the table `empty`."""
+
+  def __init__(self, path: str, key: str, empty: pa.Table | None = None):
+    self.path, self.key, self.empty = path, key, empty
+
+  def write(self, blocks, ctx) -> int:
+    tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+    tables = sorted((t for t in tables if t.num_rows), key=lambda t: t[self.key][0].as_py())
+    if not tables:
+      return 0
+    table = pa.concat_tables(tables)
+    if (np.diff(table[self.key].to_numpy()) < 0).any():
+      table = table.take(pc.sort_indices(table[self.key]))
+    pq.write_table(table, self.path)
+    return table.num_rows
+
+  def on_write_complete(self, write_result) -> None:
+    if not sum(write_result.write_returns):
+      pq.write_table(self.empty, self.path)
+
+
+def write_table_file(ds: ray.data.Dataset, path: str, empty: pa.Table | None = None) -> None:
+  """`ds` as the one Parquet file `path` in entity_index order (OrderedParquetSink)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  ds.repartition(1).write_datasink(OrderedParquetSink(path, "entity_index", empty))

@@ -6,7 +6,13 @@ engagement type, with the incremental merge of `engaged_refresh_days`), then the
 unigram / bigram vocabularies over every entity field text, then the encoded entity tables. Each
 is a group-by or an aggregation over blocks whose result equals prepare's exactly: the features
 are per key (pin; kind, entity, engagement), n-gram counts are sums, and the encoding is
-entity_rows.encode_entities per block.
+entity_rows.encode_entities per block. A group-by is one call per block of co-located keys
+(ray_blocks.map_key_blocks), never a Python call per key: 50k engaged-query keys cost seconds.
+
+The engaged-query lists of all keys of a block are computed at once in Arrow (`merge_window`):
+the same lists and the same uncertain keys as features.merge_engaged_queries and
+uncertain_merge_keys key by key, which tests/test_prepare_ray.py checks against prepare's
+_engaged_queries on random logs with ties, non-ASCII queries and several windows.
 
 The board-title and engaged-query lists come back to the driver and are broadcast (ray.put) to
 the encoding blocks; at production scale a join on entity_index would replace that.
@@ -19,30 +25,35 @@ Usage:
 """
 
 import collections
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
 
 from omnisage.data import text
 from omnisage.data.omnisearchsage import features
 from omnisage.data.omnisearchsage.entity_rows import encode_entities, field_items
 from omnisage.data.omnisearchsage.log_rows import DAY
+from omnisage.data.omnisearchsage.ray_blocks import (
+  WHOLE_BLOCKS,
+  driver_table,
+  map_key_blocks,
+  sum_by,
+)
 from omnisage.data.omnisearchsage.ray_validate import TEXT_FIELDS
 
 
 # --- 3. features: board titles and engaged queries as group-bys ----------------------------------
 def train_rows(ds: ray.data.Dataset, column: str, value) -> ray.data.Dataset:
-  return ds.map_batches(lambda t: t.filter(pc.equal(t[column], value)), batch_format="pyarrow")
+  return ds.map_batches(lambda t: t.filter(pc.equal(t[column], value)), **WHOLE_BLOCKS)
 
 
 def board_titles(saves: ray.data.Dataset, top: int) -> dict:
   """{pin entity_index: titles}, as features.board_titles_per_pin over the train-window saves:
-  the global word commonness F(w) is a groupby(word).sum(), the per-pin choice a map_groups."""
-  train = train_rows(saves, "in_train", True).materialize()
+  the global word commonness F(w) is a sum by word, then every pin's choice
+  (features.select_board_titles) in one call per block of saves co-located by pin."""
+  train = train_rows(saves, "in_train", True).select_columns(["pin", "title"]).materialize()
   if not train.count():
     return {}
 
@@ -54,66 +65,153 @@ def board_titles(saves: ray.data.Dataset, top: int) -> dict:
     return pa.table(dict(word=pa.array(list(c), pa.string()),
                          count=pa.array(list(c.values()), pa.int64())))
 
-  freq = {r["word"]: int(r["sum(count)"]) for r in train.map_batches(
-      word_counts, batch_format="pyarrow").groupby("word").sum("count").take_all()}
-  freq_ref = ray.put(freq)
+  freq = driver_table(sum_by(train.map_batches(word_counts, **WHOLE_BLOCKS), ["word"]),
+                      word_counts(pa.table(dict(title=pa.array([], pa.string())))))
+  freq_ref = ray.put(dict(zip(freq["word"].to_pylist(), freq["count"].to_pylist())))
 
   def per_pin(t: pa.Table) -> pa.Table:
-    titles = features.select_board_titles(collections.Counter(t["title"].to_pylist()), top,
-                                           ray.get(freq_ref))
-    return pa.table(dict(pin=pa.array([t["pin"][0].as_py()], pa.int64()),
-                         titles=pa.array([titles], pa.list_(pa.string()))))
+    # (pin, title) save counts, then each pin's titles (the pins of a block are whole).
+    counts = t.group_by(["pin", "title"], use_threads=False).aggregate([("title", "count")])
+    per: dict = collections.defaultdict(dict)
+    for p, title, n in zip(counts["pin"].to_pylist(), counts["title"].to_pylist(),
+                           counts["title_count"].to_pylist()):
+      per[p][title] = n
+    word_freq = ray.get(freq_ref)
+    titles = [features.select_board_titles(c, top, word_freq) for c in per.values()]
+    return pa.table(dict(pin=pa.array(list(per), pa.int64()),
+                         titles=pa.array(titles, pa.list_(pa.string()))))
 
-  rows = train.select_columns(["pin", "title"]).groupby("pin").map_groups(
-      per_pin, batch_format="pyarrow").take_all()
-  return {r["pin"]: list(r["titles"]) for r in rows}
+  table = driver_table(map_key_blocks(train, ["pin"], per_pin), pa.table(dict(
+      pin=pa.array([], pa.int64()), titles=pa.array([], pa.list_(pa.string())))))
+  return dict(zip(table["pin"].to_pylist(), table["titles"].to_pylist()))
 
 
-def engaged_group(t: pa.Table, top: int, refresh_days: int) -> pa.Table:
-  """The engaged-query list of ONE (kind, entity, engagement) key, as prepare._engaged_queries:
-  refresh_days 0 a full recompute, else windows of refresh_days days merged in order. The merge
-  is per key, so a group-by computes exactly the same lists."""
-  key = (t["entity"][0].as_py(), t["engagement"][0].as_py())
-  queries = np.asarray(t["query"].to_pylist(), object)
+ENGAGED_LISTS = pa.schema([("kind", pa.string()), ("entity", pa.int64()),
+                          ("engagement", pa.int64()), ("queries", pa.list_(pa.string())),
+                          ("counts", pa.list_(pa.int64())), ("uncertain", pa.bool_())])
+KEY = ["entity", "engagement"]   # an engaged-query list's key within one entity kind
 
-  def counts(sel):
-    return {key: collections.Counter(queries[sel].tolist())}
 
-  if not refresh_days:
-    everything = counts(np.ones(len(queries), bool))
-    current, uncertain = features.top_engaged_queries(everything, top), False
-  else:
-    window = t["timestamp"].to_numpy() // (refresh_days * DAY)
-    current, uncertain = {}, False
-    for w in np.unique(window):
-      new = counts(window == w)
-      uncertain |= bool(features.uncertain_merge_keys(current, new, top))
-      current = features.merge_engaged_queries(current, new, top)
-  ranked = current.get(key, [])
-  return pa.table(dict(
-      kind=pa.array([t["kind"][0].as_py()]), entity=pa.array([key[0]], pa.int64()),
-      engagement=pa.array([key[1]], pa.int64()),
-      queries=pa.array([[q for q, _ in ranked]], pa.list_(pa.string())),
-      counts=pa.array([[c for _, c in ranked]], pa.list_(pa.int64())),
-      uncertain=pa.array([uncertain])))
+def ranked(t: pa.Table, top: int) -> tuple[pa.Table, np.ndarray]:
+  """(key, query, count) rows -> the first `top` of every key in features._top_list's order
+  (count descending, then query: Arrow orders strings by UTF-8 bytes, i.e. by code point, as
+  Python does), and a bool per kept row: the last of its key's list."""
+  t = t.sort_by([("entity", "ascending"), ("engagement", "ascending"), ("count", "descending"),
+                 ("query", "ascending")])
+  e, g = t["entity"].to_numpy(), t["engagement"].to_numpy()
+  first = np.r_[True, (e[1:] != e[:-1]) | (g[1:] != g[:-1])]
+  starts = np.flatnonzero(first)
+  rank = np.arange(len(e)) - np.repeat(starts, np.diff(np.r_[starts, len(e)]))
+  keep = rank < top
+  last = np.r_[first[1:], True] | (rank == top - 1)
+  return t.filter(pa.array(keep)), last[keep]
+
+
+def key_codes(t: pa.Table, keys: pa.Table) -> np.ndarray:
+  """The row of `keys` (unique (entity, engagement) rows) that each row of `t` has, -1: none."""
+  table = keys.select(KEY).append_column("i", pa.array(np.arange(keys.num_rows)))
+  joined = t.select(KEY).append_column("j", pa.array(np.arange(t.num_rows))).join(
+      table, KEY, join_type="inner", use_threads=False)
+  out = np.full(t.num_rows, -1, np.int64)
+  out[joined["j"].to_numpy()] = joined["i"].to_numpy()
+  return out
+
+
+def merge_window(current: pa.Table, new: pa.Table, top: int) -> tuple[pa.Table, set]:
+  """features.merge_engaged_queries and features.uncertain_merge_keys for every key at once:
+  `current` the stored lists (key, query, count), `new` one window's counts. Returns the merged
+  lists (keys without a new count unchanged) and the keys whose merge is not certified exact.
+  A stored list that is full (`top` queries, m its smallest count) is uncertain when a new
+  query q outside it could, with its largest possible old count, rank at or before the merged
+  k-th entry (c_k, q_k): m + c(q) > c_k, or m + c(q) == c_k and q <= q_k."""
+  touched = key_codes(current, new.group_by(KEY, use_threads=False).aggregate([])) >= 0
+  stored, kept = current.filter(pa.array(touched)), current.filter(pa.array(~touched))
+  both = pa.concat_tables([stored, new.select(current.column_names)])
+  merged, last = ranked(both.group_by(KEY + ["query"], use_threads=False).aggregate(
+      [("count", "sum")]).rename_columns({"count_sum": "count"}), top)
+  unsure: set = set()
+  if stored.num_rows:
+    lists = stored.group_by(KEY, use_threads=False).aggregate([([], "count_all"),
+                                                               ("count", "min")])
+    full = lists.filter(pc.equal(lists["count_all"], top))
+    kth = merged.filter(pa.array(last))
+    # the new queries outside the stored lists, of keys whose stored list is full
+    outside = new.join(stored.select(KEY + ["query"]).append_column(
+        "stored", pa.array(np.ones(stored.num_rows, bool))), KEY + ["query"],
+        use_threads=False)
+    outside = outside.filter(pc.is_null(outside["stored"]))
+    f = key_codes(outside, full)
+    outside, f = outside.filter(pa.array(f >= 0)), f[f >= 0]
+    k = key_codes(outside, kth)
+    best = full["count_min"].to_numpy()[f] + outside["count"].to_numpy()
+    c_k = kth["count"].to_numpy()[k]
+    q = outside["query"].to_numpy(zero_copy_only=False)
+    q_k = kth["query"].to_numpy(zero_copy_only=False)[k]
+    hit = (best > c_k) | ((best == c_k) & (q <= q_k))
+    unsure = set(zip(outside["entity"].to_numpy()[hit].tolist(),
+                     outside["engagement"].to_numpy()[hit].tolist()))
+  return pa.concat_tables([kept, merged.select(current.column_names)]), unsure
+
+
+def engaged_lists(t: pa.Table, top: int) -> tuple[pa.Table, set]:
+  """prepare._engaged_queries over (entity, engagement, window, query, count) rows of one
+  kind holding every row of their keys: window by window in order, each merged into the stored
+  lists (one window when refresh_days is 0: a full recompute). Returns the lists as ranked
+  (key, query, count) rows and the uncertain keys."""
+  t = t.group_by(KEY + ["window", "query"], use_threads=False).aggregate([("count", "sum")])
+  t = t.rename_columns({"count_sum": "count"})
+  current = pa.table(dict(entity=pa.array([], pa.int64()), engagement=pa.array([], pa.int64()),
+                          query=pa.array([], pa.string()), count=pa.array([], pa.int64())))
+  window, unsure = t["window"].to_numpy(), set()
+  for w in np.unique(window):
+    current, uncertain = merge_window(current, t.filter(pa.array(window == w)), top)
+    unsure |= uncertain
+  return ranked(current, top)[0], unsure
+
+
+def engaged_block(t: pa.Table, top: int) -> pa.Table:
+  """The engaged-query lists (ENGAGED_LISTS rows) of every (kind, entity, engagement) key of a
+  block holding all the rows of its keys (engaged_lists per kind)."""
+  parts = []
+  for kind in pc.unique(t["kind"]).to_pylist():
+    lists, unsure = engaged_lists(t.filter(pc.equal(t["kind"], kind)), top)
+    e, g = lists["entity"].to_numpy(), lists["engagement"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, (e[1:] != e[:-1]) | (g[1:] != g[:-1])])
+    offsets = pa.array(np.r_[starts, len(e)].astype(np.int32))
+    keys = list(zip(e[starts].tolist(), g[starts].tolist()))
+    parts.append(pa.table([
+        pa.array([kind] * len(keys), pa.string()), pa.array(e[starts]), pa.array(g[starts]),
+        pa.ListArray.from_arrays(offsets, lists["query"].combine_chunks()),
+        pa.ListArray.from_arrays(offsets, lists["count"].combine_chunks()),
+        pa.array([k in unsure for k in keys], pa.bool_())], schema=ENGAGED_LISTS))
+  return pa.concat_tables(parts) if parts else ENGAGED_LISTS.empty_table()
 
 
 def engaged_queries(log: ray.data.Dataset, top: int, refresh_days: int) -> tuple[dict, dict]:
   """({kind: {(entity, engagement): [(query, count)]}}, {kind: uncertain keys}) from the train
-  rows engaging pins and products: one groupby(kind, entity, engagement).map_groups."""
-  train = log.map_batches(lambda t: t.filter(pc.and_(pc.equal(t["split"], 0), pc.is_in(
-      t["kind"], pa.array(["pins", "products"])))).select(
-      ["kind", "entity", "engagement", "query", "timestamp"]), batch_format="pyarrow")
-  rows = train.groupby(["kind", "entity", "engagement"]).map_groups(
-      engaged_group, fn_kwargs=dict(top=top, refresh_days=refresh_days),
-      batch_format="pyarrow").take_all()
+  rows engaging pins and products, as prepare._engaged_queries: per block a count by
+  (kind, entity, engagement, window, query) (window = the refresh window of the row; 0 for
+  all when refresh_days is 0), the counts co-located by (kind, entity, engagement), then every
+  key's windows merged in one engaged_block call per block."""
+  def counts(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.and_(pc.equal(t["split"], 0), pc.is_in(t["kind"], pa.array(
+        ["pins", "products"]))))
+    ts = t["timestamp"].to_numpy()
+    t = t.select(["kind", "entity", "engagement", "query"]).append_column(
+        "window", pa.array(ts // (refresh_days * DAY) if refresh_days else np.zeros_like(ts)))
+    return t.group_by(["kind"] + KEY + ["window", "query"], use_threads=False).aggregate(
+        [([], "count_all")]).rename_columns({"count_all": "count"})
+
+  table = driver_table(map_key_blocks(log.map_batches(counts, **WHOLE_BLOCKS),
+                                      ["kind"] + KEY, engaged_block, top=top),
+                       ENGAGED_LISTS.empty_table())
   engaged: dict = {"pins": {}, "products": {}}
   uncertain: dict = {"pins": set(), "products": set()}
-  for r in rows:
-    key = (r["entity"], r["engagement"])
-    engaged[r["kind"]][key] = list(zip(r["queries"], (int(c) for c in r["counts"])))
-    if r["uncertain"]:
-      uncertain[r["kind"]].add(key)
+  columns = (table[c].to_pylist() for c in ENGAGED_LISTS.names)
+  for kind, e, g, queries, counts_, unsure in zip(*columns):
+    engaged[kind][(e, g)] = list(zip(queries, counts_))
+    if unsure:
+      uncertain[kind].add((e, g))
   return engaged, uncertain
 
 
@@ -153,9 +251,23 @@ def ngram_counts(texts) -> pa.Table:
                        count=pa.array(count, pa.int64())))
 
 
+def top_ngrams(t: pa.Table, sizes: dict) -> pa.Table:
+  """The first sizes[vocab] rows of each vocabulary in NgramVocab's order (count descending,
+  then token: Arrow orders strings by their UTF-8 bytes, which is Python's code-point order)."""
+  t = t.sort_by([("vocab", "ascending"), ("count", "descending"), ("token", "ascending")])
+  vocab = t["vocab"].to_numpy(zero_copy_only=False)
+  parts = []
+  for v, size in sizes.items():
+    rows = np.flatnonzero(vocab == v)
+    parts.append(t.slice(int(rows[0]), min(size, len(rows))) if len(rows) else t.slice(0, 0))
+  return pa.concat_tables(parts)
+
+
 def ngram_vocab(datasets: dict, boards: dict, engaged: dict, d) -> text.NgramVocab:
-  """NgramVocab.build over every entity field text: per-block counts, one groupby().sum()."""
+  """NgramVocab.build over every entity field text: per-block counts, summed per (vocab, token)
+  (sum_by), each block's top candidates, the global top on the driver."""
   refs = ray.put((boards, engaged))
+  sizes = {"trigram": d.trigram_vocab, "unigram": d.unigram_vocab, "bigram": d.bigram_vocab}
 
   def counts_of(kind):
     def fn(t: pa.Table) -> pa.Table:
@@ -164,14 +276,15 @@ def ngram_vocab(datasets: dict, boards: dict, engaged: dict, d) -> text.NgramVoc
       return ngram_counts(x for per in items for f in per for x in f)
     return fn
 
-  parts = [ds.map_batches(counts_of(k), batch_format="pyarrow") for k, ds in datasets.items()]
-  summed = parts[0].union(*parts[1:]).groupby(["vocab", "token"]).sum("count").take_all()
-  by_vocab: dict = {"trigram": [], "unigram": [], "bigram": []}
-  for r in summed:
-    by_vocab[r["vocab"]].append((-int(r["sum(count)"]), r["token"]))
-  sizes = {"trigram": d.trigram_vocab, "unigram": d.unigram_vocab, "bigram": d.bigram_vocab}
-  return text.NgramVocab(*[[tok for _, tok in sorted(by_vocab[v])[:sizes[v]]]
-                           for v in ("trigram", "unigram", "bigram")])
+  parts = [ds.map_batches(counts_of(k), **WHOLE_BLOCKS) for k, ds in datasets.items()]
+  # Each block of the sums holds whole (vocab, token) keys: its top candidates are cut there.
+  summed = sum_by(parts[0].union(*parts[1:]), ["vocab", "token"])
+  top = top_ngrams(driver_table(summed.map_batches(top_ngrams, fn_args=(sizes,),
+                                                   **WHOLE_BLOCKS),
+                                ngram_counts([])), sizes)
+  vocab, token = top["vocab"].to_pylist(), top["token"].to_pylist()
+  return text.NgramVocab(*[[t for v, t in zip(vocab, token) if v == name]
+                           for name in ("trigram", "unigram", "bigram")])
 
 
 # --- 5. entity tables ----------------------------------------------------------------------------
@@ -194,21 +307,4 @@ def encode_entity_tables(datasets: dict, boards: dict, engaged: dict, vocab: tex
       return encode_block(t, kind, *ray.get(refs), d)
     return fn
 
-  return {k: ds.map_batches(encoder(k), batch_format="pyarrow") for k, ds in datasets.items()}
-
-
-def write_entity_tables(tables: dict, out_dir: str) -> dict:
-  """write_parquet of each entity dataset into <out_dir>/entities/<kind>/ (a directory of files
-  in entity_index order); returns {kind: directory}."""
-  dirs = {}
-  for kind, ds in tables.items():
-    path = os.path.join(out_dir, "entities", kind)
-    ds.sort("entity_index").write_parquet(path)
-    dirs[kind] = path
-  return dirs
-
-
-def read_entity_table(directory: str) -> pa.Table:
-  """One table of a write_entity_tables directory, rows in entity_index order."""
-  table = pq.read_table(directory)
-  return table.take(pc.sort_indices(table["entity_index"]))
+  return {k: ds.map_batches(encoder(k), **WHOLE_BLOCKS) for k, ds in datasets.items()}

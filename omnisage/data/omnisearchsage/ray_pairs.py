@@ -3,13 +3,14 @@
 Everything keyed by a query's entity_index, so it all needs the distinct query texts first:
   queries     every distinct normalised query of the logs (a unique()), the WordPiece vocabulary
               learned on the driver (TensorFlow, as prepare.py) from the train queries in log
-              order, tokens and lexical n-gram ids in map_batches by QueryTokens actors.
+              order, tokens by QueryTokens actors (map_batches), then lexical n-gram ids.
   judged      the optional judged_negatives table validated per row group (log_rows.valid_judged)
               -> <out>/hard_negatives/<task>.judged.parquet, rows in input order.
   pairs       the caps (features.cap_pairs with prepare's per-task generator) on the driver over
               the (row, entity) ints of the train rows in log order, so the kept pairs are exactly
               prepare's; records (schema.encode_pair) in map_batches, written by ArrayRecordSink
-              (a Datasink) after a seeded random_shuffle into num_shards blocks.
+              (a Datasink) after a seeded random_shuffle into num_shards blocks; the three
+              tasks side by side (task_pairs, each with prepare's generator of that task).
 
 Driver-side here: the distinct texts and their tokens, the train query ids, the (row, entity)
 columns the caps read, the kept judged negatives (ints). At production scale joins would replace
@@ -18,9 +19,11 @@ the q_index / tokens broadcasts.
 Usage:
   vocab_path = query_vocab(config, log, out_dir)
   queries = query_table(query_texts(log), vocab_path, ngrams, d)      # a dataset
+  # or query_tokens(...) early, with_lexical(tokens, ngrams) once the n-gram vocabulary exists
   pairs, dropped = write_pairs(config, log, q_index, q_tokens, out_dir)
 """
 
+import concurrent.futures
 import os
 
 import numpy as np
@@ -31,12 +34,14 @@ import ray.data
 from omnisage.data import text
 from omnisage.data.omnisearchsage import features, schema
 from omnisage.data.omnisearchsage.log_rows import (
+  int32_lists,
   queries_table,
   remove_stale_judged,
   valid_judged,
   write_judged,
 )
 from omnisage.data.omnisearchsage.ray_blocks import (
+  WHOLE_BLOCKS,
   check_raw_schema,
   driver_table,
   raw_path,
@@ -53,14 +58,14 @@ def query_texts(log: ray.data.Dataset) -> list[str]:
     targets = t.filter(pc.equal(t["kind"], "queries"))["target"]
     return pa.table(dict(text=pa.concat_arrays([t["query"].combine_chunks(),
                                                 targets.combine_chunks()])))
-  return sorted(log.map_batches(texts, batch_format="pyarrow").unique("text"))
+  return sorted(log.map_batches(texts, **WHOLE_BLOCKS).unique("text"))
 
 
 def train_queries(log: ray.data.Dataset) -> list[str]:
   """The WordPiece learner's input, as prepare's: train queries in log order, then the train
   query->query targets in log order (the learner runs on the driver, in TensorFlow)."""
   table = driver_table(log.map_batches(lambda t: t.filter(pc.equal(t["split"], 0)).select(
-      ["row", "query", "target", "kind"]), batch_format="pyarrow"), pa.table(dict(
+      ["row", "query", "target", "kind"]), **WHOLE_BLOCKS), pa.table(dict(
           row=pa.array([], pa.int64()), query=pa.array([], pa.string()),
           target=pa.array([], pa.string()), kind=pa.array([], pa.string()))))
   table = table.take(pc.sort_indices(table["row"]))
@@ -69,18 +74,15 @@ def train_queries(log: ray.data.Dataset) -> list[str]:
 
 
 class QueryTokens:
-  """map_batches UDF: WordPiece tokens and n-gram (lexical) ids of query texts. TensorFlow is
+  """map_batches UDF: the WordPiece tokens of query texts (column `tokens`). TensorFlow is
   imported in the Ray worker that runs it, never in the driver's training code."""
 
-  def __init__(self, vocab_path: str, lower_case: bool, max_len: int, ngram_ref):
+  def __init__(self, vocab_path: str, lower_case: bool, max_len: int):
     from omnisage.data import wordpiece
     self.tokenizer = wordpiece.QueryTokenizer(vocab_path, lower_case, max_len)
-    self.ngrams = ray.get(ngram_ref[0])   # in a list: Ray passes it as a ref, not a value
 
   def __call__(self, t: pa.Table) -> pa.Table:
-    texts = t["text"].to_pylist()
-    return queries_table(t["entity_index"].to_numpy(), texts, self.tokenizer.tokenize(texts),
-                         [self.ngrams.encode(q) for q in texts])
+    return t.append_column("tokens", int32_lists(self.tokenizer.tokenize(t["text"].to_pylist())))
 
 
 def query_vocab(config, log: ray.data.Dataset, out_dir: str) -> str:
@@ -99,25 +101,50 @@ def query_vocab(config, log: ray.data.Dataset, out_dir: str) -> str:
   return path
 
 
-def query_table(texts: list[str], vocab_path: str, ngrams: text.NgramVocab, d,
-                workers: int = 1, batch_size: int = 4096) -> ray.data.Dataset:
-  """The entities/queries.parquet columns: tokenisation by `workers` QueryTokens actors."""
-  ds = ray.data.from_arrow(pa.table(dict(
-      entity_index=pa.array(np.arange(len(texts), dtype=np.int32)),
-      text=pa.array(texts, pa.string()))))
-  return ds.map_batches(QueryTokens, fn_constructor_args=(
-      vocab_path, d.query_lower_case, d.query_max_len, [ray.put(ngrams)]),
+def query_tokens(texts: list[str], vocab_path: str, d, workers: int = 1,
+                 batch_size: int = 4096, on_driver: bool = False) -> ray.data.Dataset:
+  """(entity_index, text, tokens) of every distinct query: WordPiece by `workers` QueryTokens
+  actors. Needs only query_vocab.txt, so prepare_on_ray runs it while the features are
+  computed (an actor's TensorFlow import costs seconds). `on_driver`: QueryTokens in this
+  process instead (prepare_on_ray, for a few queries when the driver has learned the
+  vocabulary, so TensorFlow is loaded here already)."""
+  table = pa.table(dict(entity_index=pa.array(np.arange(len(texts), dtype=np.int32)),
+                        text=pa.array(texts, pa.string())))
+  if on_driver:
+    return ray.data.from_arrow(QueryTokens(vocab_path, d.query_lower_case, d.query_max_len)(
+        table))
+  return ray.data.from_arrow(table).map_batches(
+      QueryTokens, fn_constructor_args=(vocab_path, d.query_lower_case, d.query_max_len),
       batch_size=batch_size, batch_format="pyarrow", concurrency=workers)
+
+
+def with_lexical(tokens: ray.data.Dataset, ngrams: text.NgramVocab) -> ray.data.Dataset:
+  """The entities/queries.parquet columns: query_tokens' rows plus their n-gram (lexical) ids."""
+  ref = ray.put(ngrams)
+
+  def fn(t: pa.Table) -> pa.Table:
+    texts, vocab = t["text"].to_pylist(), ray.get(ref)
+    return queries_table(t["entity_index"].to_numpy(), texts,
+                         list(t["tokens"].to_numpy(zero_copy_only=False)),
+                         [vocab.encode(q) for q in texts])
+  return tokens.map_batches(fn, **WHOLE_BLOCKS)
+
+
+def query_table(texts: list[str], vocab_path: str, ngrams: text.NgramVocab, d,
+                workers: int = 1) -> ray.data.Dataset:
+  """The entities/queries.parquet columns: with_lexical(query_tokens(...))."""
+  return with_lexical(query_tokens(texts, vocab_path, d, workers), ngrams)
 
 
 # --- pairs: caps and the ArrayRecord datasink ----------------------------------------------------
 class ArrayRecordSink(ray.data.Datasink):
   """Writes each input block of a dataset repartitioned into `num_shards` blocks as one shard
   <directory>/shard-i-of-n.array_record (schema.encode_pair records in column `record`); shards
-  no block reached (fewer records than shards) are written empty, as prepare's are."""
+  no block reached (fewer records than shards, or none) are written empty, as prepare's are.
+  `written`: the records written, once write_datasink has returned."""
 
   def __init__(self, directory: str, num_shards: int):
-    self.directory, self.num_shards = directory, num_shards
+    self.directory, self.num_shards, self.written = directory, num_shards, 0
 
   def on_write_start(self, schema=None) -> None:
     import shutil
@@ -135,6 +162,8 @@ class ArrayRecordSink(ray.data.Datasink):
     n = 0
     for block in blocks:
       table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+      if not table.num_rows:   # an empty block may have no columns
+        continue
       for record in table["record"].to_pylist():
         writer.write(record)
         n += 1
@@ -143,6 +172,9 @@ class ArrayRecordSink(ray.data.Datasink):
 
   def on_write_complete(self, write_result) -> None:
     from array_record.python.array_record_module import ArrayRecordWriter
+    if not write_result.write_returns:   # no block came, so on_write_start was never called
+      self.on_write_start()
+    self.written = int(sum(write_result.write_returns))
     for s in range(self.num_shards):
       path = os.path.join(self.directory, schema.shard_name(s, self.num_shards))
       if not os.path.exists(path):
@@ -165,7 +197,7 @@ def pair_rows(log: ray.data.Dataset, q_index_ref, task: str) -> ray.data.Dataset
     return pa.table(dict(row=t["row"], qi=pa.array(qi), entity=pa.array(entity),
                          engagement=t["engagement"], timestamp=t["timestamp"], split=t["split"],
                          self_click=pa.array(self_click)))
-  return log.map_batches(fn, batch_format="pyarrow")
+  return log.map_batches(fn, **WHOLE_BLOCKS)
 
 
 def pair_mask(b: pa.Table, split: int):
@@ -173,53 +205,58 @@ def pair_mask(b: pa.Table, split: int):
   return pc.and_(pc.equal(b["split"], split), pc.invert(b["self_click"]))
 
 
+def task_pairs(config, log: ray.data.Dataset, refs: tuple, t: int, task: str, out_dir: str
+               ) -> tuple[dict, int]:
+  """The train and eval shards of one task: ({split: pairs}, q2query self-clicks dropped). Its
+  generator is prepare's for this task (caps first, then the shuffles' seeds), so the tasks are
+  independent of one another and of the order they run in."""
+  d = config.data
+  cap = {"q2pin": d.pin_pair_cap, "q2product": d.product_pair_cap}.get(task)
+  rng = np.random.default_rng([config.seed, t])
+  rows = pair_rows(log, refs[0], task).materialize()
+  self_clicks = int(rows.sum("self_click") or 0) if task == "q2query" and rows.count() else 0
+  pairs = {}
+  for name, code in (("train", 0), ("eval", 2)):
+    keep = None
+    if name == "train" and cap:
+      table = driver_table(rows.map_batches(lambda b, c=code: b.filter(pair_mask(b, c)).select(
+          ["row", "entity"]), **WHOLE_BLOCKS), pa.table(dict(
+              row=pa.array([], pa.int64()), entity=pa.array([], pa.int64()))))
+      table = table.take(pc.sort_indices(table["row"]))
+      keep = table["row"].to_numpy()[features.cap_pairs(table["entity"].to_numpy(), cap, rng)]
+
+    def records(b: pa.Table, code=code, keep=keep) -> pa.Table:
+      tokens = ray.get(refs[1])
+      b = b.filter(pair_mask(b, code))
+      if keep is not None:
+        b = b.filter(pa.array(np.isin(b["row"].to_numpy(), keep)))
+      return pa.table(dict(record=pa.array([schema.encode_pair(a, e, g, s, tokens[a])
+                                            for a, e, g, s in zip(
+          b["qi"].to_pylist(), b["entity"].to_pylist(), b["engagement"].to_pylist(),
+          b["timestamp"].to_pylist())], pa.binary())))
+
+    sink = ArrayRecordSink(os.path.join(out_dir, name, task), d.num_shards)
+    rows.map_batches(records, **WHOLE_BLOCKS).random_shuffle(
+        seed=int(rng.integers(2**31))).repartition(d.num_shards).write_datasink(sink)
+    pairs[name] = sink.written
+  return pairs, self_clicks
+
+
 def write_pairs(config, log: ray.data.Dataset, q_index: dict, q_tokens: list, out_dir: str
                 ) -> tuple[dict, dict]:
   """Step 5's pair shards: ({split: {task: pairs}}, dropped) as prepare's. The caps
   (features.cap_pairs with prepare's per-task generator) run on the driver over the entity
   column of the capped task's train rows in log order (ints only); records are built in
-  map_batches and written by ArrayRecordSink after a seeded random_shuffle."""
-  d = config.data
-  caps = {"q2pin": d.pin_pair_cap, "q2product": d.product_pair_cap, "q2query": None}
+  map_batches and written by ArrayRecordSink after a seeded random_shuffle. The three tasks
+  run side by side (task_pairs, one driver thread each): their Ray Data jobs are small, and
+  mostly wait on task start-up, which overlaps."""
   refs = ray.put(q_index), ray.put(q_tokens)
-  pairs: dict = {"train": {}, "eval": {}}
-  dropped = {"q2query_self_click": 0}
-  for t, task in enumerate(schema.TASK_ENTITY):
-    rng = np.random.default_rng([config.seed, t])
-    rows = pair_rows(log, refs[0], task).materialize()
-    if task == "q2query":
-      dropped["q2query_self_click"] = int(rows.sum("self_click") or 0) if rows.count() else 0
-    for name, code in (("train", 0), ("eval", 2)):
-      keep = None
-      if name == "train" and caps[task]:
-        table = driver_table(rows.map_batches(lambda b, c=code: b.filter(pair_mask(b, c)).select(
-            ["row", "entity"]), batch_format="pyarrow"), pa.table(dict(
-                row=pa.array([], pa.int64()), entity=pa.array([], pa.int64()))))
-        table = table.take(pc.sort_indices(table["row"]))
-        keep = table["row"].to_numpy()[features.cap_pairs(table["entity"].to_numpy(), caps[task],
-                                                           rng)]
-
-      def records(b: pa.Table, code=code, keep=keep, task=task) -> pa.Table:
-        tokens = ray.get(refs[1])
-        b = b.filter(pair_mask(b, code))
-        if keep is not None:
-          b = b.filter(pa.array(np.isin(b["row"].to_numpy(), keep)))
-        return pa.table(dict(record=pa.array([schema.encode_pair(a, e, g, s, tokens[a])
-                                              for a, e, g, s in zip(
-            b["qi"].to_pylist(), b["entity"].to_pylist(), b["engagement"].to_pylist(),
-            b["timestamp"].to_pylist())], pa.binary())))
-
-      ds = rows.map_batches(records, batch_format="pyarrow").materialize()
-      n = ds.count()
-      if n:
-        ds.random_shuffle(seed=int(rng.integers(2**31))).repartition(d.num_shards).write_datasink(
-            ArrayRecordSink(os.path.join(out_dir, name, task), d.num_shards))
-      else:
-        sink = ArrayRecordSink(os.path.join(out_dir, name, task), d.num_shards)
-        sink.on_write_start()
-        sink.on_write_complete(None)
-      pairs[name][task] = n
-  return pairs, dropped
+  with concurrent.futures.ThreadPoolExecutor(len(schema.TASK_ENTITY)) as pool:
+    done = list(pool.map(lambda job: task_pairs(config, log, refs, *job, out_dir),
+                         enumerate(schema.TASK_ENTITY)))
+  pairs = {name: {task: n[name] for task, (n, _) in zip(schema.TASK_ENTITY, done)}
+           for name in ("train", "eval")}
+  return pairs, {"q2query_self_click": sum(clicks for _, clicks in done)}
 
 
 # --- judged negatives ---------------------------------------------------------------------------
@@ -227,7 +264,7 @@ def train_query_ids(log: ray.data.Dataset, q_index: dict) -> set:
   """The query_index of every query with a training row (the queries a judged negative may
   join): a unique() over the train rows."""
   train = log.map_batches(lambda t: t.filter(pc.equal(t["split"], 0)).select(["query"]),
-                          batch_format="pyarrow")
+                          **WHOLE_BLOCKS)
   return {q_index[q] for q in train.unique("query")}
 
 

@@ -1,37 +1,39 @@
 """`launch.py prepare` on Ray Data: prepare.py's prepared directory from streaming Ray Data stages.
 
-Not yet the `prepare` of launch.py: its output is held to prepare.py's (tests/test_prepare_ray.py:
-the frozen digest of the tiny synthetic world, tests/fixtures/prepare_tiny_digest.json, and the
-same directory as prepare() on a Home Depot-style world with judged negatives), its errors are
-prepare's (input_checks.py), and its summary has prepare's keys plus `engine: "ray"`
-(docs/scale_out.md, "prepare on Ray Data: status").
+The `prepare` of launch.py with `--config.data.engine=ray` (prepare.prepare_workdir). Its output
+is held to prepare.py's (tests/test_prepare_ray.py: the frozen digest of the tiny synthetic
+world, tests/fixtures/prepare_tiny_digest.json, and the same directory as prepare() on a Home
+Depot-style world with judged negatives), its errors are prepare's (input_checks.py), and its
+summary has prepare's keys plus `engine: "ray"` (docs/scale_out.md, "prepare on Ray Data").
 
 The stages, by the numbers of prepare.py's docstring, one module each:
-  ray_blocks.py    raw row groups as blocks with global row numbers; bad rows summed over blocks
+  ray_blocks.py    raw row groups as blocks with global row numbers; bad rows summed over blocks;
+                   group-bys as one call per block of co-located keys; the one-file table sink
   ray_validate.py  0-2: schema and empty-table checks, validation, duplicate ids, time split
   ray_features.py  3-5: board titles, engaged queries, n-gram vocabularies, entity tables
   ray_pairs.py     5: queries table (WordPiece), judged negatives, pair caps and ArrayRecord shards
 The rules themselves (which row is valid, the errors, the queries table's columns) are shared
 with prepare.py: entity_rows.py, log_rows.py, input_checks.py.
 
-`seconds` has prepare's keys (validate, query_vocab, features, entities, pairs). Ray's order is
-prepare's except that the queries' WordPiece tokens are computed with their lexical ids in
-`entities` (prepare counts them in `query_vocab`).
+`seconds` has prepare's keys (validate, query_vocab, features, entities, pairs). The queries'
+WordPiece tokens (prepare counts them in `query_vocab`) are computed in a driver thread from the
+end of `query_vocab`, beside the features (on the driver for up to DRIVER_QUERY_TOKENS queries
+when it learned the vocabulary, else by actors whose TensorFlow import overlaps the features),
+and joined with their lexical ids in `entities`.
 
 Usage (Ray joined first, e.g. omnisage/data/ray_runtime.init_ray):
-  with ray_blocks.data_context(ray_blocks.SMALL_SHUFFLE):   # small worlds: see SMALL_SHUFFLE
-    summary = prepare_on_ray(get_config(), "/tmp/raw", "/tmp/prepared")
+  summary = prepare_on_ray(get_config(), "/tmp/raw", "/tmp/prepared")   # with the sort shuffle
 """
 
+import concurrent.futures
 import json
 import os
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
+from omnisage.data.omnisearchsage.ray_blocks import SMALL_SHUFFLE, data_context, write_table_file
 from omnisage.data.omnisearchsage.ray_features import (
   board_titles,
   encode_block,
@@ -41,36 +43,32 @@ from omnisage.data.omnisearchsage.ray_features import (
 )
 from omnisage.data.omnisearchsage.ray_pairs import (
   judged_negatives,
-  query_table,
   query_texts,
+  query_tokens,
   query_vocab,
+  with_lexical,
   write_pairs,
 )
 from omnisage.data.omnisearchsage.ray_validate import check_inputs, validate_entities, validate_logs
 
-
-def write_table_file(ds: ray.data.Dataset, path: str, empty: pa.Table | None = None) -> int:
-  """One Parquet file of `ds` in entity_index order, streamed batch by batch through the driver
-  (prepare's single-file layout; a datasink per file is the next step). A dataset with no row is
-  the table `empty` (its columns: Ray Data may drop empty blocks), as prepare writes it. Returns
-  its rows."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  writer, n = None, 0
-  for batch in ds.sort("entity_index").iter_batches(batch_format="pyarrow", batch_size=None):
-    if writer is None:
-      writer = pq.ParquetWriter(path, batch.schema)
-    writer.write_table(batch)
-    n += batch.num_rows
-  if writer is None:
-    pq.write_table(empty, path)
-  else:
-    writer.close()
-  return n
+# Up to this many distinct queries are tokenised on the driver when it learned the WordPiece
+# vocabulary (about 0.3 s per 10k queries there, against seconds for an actor to import
+# TensorFlow); more go to QueryTokens actors.
+DRIVER_QUERY_TOKENS = 100_000
 
 
-def prepare_on_ray(config, raw_dir: str, out_dir: str, query_workers: int = 1) -> dict:
+def prepare_on_ray(config, raw_dir: str, out_dir: str, query_workers: int = 1,
+                   shuffle: str | None = SMALL_SHUFFLE) -> dict:
   """prepare.prepare's directory and summary (also meta.json), computed on the Ray cluster this
-  process has joined. `query_workers`: QueryTokens actors (TensorFlow in each)."""
+  process has joined. `query_workers`: QueryTokens actors (TensorFlow in each), when there are
+  more queries than DRIVER_QUERY_TOKENS. `shuffle`: Ray Data's shuffle strategy for the run
+  (ray_blocks.SMALL_SHUFFLE, the sort shuffle; None: the caller's DataContext's)."""
+  with data_context(shuffle):
+    return run_stages(config, raw_dir, out_dir, query_workers)
+
+
+def run_stages(config, raw_dir: str, out_dir: str, query_workers: int) -> dict:
+  """prepare_on_ray's stages, in the DataContext it set."""
   d, clock, seconds = config.data, time.perf_counter(), {}
 
   def lap(stage: str) -> None:
@@ -85,18 +83,26 @@ def prepare_on_ray(config, raw_dir: str, out_dir: str, query_workers: int = 1) -
   vocab_path = query_vocab(config, logs.log, out_dir)
   lap("query_vocab")
 
-  boards = board_titles(logs.saves, d.board_titles_top)
-  engaged, uncertain = engaged_queries(logs.log, d.engaged_queries_top, d.engaged_refresh_days)
-  datasets = {k: e.dataset for k, e in entities.items()}
-  ngrams = ngram_vocab(datasets, boards, engaged, d)
-  ngrams.save(os.path.join(out_dir, "ngram_vocab"))
-  lap("features")
+  with concurrent.futures.ThreadPoolExecutor(1) as background:
+    # The queries' WordPiece tokens need only query_vocab.txt: their actors (each imports
+    # TensorFlow, seconds) start now and run beside the features. A few queries, when the
+    # driver learned the vocabulary (TensorFlow loaded here), are tokenised here instead.
+    on_driver = not d.query_vocab_file and len(texts) <= DRIVER_QUERY_TOKENS
+    tokens = background.submit(lambda: query_tokens(texts, vocab_path, d, workers=query_workers,
+                                                    on_driver=on_driver).materialize())
+    boards = board_titles(logs.saves, d.board_titles_top)
+    engaged, uncertain = engaged_queries(logs.log, d.engaged_queries_top,
+                                         d.engaged_refresh_days)
+    datasets = {k: e.dataset for k, e in entities.items()}
+    ngrams = ngram_vocab(datasets, boards, engaged, d)
+    ngrams.save(os.path.join(out_dir, "ngram_vocab"))
+    lap("features")
 
-  for kind, ds in encode_entity_tables(datasets, boards, engaged, ngrams, d).items():
-    write_table_file(ds, os.path.join(out_dir, "entities", f"{kind}.parquet"),
-                     encode_block(entities[kind].empty, kind, boards, engaged, ngrams, d))
-  queries = query_table(texts, vocab_path, ngrams, d, workers=query_workers).materialize()
-  write_table_file(queries, os.path.join(out_dir, "entities", "queries.parquet"))
+    for kind, ds in encode_entity_tables(datasets, boards, engaged, ngrams, d).items():
+      write_table_file(ds, os.path.join(out_dir, "entities", f"{kind}.parquet"),
+                       encode_block(entities[kind].empty, kind, boards, engaged, ngrams, d))
+    write_table_file(with_lexical(tokens.result(), ngrams),
+                     os.path.join(out_dir, "entities", "queries.parquet"))
   lap("entities")
 
   q_index = {q: i for i, q in enumerate(texts)}

@@ -33,6 +33,7 @@ from omnisage.data.omnisearchsage.log_rows import DAY, time_range, valid_log, va
 from omnisage.data.omnisearchsage.raw_tables import conform_raw_table
 from omnisage.data.omnisearchsage.ray_blocks import (
   EXAMPLES,
+  WHOLE_BLOCKS,
   check_raw_schema,
   driver_table,
   good_rows,
@@ -125,7 +126,7 @@ def validate_entities(config, raw_dir: str, checks: InputChecks | None = None) -
 
     path = raw_path(raw_dir, kind)   # the same functions on no row: the columns, typed
     empty = conform_raw_table(pq.read_schema(path).empty_table(), kind, f"{kind} table {path}")
-    out[kind] = EntityStage(good.map_batches(number, batch_format="pyarrow").materialize(),
+    out[kind] = EntityStage(good.map_batches(number, **WHOLE_BLOCKS).materialize(),
                             index, bad, examples, n,
                             number(good_rows(entity_block(empty, 0, kind, config.data))))
   return out
@@ -174,7 +175,7 @@ def time_split(log: ray.data.Dataset, d, explicit: bool) -> tuple[ray.data.Datas
       ts = t["timestamp"].to_numpy()
       return t.append_column("split", pa.array(
           np.where(ts >= eval_start, 2, np.where(ts < train_end, 0, 1)).astype(np.int64)))
-    log = log.map_batches(code, batch_format="pyarrow")
+    log = log.map_batches(code, **WHOLE_BLOCKS)
   log = log.materialize()
   counts = {(r["split"], r["kind"]): r["count()"]
             for r in log.groupby(["split", "kind"]).count().take_all()}
@@ -215,7 +216,7 @@ def validate_logs(config, raw_dir: str, entities: dict,
     return t.append_column("in_train", pa.array(
         ts < train_end if train_end is not None else np.ones(len(ts), bool)))
 
-  saves = saves.map_batches(in_train, batch_format="pyarrow").materialize()
+  saves = saves.map_batches(in_train, **WHOLE_BLOCKS).materialize()
   split["board_saves_train"] = int(saves.sum("in_train") or 0) if saves.count() else 0
   return LogStage(log, saves, {"queries_log": log_bad, "board_saves": saves_bad}, split,
                   raw_rows, train_kinds)

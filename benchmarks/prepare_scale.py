@@ -213,8 +213,8 @@ def main(argv=None) -> dict:
   log = lambda s: print(s, flush=True)
   t0 = time.time()
   rows = {f"{s:g}": run_scale(s, args, log) for s in scales}
-  print(f"\n| scale | log rows | prepare rows/s | prepare peak GB | pipeline peak GB | "
-        f"in-memory rows/s | in-memory peak GB |")
+  print("\n| scale | log rows | prepare rows/s | prepare peak GB | pipeline peak GB | "
+        "in-memory rows/s | in-memory peak GB |")
   print("|---|---|---|---|---|---|---|")
   for name, r in rows.items():
     mem = r.get("in_memory", {})

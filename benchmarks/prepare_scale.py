@@ -1,9 +1,10 @@
 """prepare and the training input pipeline at 1x, 5x and 20x the demo world: rows/s and peak memory.
 
-Issue 19 asks that batch jobs run past one machine's memory: the peak memory of `prepare` (on Ray
-Data, omnisage/data/omnisearchsage/ray_prepare.py) and of the training input pipeline should stay
-flat in data size, and prepare at 1x should be no more than 2x slower than the in-memory path
-(omnisage/data/omnisearchsage/prepare.py), which is measured beside it at every scale given by
+Batch jobs must run past one machine's memory: the peak memory of `prepare` (Ray Data,
+omnisage/data/omnisearchsage/prepare.py) and of the training input pipeline (FeatureTrainData,
+which streams the examples that carry their features) should stay flat in data size, and prepare
+at 1x should be no more than 2x slower than the in-memory prepare it replaced. That one is run
+from a git worktree of --in-memory-ref (the last commit that had it) at the scales of
 --in-memory-scales.
 
 Each measurement runs in a child process; a sampler in this process adds up the proportional set
@@ -11,12 +12,13 @@ size (PSS: shared pages, such as Ray's object store, counted once) of the child 
 below it (Ray's GCS, raylet and workers included) every 0.2 s, and keeps the maximum. The world is
 the demo's synthetic world (configs/omnisage_synthetic.py) with every count (queries, pins,
 products, boards, board saves and the three log tables) times the scale; the text vocabulary is
-the same. rows/s = raw log rows (queries_log + board_saves) / prepare's wall seconds. The pipeline
-measurement builds the Grain training pipeline (omnisage/data/omnisearchsage/pipeline.py) on the
-Ray output and draws --pipeline-batches batches.
+the same. rows/s = raw log rows (queries_log + board_saves) / prepare's wall seconds. prepare
+includes writing the feature-carrying examples (the in-memory prepare did not write them). The
+pipeline measurement builds FeatureTrainData on prepare's output and draws --pipeline-batches
+batches.
 
 Usage:
-  .venv/bin/python benchmarks/prepare_scale.py [--scales 1,5,20] [--in-memory-scales 1,5]
+  .venv/bin/python benchmarks/prepare_scale.py [--scales 1,5,20] [--in-memory-scales 1,5,20]
 Prints a table and ends with one JSON line
   {"prepare_scale": {"scale": {"1": {"prepare_peak_gb", "pipeline_peak_gb", "rows_per_s", ...},
    ...}, ...}}.
@@ -38,6 +40,8 @@ if ROOT not in sys.path:
 SCALED = ("num_queries", "num_pins", "num_products", "num_boards", "num_board_saves",
           "num_query_pin", "num_query_product", "num_query_query")
 GB = 1024 ** 3
+# The last commit with the in-memory prepare (prepare.py before Ray Data replaced it).
+IN_MEMORY_REF = "0c1c4a8dedd8cdf097468cfe45f2558d2f27b6b4"
 
 
 def scaled_config(scale: float):
@@ -58,28 +62,23 @@ def child_generate(args) -> dict:
 
 
 def child_prepare(args) -> dict:
+  from omnisage.data.omnisearchsage.prepare import prepare
   config = scaled_config(args.scale)
   config.data.raw_dir, config.data.prepared_dir = args.raw, args.out
   start = time.perf_counter()
-  if args.engine == "ray":
-    from omnisage.data.omnisearchsage.ray_prepare import prepare_on_ray
-    from omnisage.data.ray_runtime import init_ray
-    init_ray()
-    summary = prepare_on_ray(config, args.raw, args.out)
-  else:
-    from omnisage.data.omnisearchsage.prepare import prepare
-    summary = prepare(config, args.raw, args.out)
-  return {"seconds": time.perf_counter() - start, "pairs": summary.get("pairs")}
+  summary = prepare(config, args.raw, args.out)   # starts a private Ray in this child
+  return {"seconds": time.perf_counter() - start, "pairs": summary.get("pairs"),
+          "step_seconds": summary.get("seconds")}
 
 
 def child_pipeline(args) -> dict:
   from absl import flags
   flags.FLAGS(["prepare_scale"])   # Grain workers read absl flags
-  from omnisage.data.omnisearchsage.pipeline import TrainData
+  from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
   config = scaled_config(args.scale)
   config.data.prepared_dir = args.out
   start = time.perf_counter()
-  data = TrainData(config, args.out, process_index=0, process_count=1)
+  data = FeatureTrainData(config, args.out, process_index=0, process_count=1)
   it = data.iterator()
   built = time.perf_counter() - start
   for _ in range(args.pipeline_batches):
@@ -108,14 +107,16 @@ def tree_memory(proc) -> int:
   return total
 
 
-def measured(what: str, scale: float, timeout: float, **kwargs) -> dict:
-  """Runs one child; returns its JSON plus "peak_gb" (the process tree's peak PSS)."""
+def measured(what: str, scale: float, timeout: float, root: str = ROOT, **kwargs) -> dict:
+  """Runs one child (this script of the checkout `root`); returns its JSON plus "peak_gb" (the
+  process tree's peak PSS)."""
   import psutil
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--scale", str(scale)]
+  cmd = [sys.executable, os.path.join(root, "benchmarks", os.path.basename(__file__)),
+         "--child", what, "--scale", str(scale)]
   for key, value in kwargs.items():
     cmd += [f"--{key.replace('_', '-')}", str(value)]
   child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=ROOT)
+                           cwd=root)
   proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
 
   def sample():
@@ -154,8 +155,9 @@ def run_scale(scale: float, args, log) -> dict:
     raise RuntimeError(f"generating the {scale:g}x world: {gen['error']}")
   log_rows = int(gen["rows"]["queries_log"]) + int(gen["rows"]["board_saves"])
   row = {"log_rows": log_rows}
-  prep = measured("prepare", scale, args.timeout, raw=raw, out=out_ray, engine="ray")
-  row.update(prepare_peak_gb=prep["peak_gb"], prepare_seconds=round(prep.get("seconds", 0), 1))
+  prep = measured("prepare", scale, args.timeout, raw=raw, out=out_ray)
+  row.update(prepare_peak_gb=prep["peak_gb"], prepare_seconds=round(prep.get("seconds", 0), 1),
+             step_seconds=prep.get("step_seconds"))
   if "error" in prep:
     row["error"] = prep["error"]
   else:
@@ -165,8 +167,9 @@ def run_scale(scale: float, args, log) -> dict:
     row.update(pipeline_peak_gb=pipe["peak_gb"], pipeline_seconds=round(pipe.get("seconds", 0), 1))
     if "error" in pipe:
       row["pipeline_error"] = pipe["error"]
-  if scale in args.in_memory_scales:
-    mem = measured("prepare", scale, args.timeout, raw=raw, out=out_mem, engine="local")
+  if scale in args.in_memory_scales and args.in_memory_root:
+    mem = measured("prepare", scale, args.timeout, root=args.in_memory_root, raw=raw,
+                   out=out_mem, engine="local")
     row["in_memory"] = {"prepare_peak_gb": mem["peak_gb"]}
     if "error" in mem:
       row["in_memory"]["error"] = mem["error"]
@@ -179,6 +182,20 @@ def run_scale(scale: float, args, log) -> dict:
   return row
 
 
+def in_memory_checkout(ref: str, directory: str) -> str:
+  """A detached git worktree of `ref` (the in-memory prepare) at `directory`; "" when this
+  checkout has no such commit (a shallow clone)."""
+  if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{ref}^{{commit}}"],
+                    capture_output=True).returncode:
+    return ""
+  if os.path.isdir(directory):
+    subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", directory],
+                   capture_output=True)
+  subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", directory, ref],
+                 check=True, capture_output=True)
+  return directory
+
+
 def ratio(a, b):
   return round(a / b, 3) if a and b else None
 
@@ -188,6 +205,8 @@ def main(argv=None) -> dict:
   p.add_argument("--scales", default="1,5,20")
   p.add_argument("--in-memory-scales", default="1,5,20",
                  help="scales at which the in-memory prepare is measured too")
+  p.add_argument("--in-memory-ref", default=IN_MEMORY_REF,
+                 help="git commit of the in-memory prepare (run from a worktree of it)")
   p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "prepare_scale"))
   p.add_argument("--pipeline-batches", type=int, default=50)
   p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
@@ -197,7 +216,6 @@ def main(argv=None) -> dict:
   p.add_argument("--scale", type=float, default=1.0)
   p.add_argument("--raw", default="")
   p.add_argument("--out", default="")
-  p.add_argument("--engine", choices=("ray", "local"), default="ray")
   args = p.parse_args(argv)
   if args.child:
     print(json.dumps(CHILDREN[args.child](args)), flush=True)
@@ -212,7 +230,18 @@ def main(argv=None) -> dict:
     p.error("--scales must be positive numbers")
   log = lambda s: print(s, flush=True)
   t0 = time.time()
-  rows = {f"{s:g}": run_scale(s, args, log) for s in scales}
+  args.in_memory_root = ""
+  if args.in_memory_scales:
+    args.in_memory_root = in_memory_checkout(args.in_memory_ref,
+                                             os.path.join(args.workdir, "in_memory_checkout"))
+    if not args.in_memory_root:
+      log(f"commit {args.in_memory_ref} not found: the in-memory prepare is not measured")
+  try:
+    rows = {f"{s:g}": run_scale(s, args, log) for s in scales}
+  finally:
+    if args.in_memory_root:
+      subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", args.in_memory_root],
+                     capture_output=True)
   print("\n| scale | log rows | prepare rows/s | prepare peak GB | pipeline peak GB | "
         "in-memory rows/s | in-memory peak GB |")
   print("|---|---|---|---|---|---|---|")
@@ -230,6 +259,7 @@ def main(argv=None) -> dict:
                       "from": f"{scales[0]:g}x", "to": f"{scales[-1]:g}x"},
       "slowdown_vs_in_memory": ratio(first.get("in_memory", {}).get("rows_per_s"),
                                      first.get("rows_per_s")),
+      "in_memory_ref": args.in_memory_ref if args.in_memory_root else None,
       "cpu": cpu_summary(), "seconds": round(time.time() - t0, 1)}}
   print(json.dumps(out), flush=True)
   return out

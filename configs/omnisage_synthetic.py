@@ -41,10 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   d.raw_dir = ""             # Parquet input tables; empty: generate the synthetic world here
   d.prepared_dir = ""        # output of prepare; empty: <workdir>/prepared
-  # "local": prepare in this process (prepare.py); "ray": the same prepared directory from Ray
-  # Data stages (ray_prepare.py) on a private local Ray, or on the cluster of `data.ray_address`
-  # in a config that sets one (docs/scale_out.md)
-  d.engine = "local"
+  # prepare runs on Ray Data: "" starts a private Ray inside the job; "HOST:6379", "auto" or
+  # "ray://HOST:10001" runs it on that cluster (`ray start --head`; docs/scale_out.md)
+  d.ray_address = ""
   d.eval_days = 7            # the last eval_days of logs are held out for evaluation
   d.gap_days = 1             # and the day before them is dropped (time gap, SPEC §1 eval)
   d.pin_pair_cap = 50        # pairs kept per pin (SPEC: against popularity bias)

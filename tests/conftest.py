@@ -9,8 +9,8 @@ from tests.helpers import common_flags, last_json, run_launch, tiny_config
 
 
 @pytest.fixture(scope="session")
-def tiny_prepared(tmp_path_factory):
-  """(config, prepared_dir) of the tiny synthetic world."""
+def tiny_prepared(ray_cluster, tmp_path_factory):
+  """(config, prepared_dir) of the tiny synthetic world, prepared on the session's Ray cluster."""
   from omnisage.data.omnisearchsage import prepare, synthetic
   config = tiny_config()
   root = tmp_path_factory.mktemp("tiny_world")
@@ -53,6 +53,8 @@ def ray_cluster():
   # they inherit PYTHONPATH from the raylets, which inherit it from this process.
   saved = os.environ.get("PYTHONPATH")
   os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved if saved else "")
+  if ray.is_initialized():   # a private local Ray that an earlier test's prepare() started
+    ray.shutdown()
   node = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
   cluster = Cluster(initialize_head=True,
                     head_node_args={**node, "include_dashboard": False})

@@ -180,7 +180,7 @@ def load_config(variant):
   return omnisage_bestbuy.get_config(variant)
 
 
-def test_raw_tables_through_prepare(tmp_path):
+def test_raw_tables_through_prepare(ray_cluster, tmp_path):
   from omnisage.data.omnisearchsage import prepare
   bb = bestbuy.load(generated_world(tmp_path / "bb"))
   raw = str(tmp_path / "raw")
@@ -213,7 +213,7 @@ def test_raw_tables_through_prepare(tmp_path):
   assert summary["features"]["entities_with_engaged_queries"]["products"] > 0
 
 
-def test_benchmark_tiny_on_a_slice(tmp_path):
+def test_benchmark_tiny_on_a_slice(ray_cluster, tmp_path):
   folder = generated_world(tmp_path / "bb")
   config = load_config("tiny")
   config.train.steps = 4

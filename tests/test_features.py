@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from omnisage.data.omnisearchsage import features
+from omnisage.data.omnisearchsage.log_rows import DAY
 
 
 def test_board_titles_hand_example():
@@ -153,23 +154,44 @@ def test_cap_pairs_counts_determinism_and_uniformity():
   assert features.cap_pairs(np.zeros(0, int), 3, rng).size == 0
 
 
+def windowed_engaged_queries(log: dict, sel: np.ndarray, top: int, refresh_days: int):
+  """The engaged-query refresh of SPEC, key by key, from features.py's rules: the top engaged
+  queries per (entity, engagement) over the rows `sel` of the log; with refresh_days > 0 the log
+  is cut into windows of that many days, each merged into the stored top lists
+  (`merge_engaged_queries`), and the keys whose merge is not certified equal to a full recompute
+  are returned too. The reference ray_features.engaged_block is held to
+  (tests/test_prepare_ray.py)."""
+  def counts(rows):
+    return features.count_engaged_queries(
+        zip(log["entity"][rows].tolist(), log["engagement"][rows].tolist()),
+        log["query"][rows].tolist())
+  if not refresh_days:
+    return features.top_engaged_queries(counts(sel), top), set()
+  window = log["timestamp"] // (refresh_days * DAY)
+  current, uncertain = {}, set()
+  for w in np.unique(window[sel]):
+    new = counts(sel & (window == w))
+    uncertain |= features.uncertain_merge_keys(current, new, top)
+    current = features.merge_engaged_queries(current, new, top)
+  return current, uncertain
+
+
 def test_prepare_windowed_refresh_equals_full_recompute_where_certified():
-  """prepare's n-day refresh path: every list not reported as uncertain equals the full
-  recompute; with one window (refresh period longer than the log) nothing is uncertain."""
-  from omnisage.data.omnisearchsage.prepare import DAY, _engaged_queries
+  """The n-day refresh: every list not reported as uncertain equals the full recompute; with
+  one window (refresh period longer than the log) nothing is uncertain."""
   rng = np.random.default_rng(3)
   for n, top in ((3_000, 20), (20_000, 5)):   # sparse lists (mostly certified), dense lists
     log = {"entity": rng.integers(0, 40, n), "engagement": rng.integers(0, 2, n).astype(str),
            "query": np.array([f"q{int(x)}" for x in rng.zipf(1.3, n) % 300], object),
            "timestamp": rng.integers(0, 60 * DAY, n)}
     sel = np.ones(n, bool)
-    full, none = _engaged_queries(log, sel, top, 0)
+    full, none = windowed_engaged_queries(log, sel, top, 0)
     assert none == set()
-    windowed, uncertain = _engaged_queries(log, sel, top, 7)
+    windowed, uncertain = windowed_engaged_queries(log, sel, top, 7)
     assert set(windowed) == set(full)
     certified = set(full) - uncertain
     if top == 20:
       assert len(certified) > 0
     assert all(windowed[k] == full[k] for k in certified)
-    one_window, none = _engaged_queries(log, sel, top, 100)
+    one_window, none = windowed_engaged_queries(log, sel, top, 100)
     assert none == set() and one_window == full

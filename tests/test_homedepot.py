@@ -42,7 +42,7 @@ def test_protocol_split_is_crc32_mod_5():
     assert not (homedepot.is_test_query(q) and homedepot.is_validation_query(q))
 
 
-def test_world_keeps_test_queries_out_and_splits_validation(tmp_path):
+def test_world_keeps_test_queries_out_and_splits_validation(ray_cluster, tmp_path):
   from configs import omnisage_homedepot
   from omnisage.data.omnisearchsage.prepare import prepare
   qs = _queries_by_split(4)

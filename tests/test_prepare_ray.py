@@ -1,15 +1,16 @@
-"""`launch.py prepare` on Ray Data (issue 19), stage by stage, against today's prepare.
+"""`launch.py prepare` on Ray Data, held to the output of the in-memory prepare it replaced.
 
-1. Today's prepare (tests/conftest.py `tiny_prepared`) still writes exactly the frozen digest of
-   tests/fixtures/prepare_tiny_digest.json (tests/prepare_digest.py): it guards the replacement.
-2. Each stage of the Ray engine (omnisage/data/omnisearchsage/ray_*.py), run on the two-node
-   `ray_cluster` over the same raw world rewritten with small Parquet row groups (so several
-   blocks, and bad rows and duplicates spread over them), gives today's values.
-3. prepare_on_ray against prepare() on the same raw dir: the same directory on a Home Depot-style
-   world (no pins, explicit split, judged negatives with bad rows), the same errors (type and
-   message) for inputs that cannot make a training set, the same `seconds` keys.
-4. The engaged-query lists computed for all keys at once (ray_features) against prepare's key by
-   key, and `launch.py prepare --config.data.engine=ray` against the local engine.
+1. prepare (tests/conftest.py `tiny_prepared`, on the two-node `ray_cluster`) writes exactly the
+   frozen digest of tests/fixtures/prepare_tiny_digest.json (tests/prepare_digest.py), made by
+   the in-memory prepare before Ray Data replaced it.
+2. Each stage (omnisage/data/omnisearchsage/ray_*.py), over the same raw world rewritten with
+   small Parquet row groups (so several blocks, and bad rows and duplicates spread over them),
+   gives the values of the whole run.
+3. A Home Depot-style world (no pins, explicit split, judged negatives with bad rows) gives its
+   frozen digest; inputs that cannot make a training set give the frozen errors (type and
+   message, tests/fixtures/prepare_refusals.json).
+4. The engaged-query lists computed for all keys at once (ray_features) against a key-by-key
+   reference, and `launch.py prepare --config.data.ray_address=<cluster>`.
 """
 
 import json
@@ -23,10 +24,14 @@ import pytest
 from omnisage.data.omnisearchsage import schema
 from tests.prepare_digest import digest_diff, load_fixture, prepared_digest
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+HOMEDEPOT_DIGEST = os.path.join(FIXTURES, "prepare_homedepot_digest.json")
+REFUSALS = os.path.join(FIXTURES, "prepare_refusals.json")
+
 ROW_GROUP = 1000   # raw rows per block: 1 to 11 blocks per table of the tiny world
 
 
-def test_todays_prepare_matches_the_frozen_digest(tiny_prepared):
+def test_prepare_writes_the_frozen_digest(tiny_prepared):
   _, prepared = tiny_prepared
   assert digest_diff(prepared_digest(prepared), load_fixture()) == []
 
@@ -190,34 +195,22 @@ def test_query_table_and_pairs(world, logs, feats, tmp_path):
     assert pairs_digest(os.path.join(tmp_path, key)) == digest, key
 
 
-def test_prepare_on_ray_writes_the_frozen_digest(ray_cluster, tiny_prepared, tmp_path):
-  """All stages together, on today's raw world (one row group per table), equal today's digest;
-  the summary's per-stage `seconds` have prepare's keys (and are in meta.json)."""
-  from omnisage.data.omnisearchsage import ray_prepare
-  config, prepared = tiny_prepared
-  raw = os.path.join(os.path.dirname(prepared), "raw")
-  summary = ray_prepare.prepare_on_ray(config, raw, str(tmp_path / "out"))
-  assert digest_diff(prepared_digest(str(tmp_path / "out")), load_fixture()) == []
+def test_prepare_summary_has_the_stage_seconds(tiny_prepared):
+  """meta.json's per-stage `seconds` (docs/scale_out.md reads them)."""
+  _, prepared = tiny_prepared
   with open(os.path.join(prepared, "meta.json")) as f:
-    today = json.load(f)["seconds"]
-  with open(tmp_path / "out" / "meta.json") as f:
-    meta = json.load(f)
-  assert set(summary["seconds"]) == set(today)   # meta.json's keys are sorted, hence sets
-  assert list(summary["seconds"]) == ["validate", "query_vocab", "features", "entities", "pairs"]
-  assert meta["seconds"] == summary["seconds"] and meta["engine"] == "ray"
-  assert all(v >= 0 for v in summary["seconds"].values())
+    seconds = json.load(f)["seconds"]
+  assert set(seconds) == {"validate", "query_vocab", "features", "entities", "pairs", "examples"}
+  assert all(v >= 0 for v in seconds.values())
 
 
-# --- 3. prepare_on_ray vs prepare() on the same raw dir ------------------------------------------
-def both_engines(config, raw: str, root) -> tuple[dict, dict]:
-  """(prepare's summary, prepare_on_ray's) of the same raw dir, into root/today and root/ray."""
-  from omnisage.data.omnisearchsage import prepare, ray_prepare
-  today = prepare.prepare(config, raw, str(root / "today"))
-  return today, ray_prepare.prepare_on_ray(config, raw, str(root / "ray"))
-
-
+# --- 3. the whole of prepare on other worlds, and what it refuses ---------------------------------
 @pytest.fixture(scope="module")
 def homedepot_world(tmp_path_factory):
+  return make_homedepot_world(tmp_path_factory.mktemp("homedepot"))
+
+
+def make_homedepot_world(root):
   """(config, raw dir) of a Home Depot-style world made by omnisage.data.sources.homedepot: no
   pins, no board saves, an explicit split, judged negatives (relevance < 2) of training queries
   plus one judged row per bad-row reason prepare counts; small row groups (several blocks)."""
@@ -225,7 +218,6 @@ def homedepot_world(tmp_path_factory):
 
   from configs import omnisage_homedepot
   from omnisage.data.sources import homedepot
-  root = tmp_path_factory.mktemp("homedepot")
   lines = ['"id","product_uid","product_title","search_term","relevance"']
   for j in range(40):   # neighbours share a positive; two judged-irrelevant products each
     for n, (uid, rel) in enumerate(((f"p{j}", 3), (f"p{j + 1}", 2.67), (f"neg{j}", 1.33),
@@ -256,24 +248,25 @@ def homedepot_world(tmp_path_factory):
   return config, str(raw)
 
 
-def test_prepare_on_ray_equals_prepare_on_a_home_depot_world(ray_cluster, homedepot_world,
-                                                             tmp_path):
-  """The same directory; a judged table of an earlier run (q2pin, which this world has none for)
-  is removed, as prepare removes it."""
+def test_prepare_writes_the_frozen_digest_of_a_home_depot_world(homedepot_world, tmp_path):
+  """The directory prepare wrote for this world before Ray Data replaced its in-memory path
+  (tests/fixtures/prepare_homedepot_digest.json); a judged table of an earlier run (q2pin,
+  which this world has none for) is removed."""
+  from omnisage.data.omnisearchsage import prepare
   config, raw = homedepot_world
-  stale = tmp_path / "ray" / "hard_negatives" / "q2pin.judged.parquet"
+  stale = tmp_path / "out" / "hard_negatives" / "q2pin.judged.parquet"
   os.makedirs(stale.parent)
   pq.write_table(pa.table(dict(query_index=[0], entity_index=[0], source=["judged"])), stale)
-  today, ray_summary = both_engines(config, raw, tmp_path)
+  summary = prepare.prepare(config, raw, str(tmp_path / "out"))
   assert not stale.exists()
-  assert today["judged_negatives"]["q2product"] > 0 and today["entities"]["pins"] == 0
-  assert today["split"]["kind"] == "column"
-  assert set(today["bad_rows"]["judged_negatives"]) == {
+  assert summary["judged_negatives"]["q2product"] > 0 and summary["entities"]["pins"] == 0
+  assert summary["split"]["kind"] == "column"
+  assert set(summary["bad_rows"]["judged_negatives"]) == {
       "missing_field", "invalid_value", "unknown_query", "unknown_entity"}
-  want = prepared_digest(str(tmp_path / "today"))
-  assert "q2product.judged.parquet" in want["hard_negatives"]
-  assert digest_diff(prepared_digest(str(tmp_path / "ray")), want) == []
-  assert ray_summary["bad_rows"] == today["bad_rows"]   # dict order too (meta.json sorts it)
+  got = prepared_digest(str(tmp_path / "out"))
+  assert "q2product.judged.parquet" in got["hard_negatives"]
+  with open(HOMEDEPOT_DIGEST) as f:
+    assert digest_diff(got, json.load(f)) == []
 
 
 def _empty(raw, name):
@@ -318,31 +311,38 @@ REFUSED = {
 }
 
 
+def refusal(case: str, raw) -> tuple[str, str]:
+  """(exception type, message) prepare gave for `case` before Ray Data replaced its in-memory
+  path (tests/fixtures/prepare_refusals.json), for the raw dir `raw`."""
+  with open(REFUSALS) as f:
+    kind, message = json.load(f)[case]
+  return kind, message.replace("{raw}", str(raw))
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_prepare_on_ray_refuses_what_prepare_refuses(ray_cluster, tiny_prepared, tmp_path, case):
-  """Same exception type and message as prepare (launch.py turns them into exit 2)."""
+def test_prepare_refuses_what_it_refused(ray_cluster, tiny_prepared, tmp_path, case):
+  """Same exception type and message (launch.py turns them into exit 2)."""
   import shutil
 
-  from omnisage.data.omnisearchsage import prepare, ray_prepare
+  from omnisage.data.omnisearchsage import prepare
   config, prepared = tiny_prepared
   raw = tmp_path / "raw"
   shutil.copytree(os.path.join(os.path.dirname(prepared), "raw"), raw)
   REFUSED[case](raw)
-  errors = []
-  for run in (prepare.prepare, ray_prepare.prepare_on_ray):
-    with pytest.raises((ValueError, FileNotFoundError)) as error:
-      run(config, str(raw), str(tmp_path / run.__name__))
-    errors.append((type(error.value), str(error.value)))
-  assert errors[0] == errors[1], case
+  with pytest.raises((ValueError, FileNotFoundError)) as error:
+    prepare.prepare(config, str(raw), str(tmp_path / "out"))
+  assert (type(error.value).__name__, str(error.value)) == refusal(case, raw)
 
 
-# --- 4. the engaged-query lists against prepare's, and `launch.py prepare` on the Ray engine -----
-def test_engaged_lists_vs_prepare():
+# --- 4. the engaged-query lists against a key-by-key reference, and `launch.py prepare` ---------
+def test_engaged_lists_vs_key_by_key_reference():
   """ray_features.engaged_block (every key's windows merged at once, in Arrow) against
-  prepare._engaged_queries (features.merge_engaged_queries / uncertain_merge_keys key by key)
-  on random logs: ties, non-ASCII queries, short top lists, several refresh windows."""
-  from omnisage.data.omnisearchsage import prepare, ray_features
+  tests/test_features.windowed_engaged_queries (features.merge_engaged_queries /
+  uncertain_merge_keys key by key) on random logs: ties, non-ASCII queries, short top lists,
+  several refresh windows."""
+  from omnisage.data.omnisearchsage import ray_features
   from omnisage.data.omnisearchsage.log_rows import DAY
+  from tests.test_features import windowed_engaged_queries
   rng = np.random.default_rng(0)
   words = np.array(["a", "b", "ab", "B", "é", "e\u0301", "ä", "日本", "a b", "ß", "aa"], object)
   uncertain_seen = 0
@@ -352,7 +352,7 @@ def test_engaged_lists_vs_prepare():
                engagement=rng.integers(0, 3, n), query=words[rng.zipf(1.3, n) % len(words)],
                timestamp=rng.integers(0, 30 * DAY, n))
     for top, refresh in ((1, 1), (2, 3), (3, 7), (5, 0)):
-      want, want_unsure = prepare._engaged_queries(log, np.ones(n, bool), top, refresh)
+      want, want_unsure = windowed_engaged_queries(log, np.ones(n, bool), top, refresh)
       ts = log["timestamp"]
       got = ray_features.engaged_block(pa.table(dict(
           kind=pa.array(["pins"] * n), entity=pa.array(log["entity"]),
@@ -367,41 +367,32 @@ def test_engaged_lists_vs_prepare():
   assert uncertain_seen > 0   # the certification check was exercised
 
 
-def test_launch_prepare_with_the_ray_engine(tiny_prepared, tmp_path):
-  """`launch.py prepare --config.data.engine=ray` (a child process: init_ray starts its own local
-  Ray) writes the local engine's directory; a raw table prepare refuses (invalid UTF-8, found in
-  a Ray task) ends as prepare's does: exit 2, `error: <prepare's message>`, no traceback."""
+def test_launch_prepare_on_a_cluster(ray_cluster, tiny_prepared, tmp_path):
+  """`launch.py prepare --config.data.ray_address=<the two-node cluster>` (a child process that
+  joins the cluster, as on a real one) writes the tiny world's directory; a raw table prepare
+  refuses (invalid UTF-8, found in a Ray task) ends with exit 2, `error: <prepare's message>`,
+  no traceback."""
   import shutil
 
-  from omnisage.data.omnisearchsage import prepare
   from tests.helpers import TINY_CONFIG, last_json, run_launch
-  config, prepared = tiny_prepared
+  _, prepared = tiny_prepared
   raw = os.path.join(os.path.dirname(prepared), "raw")
-  flags = [f"--config={TINY_CONFIG}:tiny", "--config.data.engine=ray"]
+  flags = [f"--config={TINY_CONFIG}:tiny", f"--config.data.ray_address={ray_cluster.address}"]
   result = run_launch("prepare", *flags, f"--workdir={tmp_path / 'ok'}",
                       f"--config.data.raw_dir={raw}")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = last_json(result)["prepare"]
-  assert summary["engine"] == "ray" and summary["prepared_dir"] == str(tmp_path / "ok" / "prepared")
-  assert digest_diff(prepared_digest(summary["prepared_dir"]), prepared_digest(prepared)) == []
+  assert summary["ray_address"] == ray_cluster.address
+  assert summary["prepared_dir"] == str(tmp_path / "ok" / "prepared")
+  assert digest_diff(prepared_digest(summary["prepared_dir"]), load_fixture()) == []
 
   broken = tmp_path / "broken"
   shutil.copytree(raw, broken)
-  REFUSED["invalid UTF-8 in a later block"](broken)
-  with pytest.raises(ValueError) as error:
-    prepare.prepare(config, str(broken), str(tmp_path / "local"))
+  case = "invalid UTF-8 in a later block"
+  REFUSED[case](broken)
   result = run_launch("prepare", *flags, f"--workdir={tmp_path / 'bad'}",
                       f"--config.data.raw_dir={broken}")
   assert result.returncode == 2, result.stderr[-3000:]
-  assert f"error: {error.value}" in result.stderr and "Traceback" not in result.stderr
-  assert last_json(result)["prepare"] == {"error": str(error.value)}
-
-
-def test_an_unknown_engine_is_a_clear_error(tmp_path):
-  from omnisage.data.omnisearchsage import prepare
-  from tests.helpers import tiny_config
-  config = tiny_config()
-  config.data.engine = "spark"
-  with pytest.raises(ValueError, match=r"config.data.engine must be one of \('local', 'ray'\)"):
-    prepare.prepare_workdir(config, str(tmp_path))
-  assert not os.listdir(tmp_path)   # refused before the synthetic world is generated
+  message = refusal(case, broken)[1]
+  assert f"error: {message}" in result.stderr and "Traceback" not in result.stderr
+  assert last_json(result)["prepare"] == {"error": message}

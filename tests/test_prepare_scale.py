@@ -45,3 +45,25 @@ def test_a_failing_child_is_reported_not_raised(tmp_path):
                                pipeline_batches=1)
   assert "error" in out and out["peak_gb"] >= 0
   assert time.time() - start < 120
+
+
+def test_the_in_memory_prepare_is_checked_out_from_its_commit(tmp_path):
+  """The baseline the benchmark measures is the in-memory prepare of IN_MEMORY_REF (a worktree of
+  this clone); a commit the clone lacks gives "" (not measured), not an error."""
+  import os
+  import subprocess
+
+  import pytest
+  directory = prepare_scale.in_memory_checkout(prepare_scale.IN_MEMORY_REF,
+                                               str(tmp_path / "old"))
+  if not directory:
+    pytest.skip(f"this clone lacks commit {prepare_scale.IN_MEMORY_REF} (shallow?)")
+  try:
+    with open(os.path.join(directory, "omnisage", "data", "omnisearchsage", "prepare.py")) as f:
+      old = f.read()
+    assert 'ENGINES = ("local", "ray")' in old and "def _engaged_queries(" in old
+    with open(os.path.join(directory, "benchmarks", "prepare_scale.py")) as f:
+      assert '"--engine", choices=("ray", "local")' in f.read()   # the child flag run_scale passes
+  finally:
+    subprocess.run(["git", "-C", prepare_scale.ROOT, "worktree", "remove", "--force", directory])
+  assert prepare_scale.in_memory_checkout("0" * 40, str(tmp_path / "none")) == ""

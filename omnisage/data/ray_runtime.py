@@ -1,7 +1,7 @@
 """Ray for the batch jobs: start it once per process, in-process by default or on a cluster.
 
-The batch jobs (`launch.py embed` with `engine="ray"`, `launch.py prepare` with
-`data.engine="ray"`) run on Ray Data (docs/scale_out.md). On one machine nothing needs setting
+The batch jobs (`launch.py prepare`, `launch.py embed` with `engine="ray"`, the PinnerSage job
+with `engine="ray"`) run on Ray Data (docs/scale_out.md). On one machine nothing needs setting
 up: Ray starts inside the job's process and stops with it. On a cluster, `ray start --head` on
 one node and `ray start --address=HEAD:6379` on the others; the job then joins it with
 `--config.ray_address=HEAD:6379` (prepare: `data.ray_address`; or "auto": the cluster started on

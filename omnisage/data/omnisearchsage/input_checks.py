@@ -1,10 +1,11 @@
-"""Raw inputs that cannot make a training set: prepare's errors, one copy for both engines.
+"""Raw inputs that cannot make a training set: prepare's errors.
 
 `launch.py prepare` refuses, with a ValueError that names the table, its file and the task that
 needs it (launch.py: exit 2, no traceback), a world it cannot train on, rather than writing empty
 tables that `train` would fail on later: a needed table that is empty, or has no valid row, or a
-log with no training row for a configured task. prepare.py and the Ray Data engine
-(ray_validate.py) both raise them through `InputChecks`, so the messages cannot drift apart.
+log with no training row for a configured task. prepare's stages (ray_validate.py) raise them
+through `InputChecks` on the driver, never inside a Ray task, so the messages reach launch.py as
+they are.
 
 A table is "needed" by the queries_log (every pair comes from it) and by each configured task
 (`config.tasks.<task>` pairs per batch > 0; all tasks when the config has no `tasks`).

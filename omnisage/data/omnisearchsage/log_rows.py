@@ -1,11 +1,10 @@
 """Validation of the raw engagement tables (queries_log, board_saves, judged_negatives), SPEC §1.
 
-One copy of these rules for both engines of `launch.py prepare`: prepare.py validates whole
-tables in one process, the Ray Data engine (ray_validate.py, ray_pairs.py) one Parquet row group
-per block. Each `valid_*` function takes a conformed raw table (raw_tables.conform_raw_table) and
-returns its RowChecks (a bad row is dropped AND counted by the first of entity_rows.REASONS it
-has) and the columns of its valid rows, in input order. The entity tables' rules are in
-entity_rows.py.
+The rules `launch.py prepare` applies on Ray Data (ray_validate.py, ray_pairs.py), one Parquet
+row group per block. Each `valid_*` function takes a conformed raw table
+(raw_tables.conform_raw_table) and returns its RowChecks (a bad row is dropped AND counted by the
+first of entity_rows.REASONS it has) and the columns of its valid rows, in input order. The
+entity tables' rules are in entity_rows.py.
 
 Timestamps (seconds since 1970 UTC) are valid in [TIME_MIN, the start of prepare + 1 day]: below
 zero is `negative_timestamp`, otherwise outside is `timestamp_out_of_range`. A log with an

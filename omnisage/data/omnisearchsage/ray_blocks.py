@@ -1,5 +1,5 @@
 """Raw Parquet tables as Ray Data blocks with global row numbers, and the block-level helpers of
-the Ray Data engine of `launch.py prepare` (ray_prepare.py).
+`launch.py prepare` on Ray Data (prepare.py).
 
 Reading: a raw table is validated one block per Parquet row group (or per slice of one, when
 the file has fewer row groups than the cluster has CPUs: `block_units`). Ray's read_parquet

@@ -11,8 +11,8 @@ entity_rows.encode_entities per block. A group-by is one call per block of co-lo
 
 The engaged-query lists of all keys of a block are computed at once in Arrow (`merge_window`):
 the same lists and the same uncertain keys as features.merge_engaged_queries and
-uncertain_merge_keys key by key, which tests/test_prepare_ray.py checks against prepare's
-_engaged_queries on random logs with ties, non-ASCII queries and several windows.
+uncertain_merge_keys key by key, which tests/test_prepare_ray.py checks against a key-by-key
+reference on random logs with ties, non-ASCII queries and several windows.
 
 The board-title and engaged-query lists come back to the driver and are broadcast (ray.put) to
 the encoding blocks; at production scale a join on entity_index would replace that.
@@ -154,10 +154,10 @@ def merge_window(current: pa.Table, new: pa.Table, top: int) -> tuple[pa.Table, 
 
 
 def engaged_lists(t: pa.Table, top: int) -> tuple[pa.Table, set]:
-  """prepare._engaged_queries over (entity, engagement, window, query, count) rows of one
-  kind holding every row of their keys: window by window in order, each merged into the stored
-  lists (one window when refresh_days is 0: a full recompute). Returns the lists as ranked
-  (key, query, count) rows and the uncertain keys."""
+  """The engaged-query refresh of SPEC (features.merge_engaged_queries) over (entity,
+  engagement, window, query, count) rows of one kind holding every row of their keys: window by
+  window in order, each merged into the stored lists (one window when refresh_days is 0: a full
+  recompute). Returns the lists as ranked (key, query, count) rows and the uncertain keys."""
   t = t.group_by(KEY + ["window", "query"], use_threads=False).aggregate([("count", "sum")])
   t = t.rename_columns({"count_sum": "count"})
   current = pa.table(dict(entity=pa.array([], pa.int64()), engagement=pa.array([], pa.int64()),
@@ -189,10 +189,10 @@ def engaged_block(t: pa.Table, top: int) -> pa.Table:
 
 def engaged_queries(log: ray.data.Dataset, top: int, refresh_days: int) -> tuple[dict, dict]:
   """({kind: {(entity, engagement): [(query, count)]}}, {kind: uncertain keys}) from the train
-  rows engaging pins and products, as prepare._engaged_queries: per block a count by
-  (kind, entity, engagement, window, query) (window = the refresh window of the row; 0 for
-  all when refresh_days is 0), the counts co-located by (kind, entity, engagement), then every
-  key's windows merged in one engaged_block call per block."""
+  rows engaging pins and products, with the refresh of features.merge_engaged_queries: per
+  block a count by (kind, entity, engagement, window, query) (window = the refresh window of the
+  row; 0 for all when refresh_days is 0), the counts co-located by (kind, entity, engagement),
+  then every key's windows merged in one engaged_block call per block."""
   def counts(t: pa.Table) -> pa.Table:
     t = t.filter(pc.and_(pc.equal(t["split"], 0), pc.is_in(t["kind"], pa.array(
         ["pins", "products"]))))

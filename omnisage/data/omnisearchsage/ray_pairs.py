@@ -2,7 +2,7 @@
 
 Everything keyed by a query's entity_index, so it all needs the distinct query texts first:
   queries     every distinct normalised query of the logs (a unique()), the WordPiece vocabulary
-              learned on the driver (TensorFlow, as prepare.py) from the train queries in log
+              learned on the driver (TensorFlow) from the train queries in log
               order, tokens by QueryTokens actors (map_batches), then lexical n-gram ids.
   judged      the optional judged_negatives table validated per row group (log_rows.valid_judged)
               -> <out>/hard_negatives/<task>.judged.parquet, rows in input order.

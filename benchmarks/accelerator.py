@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from benchmarks.efficiency import measure_train_step
 from configs.omnisage_synthetic import get_config
-from omnisage.data.omnisearchsage.pipeline import load_stores
+from omnisage.data.omnisearchsage.feature_examples import ensure_feature_examples
 from omnisage.train import flops as flops_lib
 
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
@@ -78,7 +78,7 @@ def main():
   if args.dry_run:
     args.steps, args.max_pairs, args.matmul_n = min(args.steps, 2), 0, 256
   config = base_config(args.dry_run, args.query_size)
-  stores = load_stores(args.prepared, config.data)
+  ensure_feature_examples(config, args.prepared)   # the training input; scaled configs share it
   device = jax.devices()[0]
   peak = peaks(device, args.matmul_n)
 
@@ -89,7 +89,7 @@ def main():
     if rows and pairs > args.max_pairs:
       break
     try:
-      r = measure_train_step(c, args.prepared, stores, args.steps)
+      r = measure_train_step(c, args.prepared, args.steps)
     except Exception as error:   # noqa: BLE001 - only an out-of-memory ends the sweep quietly
       if not any(m in str(error) for m in OOM_MARKERS):
         raise

@@ -7,8 +7,9 @@ Rows of the table:
                pairs written per second of the whole prepare. It runs offline, once per dataset.
   tokenise     raw log rows featurised from text one by one (WordPiece query, n-gram ids of the
                positive's title + description), the rate a streaming featuriser would reach.
-  grain read   omnisage/data/pipeline.TrainData's iterator (ArrayRecord -> shuffle -> decode ->
-               batch -> entity-feature gather + shared random negatives): pairs per second.
+  grain read   the training input, feature_pipeline.FeatureTrainData's iterator over the examples
+               that carry their features (example ArrayRecords -> shuffle -> batched read ->
+               decode + pad, shared random negatives from the entity stream): pairs per second.
   train step   the real jitted train step (omnisage/train/omnisearchsage/step.py, trainer.py's
                shardings) on the synthetic config: pairs per second consumed.
 Headroom = producer pairs/s / train-step pairs/s; the pipeline is no bottleneck at >= 3x. Each
@@ -38,8 +39,9 @@ import jax
 
 from benchmarks.machine import cpu_summary
 from configs.omnisage_synthetic import get_config
-from omnisage.data.omnisearchsage import synthetic
-from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
+from omnisage.data.omnisearchsage import feature_examples, synthetic
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
+from omnisage.data.omnisearchsage.pipeline import task_batch_sizes
 from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 from omnisage.train import flops as flops_lib
 from omnisage.train import sharding
@@ -101,8 +103,9 @@ def measure_featurise(config, raw: str, prepared: str, examples: int) -> dict:
   return {"examples": n, "seconds": round(seconds, 3), "pairs_per_second": n / seconds}
 
 
-def measure_grain(config, prepared: str, stores, batches: int) -> dict:
-  iterator = TrainData(config, prepared, stores).iterator()
+def measure_grain(config, prepared: str, batches: int) -> dict:
+  feature_examples.ensure_feature_examples(config, prepared)
+  iterator = FeatureTrainData(config, prepared).iterator()
   next(iterator)   # start-up: threads, file handles, first shuffle
   t0 = time.perf_counter()
   for _ in range(batches):
@@ -113,10 +116,11 @@ def measure_grain(config, prepared: str, stores, batches: int) -> dict:
           "batch_ms": 1000 * seconds / batches}
 
 
-def measure_train_step(config, prepared: str, stores, steps: int) -> dict:
+def measure_train_step(config, prepared: str, steps: int) -> dict:
   mesh = sharding.make_mesh(config.mesh, jax.devices()[: config.mesh.data * config.mesh.model])
   state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
-  iterator = TrainData(config, prepared, stores).iterator()
+  feature_examples.ensure_feature_examples(config, prepared)
+  iterator = FeatureTrainData(config, prepared).iterator()
   # Two distinct batches on the device, reused in turn: the step is timed without Grain's host time
   # and without holding `steps` batches in device memory (large batches on one accelerator).
   batches = [sharding.shard_batch(mesh, next(iterator)) for _ in range(2)]
@@ -175,9 +179,8 @@ def main():
 
   prepared, prep = measure_prepare(config, workdir)
   featurise = measure_featurise(config, os.path.join(workdir, "raw"), prepared, args.featurise)
-  stores = load_stores(prepared, config.data)
-  grain_r = measure_grain(config, prepared, stores, args.read_batches)
-  train = measure_train_step(config, prepared, stores, args.steps)
+  grain_r = measure_grain(config, prepared, args.read_batches)
+  train = measure_train_step(config, prepared, args.steps)
   peak = flops_lib.measure_matmul_peak(jax.devices()[0], n=args.matmul_n)
 
   analytic = flops_lib.model_flops(config)

@@ -1,7 +1,8 @@
 """Train-step throughput of OmniSearchSage on prepared data, several variants side by side.
 
 Measures, in ONE process (this machine is noisy, so only ratios within a run mean much):
-  data_ms    host time to produce one multi-task batch (Grain + feature gather + negatives)
+  data_ms    host time to produce one multi-task batch (feature_pipeline.FeatureTrainData:
+             examples with their features + shared random negatives)
   step_ms    device time of one jitted, sharded train step (after compilation)
   examples/s pairs per second through the step alone
 
@@ -21,7 +22,9 @@ import time
 import jax
 
 from configs.omnisage_synthetic import get_config
-from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
+from omnisage.data.omnisearchsage.feature_examples import ensure_feature_examples
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
+from omnisage.data.omnisearchsage.pipeline import task_batch_sizes
 from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 from omnisage.train import sharding
 from omnisage.train.omnisearchsage.state import create_train_state
@@ -51,10 +54,10 @@ def configured(overrides: dict, mesh_data: int, mesh_model: int):
   return config
 
 
-def measure(config, prepared: str, stores, steps: int) -> dict:
+def measure(config, prepared: str, steps: int) -> dict:
   mesh = sharding.make_mesh(config.mesh, jax.devices()[: config.mesh.data * config.mesh.model])
   state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
-  iterator = TrainData(config, prepared, stores).iterator()
+  iterator = FeatureTrainData(config, prepared).iterator()
   t0 = time.perf_counter()
   batches = [next(iterator) for _ in range(steps + 1)]
   data_s = (time.perf_counter() - t0) / (steps + 1)
@@ -86,13 +89,13 @@ def main():
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.prepared, "meta.json")):
     sys.exit(f"error: {args.prepared}/meta.json not found: run `make demo` or `launch.py prepare`")
-  stores = load_stores(args.prepared, get_config().data)
+  ensure_feature_examples(get_config(), args.prepared)   # the variants share the examples
   results = {}
   print(f"{'variant':<24} {'data ms':>8} {'step ms':>8} {'examples/s':>11}")
   for name in args.variants.split(","):
     overrides = VARIANTS[name]
     config = configured(overrides, args.mesh_data, args.mesh_model)
-    results[name] = measure(config, args.prepared, stores, args.steps)
+    results[name] = measure(config, args.prepared, args.steps)
     r = results[name]
     print(f"{name:<24} {r['data_ms']:>8} {r['step_ms']:>8} {r['examples_per_second']:>11}",
           flush=True)

@@ -71,10 +71,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.num_shards = 2 if tiny else 4
   d.worker_count = 0         # Grain worker processes (0: in the training process)
   d.hard_negatives_dir = ""   # hard-negative tables ("": <prepared>/hard_negatives)
-  # True: train from examples that carry their features (<prepared>/feature_examples, built when
-  # missing or stale; data/omnisearchsage/feature_examples.py), no entity catalogue in the input
-  # pipeline; False: gather features from the in-memory EntityStore (pipeline.py)
-  d.feature_examples = False
 
   # --- models (omnisage/models) --------------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()

@@ -16,11 +16,27 @@ def _shapes(tree):
   return jax.tree_util.tree_map(lambda x: (tuple(x.shape), np.dtype(x.dtype).name), tree)
 
 
-def test_abstract_batch_matches_the_pipeline(tiny_prepared):
-  from omnisage.data.omnisearchsage.pipeline import TrainData
+def test_abstract_batch_matches_the_pipeline(tiny_prepared, tmp_path):
+  import shutil
+
+  from omnisage.data.omnisearchsage import feature_examples
+  from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
+  from omnisage.data.omnisearchsage.hard_negatives import write_table
   from omnisage.train.omnisearchsage.aot import abstract_batch
-  config, prepared = tiny_prepared
-  real = next(TrainData(config, prepared).iterator())
+  config, source = tiny_prepared
+  # A private copy: the hard-negatives table below changes the examples built from it.
+  prepared = str(tmp_path / "prepared")
+  shutil.copytree(source, prepared, ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
+  feature_examples.ensure_feature_examples(config, prepared)
+  real = next(FeatureTrainData(config, prepared, 0, 1).iterator())
+  assert _shapes(abstract_batch(config)) == _shapes(real)
+  # With hard negatives every task carries [B, k] slots, with or without a table of its own.
+  config = config.copy_and_resolve_references()
+  config.loss.hard_negatives = 3
+  write_table(f"{prepared}/hard_negatives/q2pin.parquet", [0, 1, 1], [0, 1, 2], "mined")
+  feature_examples.ensure_feature_examples(config, prepared)
+  real = next(FeatureTrainData(config, prepared, 0, 1).iterator())
+  assert "hard_tokens" in real["q2query"] and "hard_fields" in real["q2product"]
   assert _shapes(abstract_batch(config)) == _shapes(real)
 
 

@@ -127,7 +127,8 @@ start = time.time()
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.omnisage_synthetic import get_config
-from omnisage.data.omnisearchsage.pipeline import TrainData
+from omnisage.data.omnisearchsage.feature_examples import ensure_feature_examples
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
 from omnisage.train import losses, sharding
 from omnisage.train.omnisearchsage import step as step_lib
 from omnisage.train.omnisearchsage.state import create_train_state
@@ -170,7 +171,8 @@ config.loss.nested_dims = (16, 64)
 vocab = vocab_sizes_of(prepared)
 # One task (q2pin and its compatibility task q2pinsage): the other tasks call the same loss, and
 # every task adds tower graphs to compile (minutes on a loaded 2-core box).
-batch = {"q2pin": next(TrainData(config, prepared).iterator())["q2pin"]}
+ensure_feature_examples(config, prepared)   # the training input, as trainer.py builds it
+batch = {"q2pin": next(FeatureTrainData(config, prepared).iterator())["q2pin"]}
 reference = None
 for impl, data in [("dense", 1), ("blockwise", 1), ("blockwise", 8)]:
   config.loss.impl, config.mesh.data, config.mesh.model = impl, data, 1

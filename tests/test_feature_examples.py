@@ -1,69 +1,160 @@
-"""Examples that carry their features (feature_examples.py) and the catalogue-free pipeline over
-them (feature_pipeline.py), against today's pipeline.TrainData on the tiny world: same keys, shapes
-and dtypes; the same pairs with the same positive features; negatives that are the catalogue's
-rows; exact resume; hosts that read disjoint rows and share the negatives; `launch.py train`, and
-its exact resume after a SIGKILL."""
+"""Examples that carry their features (feature_examples.py) and the training input over them
+(feature_pipeline.FeatureTrainData), against a plain reference built from the prepared Parquet
+entity tables and the pair shards on the tiny world: every row of a batch is the pair the
+shuffle puts there, with its entity table rows padded or cropped; negatives are table rows; the
+structure is the compile-only batch spec (aot.abstract_batch); exact resume; `launch.py train`
+builds missing examples. Per-host reads: tests/test_multihost.py; 1 vs 8 devices:
+tests/test_train_sharded.py; SIGKILL and resume: tests/test_resume.py (all on this input)."""
 
-import json
+import collections
+import glob
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import grain
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader
 
-from omnisage.data.omnisearchsage import feature_examples, hard_negatives, pipeline, schema
+from omnisage.data.omnisearchsage import feature_examples, hard_negatives, schema
 from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
-from tests import test_resume, test_train_sharded
-from tests.helpers import ROOT, common_flags, last_json, run_launch, subprocess_env
-from tests.test_multihost import RecordingSource
+from omnisage.data.omnisearchsage.pipeline import task_batch_sizes
+from omnisage.data.omnisearchsage.query_input import lexical_len
+from omnisage.train.omnisearchsage.aot import abstract_batch
+from tests.helpers import common_flags, last_json, run_launch
 
 
 @pytest.fixture(scope="module")
 def world(tiny_prepared, tmp_path_factory):
-  """(config, a private copy of the tiny prepared dir with feature examples, entity stores)."""
+  """(config, a private copy of the tiny prepared dir with feature examples)."""
   config, prepared = tiny_prepared
   copy = str(tmp_path_factory.mktemp("feature_examples") / "prepared")
   shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
   feature_examples.write_feature_examples(config, copy)
-  return config, copy, pipeline.load_stores(copy, config.data)
+  return config, copy
 
 
-def batches(data, steps: int) -> list[dict]:
-  it = data.iterator()
-  return [next(it) for _ in range(steps)]
+def padded(values, width: int) -> np.ndarray:
+  out = np.zeros(width, np.int32)
+  values = list(values or [])[:width]
+  out[:len(values)] = values
+  return out
 
 
-def check_against_today(config, prepared, stores, steps=2, exact=("neg", "compat", "hard")):
-  """Today's and the new pipeline's first batches: same structure, same pairs and positives;
-  every negative is its catalogue row."""
-  today = batches(pipeline.TrainData(config, prepared, stores, 0, 1), steps)
-  new = batches(FeatureTrainData(config, prepared, 0, 1), steps)
-  n = config.loss.random_negatives
-  for k in range(steps):
-    assert set(new[k]) == set(today[k])
-    for task, batch in new[k].items():
-      store = stores[schema.TASK_ENTITY[task]]
-      assert set(batch) == set(today[k][task]), task
-      for key, value in batch.items():
-        want = today[k][task][key]
-        assert (value.shape, value.dtype) == (want.shape, want.dtype), (task, key)
-        if not key.startswith(exact):   # the pairs and their positives' features
-          np.testing.assert_array_equal(value, want, err_msg=f"step {k} {task} {key}")
-      # The negatives come from the stream: their features are the catalogue's rows.
-      for key, value in store.gather(batch["neg_ids"], "neg").items():
-        if key in batch:
-          np.testing.assert_array_equal(batch[key], value, err_msg=f"{task} {key}")
-      np.testing.assert_allclose(batch["neg_log_q"], np.log(n / store.size), rtol=1e-6)
-      if "compat_neg_ids" in batch:
-        assert store.has_legacy[batch["compat_neg_ids"]].all()
-        np.testing.assert_array_equal(batch["compat_neg_legacy"],
-                                      store.legacy[batch["compat_neg_ids"]])
-  return today, new
+class Reference:
+  """What a batch must hold, from the prepared files read the plainest way: Parquet rows as
+  Python lists, pair records in shard order, hard-negative tables as sets per query."""
+
+  def __init__(self, config, prepared: str):
+    self.config, self.prepared = config, prepared
+    self.tables = {kind: pq.read_table(os.path.join(prepared, "entities", f"{kind}.parquet"))
+                   .to_pydict() for kind in schema.ENTITY_KINDS}
+    self.sizes = {kind: len(t["entity_index"]) for kind, t in self.tables.items()}
+    self.pairs, self.orders = {}, {}
+    for i, task in enumerate(task_batch_sizes(config)):
+      records = []
+      for path in sorted(glob.glob(os.path.join(prepared, "train", task, "*.array_record"))):
+        reader = ArrayRecordReader(path)
+        records += [schema.decode_pair(r) for r in reader.read_all()]
+        reader.close()
+      self.pairs[task] = [(p["query_index"], p["entity_index"]) for p in records]
+      # The documented order of the task's stream (feature_pipeline.py), reseeded every epoch.
+      self.orders[task] = (grain.MapDataset.range(len(records)).seed(config.seed + 1000 * i)
+                           .shuffle().repeat())
+
+  def pair_at(self, task: str, position: int) -> tuple[int, int]:
+    return self.pairs[task][self.orders[task][position]]
+
+  def hard_pools(self, task: str) -> dict[int, set[int]] | None:
+    directory = hard_negatives.table_dir(self.prepared, self.config.data.hard_negatives_dir)
+    paths = glob.glob(os.path.join(directory, f"{task}.parquet"))
+    paths += glob.glob(os.path.join(directory, f"{task}.*.parquet"))
+    if not paths:
+      return None
+    pools = collections.defaultdict(set)
+    for path in paths:
+      table = pq.read_table(path).to_pydict()
+      for q, e in zip(table["query_index"], table["entity_index"]):
+        pools[q].add(e)
+    return pools
+
+  def inputs(self, kind: str, index: int) -> dict:
+    """The model inputs of one entity, keyed tokens, fields, continuous, legacy, has_legacy."""
+    row = {key: column[index] for key, column in self.tables[kind].items()}
+    d = self.config.data
+    if kind == "queries":
+      tokens = padded(row["tokens"], d.batch_query_len)
+      width = lexical_len(self.config)
+      if width:
+        tokens = np.concatenate([tokens, padded(row["lexical"], width)])
+      return {"tokens": tokens}
+    legacy = np.zeros(schema.LEGACY_DIM, np.float32)
+    if row["legacy"] is not None:
+      legacy[:] = row["legacy"]
+    continuous = np.zeros(2 * schema.LEGACY_DIM + schema.VISUAL_DIM, np.float32)
+    slot = 0 if kind == "pins" else schema.LEGACY_DIM   # [pinsage | itemsage | visual]
+    continuous[slot:slot + schema.LEGACY_DIM] = legacy
+    if row["visual"] is not None:   # held as float16
+      continuous[2 * schema.LEGACY_DIM:] = np.asarray(row["visual"], np.float16)
+    return {"tokens": padded(row["tokens"], d.max_entity_tokens),
+            "fields": padded(row["fields"], d.max_entity_tokens), "continuous": continuous,
+            "legacy": legacy, "has_legacy": np.bool_(row["legacy"] is not None)}
+
+
+def assert_entity(batch: dict, prefix: str, slot, kind: str, index: int, reference, what: str):
+  for key, want in reference.inputs(kind, index).items():
+    if f"{prefix}_{key}" in batch:
+      np.testing.assert_array_equal(batch[f"{prefix}_{key}"][slot], want,
+                                    err_msg=f"{what} {prefix}_{key} (entity {index})")
+
+
+def check_against_reference(config, prepared: str, steps: int = 3) -> list[dict]:
+  """The first `steps` batches of one host against the Reference; returns them."""
+  reference = Reference(config, prepared)
+  it = FeatureTrainData(config, prepared, 0, 1).iterator()
+  batches = [next(it) for _ in range(steps)]
+  spec = abstract_batch(config)
+  n, k = int(config.loss.random_negatives), int(config.loss.get("hard_negatives", 0))
+  for step, batch in enumerate(batches):
+    assert set(batch) == set(spec)
+    for task, b in batch.items():
+      kind, size = schema.TASK_ENTITY[task], int(config.tasks[task])
+      assert {key: (v.shape, np.dtype(v.dtype)) for key, v in b.items()} == \
+             {key: (v.shape, np.dtype(v.dtype)) for key, v in spec[task].items()}, task
+      pools = reference.hard_pools(task) if k else None
+      for row in range(size):
+        what = f"step {step} {task} row {row}"
+        query, pos = reference.pair_at(task, step * size + row)
+        assert (b["query_ids"][row], b["pos_ids"][row]) == (query, pos), what
+        np.testing.assert_array_equal(b["query_tokens"][row],
+                                      reference.inputs("queries", query)["tokens"], err_msg=what)
+        assert_entity(b, "pos", row, kind, pos, reference, what)
+        if k:   # a sample of the query's hard negatives other than the positive; zeros beyond
+          valid, ids = b["hard_valid"][row], b["hard_ids"][row]
+          pool = (pools or {}).get(query, set()) - {pos}
+          kept = min(k, len(pool), feature_examples.HARD_KEPT)
+          assert valid.sum() == kept and set(ids[valid].tolist()) <= pool, what
+          assert len(set(ids[valid].tolist())) == valid.sum(), what
+          for s in range(k):
+            if valid[s]:
+              assert_entity(b, "hard", (row, s), kind, int(ids[s]), reference, what)
+            else:
+              assert not any(b[key][row, s].any() for key in b if key.startswith("hard_")
+                             and key != "hard_valid"), what
+      # Random negatives: table rows, distinct within a step (a pass over a shuffled stream).
+      assert len(set(b["neg_ids"].tolist())) == min(n, reference.sizes[kind])
+      for slot, index in enumerate(b["neg_ids"].tolist()):
+        assert_entity(b, "neg", slot, kind, index, reference, f"step {step} {task} negative")
+      np.testing.assert_allclose(b["neg_log_q"], np.log(n / reference.sizes[kind]), rtol=1e-6)
+      if "compat_neg_ids" in b:   # drawn from the entities that have a legacy vector
+        legacy = reference.tables[kind]["legacy"]
+        pool = sum(v is not None for v in legacy)
+        for slot, index in enumerate(b["compat_neg_ids"].tolist()):
+          assert legacy[index] is not None
+          np.testing.assert_array_equal(b["compat_neg_legacy"][slot], legacy[index])
+        np.testing.assert_allclose(b["compat_neg_log_q"], np.log(n / pool), rtol=1e-6)
+  return batches
 
 
 def test_records_round_trip():
@@ -97,51 +188,55 @@ def test_a_batch_of_records_decodes_as_their_concatenation():
     feature_examples.decode_batch([feature_examples.encode_arrays(parts[0]), other])
 
 
-def test_same_batches_as_today_but_the_negatives(world):
-  config, prepared, stores = world
+def test_batches_match_the_entity_tables_and_pair_shards(world):
+  config, prepared = world
   meta = feature_examples.read_meta(prepared)
-  assert meta["negatives"] == {kind: s.size for kind, s in stores.items()}
-  assert meta["compat"] == {k: int(stores[k].has_legacy.sum()) for k in ("pins", "products")}
-  check_against_today(config, prepared, stores, steps=3)
+  reference = Reference(config, prepared)
+  assert meta["pairs"] == {task: len(p) for task, p in reference.pairs.items()}
+  assert meta["negatives"] == reference.sizes
+  assert meta["compat"] == {k: sum(v is not None for v in reference.tables[k]["legacy"])
+                            for k in ("pins", "products")}
+  check_against_reference(config, prepared, steps=3)
+
+
+def test_the_reference_check_catches_wrong_features(world, monkeypatch):
+  """A pipeline that pairs a row with its neighbour's positive features must fail the check."""
+  from omnisage.data.omnisearchsage import feature_pipeline
+  config, prepared = world
+  original = feature_pipeline.ExampleBatches.map
+
+  def shifted(self, step):
+    batch = original(self, step)
+    batch["pos_tokens"] = np.roll(batch["pos_tokens"], 1, axis=0)
+    return batch
+
+  monkeypatch.setattr(feature_pipeline.ExampleBatches, "map", shifted)
+  with pytest.raises(AssertionError, match="pos_tokens"):
+    check_against_reference(config, prepared, steps=1)
 
 
 def test_lexical_queries_and_hard_negatives(world, tmp_path):
-  config, source, _ = world
+  config, source = world
   prepared = str(tmp_path / "prepared")
   shutil.copytree(source, prepared)
   config = config.copy_and_resolve_references()
   config.model.query.lexical, config.loss.hard_negatives = True, 3
-  stores = pipeline.load_stores(prepared, config.data, config.data.query_lexical_len)
+  sizes = Reference(config, prepared).sizes
   rng = np.random.default_rng(0)
   for task, kind in (("q2pin", "pins"), ("q2query", "queries")):   # q2product: no table
     hard_negatives.write_table(os.path.join(prepared, "hard_negatives", f"{task}.parquet"),
-                               rng.integers(0, stores["queries"].size, 4000),
-                               rng.integers(0, stores[kind].size, 4000), "model")
+                               rng.integers(0, sizes["queries"], 4000),
+                               rng.integers(0, sizes[kind], 4000), "model")
   assert not feature_examples.is_current(config, prepared)   # a new input: stale
   feature_examples.ensure_feature_examples(config, prepared)
   assert feature_examples.is_current(config, prepared)
-  _, new = check_against_today(config, prepared, stores)
-  for task, batch in new[0].items():
-    ids, valid = batch["hard_ids"], batch["hard_valid"]
-    table = hard_negatives.HardNegatives.load(prepared, task, stores["queries"].size,
-                                              stores[schema.TASK_ENTITY[task]].size)
-    if table is None:
-      assert not valid.any() and not batch["hard_tokens"].any()
-      continue
-    assert valid.any()
-    for row, (query, pos) in enumerate(zip(batch["query_ids"], batch["pos_ids"])):
-      pool = set(table.entities[table.offsets[query]:table.offsets[query + 1]]) - {pos}
-      assert set(ids[row][valid[row]]) <= pool and valid[row].sum() == min(3, len(pool))
-    gathered = stores[schema.TASK_ENTITY[task]].gather(ids.ravel(), "hard")
-    for key in ("hard_tokens", "hard_fields", "hard_continuous"):
-      if key in batch:
-        want = gathered[key].reshape(batch[key].shape)
-        np.testing.assert_array_equal(batch[key][valid], want[valid], err_msg=f"{task} {key}")
-        assert not batch[key][~valid].any()
+  batches = check_against_reference(config, prepared, steps=2)
+  for task, batch in batches[0].items():
+    assert batch["hard_valid"].any() == (task != "q2product"), task
 
 
 def test_exact_resume_from_the_iterator_state(world):
-  config, prepared, _ = world
+  config, prepared = world
   it = FeatureTrainData(config, prepared, 0, 1).iterator()
   for _ in range(3):
     next(it)
@@ -156,88 +251,13 @@ def test_exact_resume_from_the_iterator_state(world):
         np.testing.assert_array_equal(got[task][key], want[task][key], err_msg=f"{task} {key}")
 
 
-def test_two_hosts_read_disjoint_rows_and_share_the_negatives(world, monkeypatch):
-  config, prepared, _ = world
-  monkeypatch.setattr(grain.sources, "ArrayRecordDataSource", RecordingSource)
-
-  def first_batches(host, hosts, steps=3):
-    RecordingSource.reads = []
-    ds = FeatureTrainData(config, prepared, host, hosts).dataset()
-    return [ds[k] for k in range(steps)], RecordingSource.reads
-
-  alone, alone_reads = first_batches(0, 1)
-  host0, reads0 = first_batches(0, 2)
-  host1, reads1 = first_batches(1, 2)
-  # Each host reads half of every global batch and half of its negatives, each record once.
-  assert len(reads0) == len(set(reads0)) == len(reads1) == len(set(reads1))
-  assert not set(reads0) & set(reads1)
-  assert set(reads0) | set(reads1) == set(alone_reads)
-  assert {part for part, _, _ in alone_reads} == {"train", "negatives", "compat"}
-  for k in range(3):
-    for task, batch in alone[k].items():
-      for key, value in batch.items():   # pairs, their features and the shared negatives
-        joined = np.concatenate([host0[k][task][key], host1[k][task][key]])
-        np.testing.assert_array_equal(joined, value, err_msg=f"step {k} {task} {key}")
-  # Consecutive steps read consecutive runs of the negatives stream.
-  pins = [i for part, kind, i in alone_reads if (part, kind) == ("negatives", "pins")]
-  assert pins == list(range(3 * config.loss.random_negatives))
-
-
-def test_launch_train_with_feature_examples(world, tmp_path):
-  config, source, _ = world
+def test_launch_train_builds_missing_examples(world, tmp_path):
+  config, source = world
   prepared = str(tmp_path / "prepared")   # without examples: the trainer builds them
   shutil.copytree(source, prepared, ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
-  result = run_launch("train", *common_flags(tmp_path / "run", prepared),
-                      "--config.data.feature_examples=True", "--config.train.steps=4",
+  result = run_launch("train", *common_flags(tmp_path / "run", prepared), "--config.train.steps=4",
                       "--config.train.log_every=1")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = last_json(result)["train"]
   assert summary["steps"] == 4 and np.isfinite(summary["final_loss"]), summary
   assert feature_examples.is_current(config, prepared)
-
-
-def test_loss_and_gradients_agree_on_1_and_8_devices(world):
-  """tests/test_train_sharded.py's check, on a batch of the feature pipeline."""
-  _, prepared, _ = world
-  child = test_train_sharded._CHILD
-  for old, new in (("pipeline import TrainData", "feature_pipeline import FeatureTrainData"),
-                   ("next(TrainData(", "next(FeatureTrainData(")):
-    assert old in child
-    child = child.replace(old, new)
-  result = subprocess.run([sys.executable, "-c", child, prepared], cwd=ROOT,
-                          env=subprocess_env(8), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-4000:]
-  out = json.loads(result.stdout.strip().splitlines()[-1])
-  one = out["1x1"]
-  for mesh in ("8x1", "4x2"):
-    assert abs(out[mesh]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (mesh, out)
-    assert out[mesh]["worst_grad_excess"] <= 1.0, (mesh, out[mesh])
-
-
-def test_sigkill_and_resume_reproduces_the_losses_exactly(world, tmp_path):
-  """tests/test_resume.py's check with data.feature_examples: the iterator state in the
-  checkpoint resumes the example and negative streams where they were."""
-  _, prepared, _ = world
-  steps, flag = 12, "--config.data.feature_examples=True"
-  reference, _ = test_resume.run([*test_resume.train_cmd(tmp_path / "reference", prepared, steps),
-                                  flag])
-  assert reference["steps"] == steps
-  reference = test_resume.losses_by_step(tmp_path / "reference")
-  workdir = tmp_path / "killed"
-  process = subprocess.Popen([*test_resume.train_cmd(workdir, prepared, steps), flag], cwd=ROOT,
-                             env=subprocess_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and not test_resume.checkpoint_steps(workdir):
-    if process.poll() is not None:
-      pytest.fail("training finished before it could be killed")
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert max(test_resume.losses_by_step(workdir)) < steps, "the kill came too late"
-  summary, _ = test_resume.run([*test_resume.train_cmd(workdir, prepared, steps), flag])
-  assert summary["resumed_from"] is not None and summary["resumed_from"] >= 4
-  resumed = test_resume.losses_by_step(workdir)
-  assert sorted(resumed) == sorted(reference) == list(range(1, steps + 1))
-  for step in resumed:
-    assert resumed[step] == reference[step], (step, resumed[step], reference[step])

@@ -1,16 +1,19 @@
 """Per-row hard negatives (omnisage/data/omnisearchsage/hard_negatives.py): the table, sampling
-against a plain loop, the pipeline's [B, k] features, and the step's loss with them."""
+against a plain loop, the training input's [B, k] features (feature_pipeline.py), and the step's
+loss with them."""
 
 import os
+import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage import feature_examples, schema
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
 from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir, write_table
-from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores
+from omnisage.data.omnisearchsage.pipeline import load_stores
 from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 from omnisage.train import sharding
 from omnisage.train.omnisearchsage import step as step_lib
@@ -38,30 +41,44 @@ def test_out_of_range_rows_are_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tiny_prepared, tmp_path_factory):
-  config, prepared = tiny_prepared
+  config, source = tiny_prepared
   config = ml_collections.ConfigDict(config.to_dict())
   config.loss.hard_negatives = 2
+  # A private copy: the examples built here embed the table below (the shared dir's stay as
+  # they are).
+  prepared = str(tmp_path_factory.mktemp("hard_world") / "prepared")
+  shutil.copytree(source, prepared, ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
   stores = load_stores(prepared, config.data)
-  # A table in its own directory (the shared prepared dir stays untouched): 3 random products
-  # for every query.
+  # A table in its own directory (data.hard_negatives_dir): 3 random products for every query.
   config.data.hard_negatives_dir = str(tmp_path_factory.mktemp("hard"))
   rng = np.random.default_rng(1)
   queries = np.repeat(np.arange(stores["queries"].size), 3)
   write_table(f"{config.data.hard_negatives_dir}/q2product.parquet", queries,
               rng.integers(0, stores["products"].size, len(queries)), "mined")
+  feature_examples.ensure_feature_examples(config, prepared)
   return config, prepared, stores
 
 
 def test_pipeline_adds_hard_negative_features(world):
   config, prepared, stores = world
-  batch = next(TrainData(config, prepared, stores).iterator())
+  batch = next(FeatureTrainData(config, prepared, 0, 1).iterator())
   b = config.tasks.q2product
   hard = batch["q2product"]
-  assert hard["hard_ids"].shape == (b, 2) and hard["hard_valid"].all()
+  assert hard["hard_ids"].shape == (b, 2)
+  # A query's 3 random products hold fewer than 2 others than its positive only when they repeat.
+  table = HardNegatives.load(prepared, "q2product", stores["queries"].size,
+                             stores["products"].size, config.data.hard_negatives_dir)
+  for row, (query, pos) in enumerate(zip(hard["query_ids"], hard["pos_ids"])):
+    pool = set(table.entities[table.offsets[query]:table.offsets[query + 1]].tolist()) - {pos}
+    assert hard["hard_valid"][row].sum() == min(2, len(pool))
+    assert set(hard["hard_ids"][row][hard["hard_valid"][row]].tolist()) <= pool
+  assert hard["hard_valid"].mean() > 0.9
   assert hard["hard_tokens"].shape == (b, 2, config.data.max_entity_tokens)
   assert hard["hard_continuous"].shape[:2] == (b, 2)
-  np.testing.assert_array_equal(hard["hard_tokens"][3, 1],
-                                stores["products"].tokens[hard["hard_ids"][3, 1]])
+  valid = hard["hard_valid"]
+  np.testing.assert_array_equal(hard["hard_tokens"][valid],
+                                stores["products"].tokens[hard["hard_ids"][valid]])
+  assert not hard["hard_tokens"][~valid].any()
   # Tasks without a table get all-invalid slots, so every task keeps one batch structure.
   assert not batch["q2pin"]["hard_valid"].any()
   assert table_dir(prepared, config.data.hard_negatives_dir) == config.data.hard_negatives_dir
@@ -71,7 +88,7 @@ def test_hard_negatives_enter_the_loss(world):
   config, prepared, stores = world
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
-  batch = next(TrainData(config, prepared, stores).iterator())
+  batch = next(FeatureTrainData(config, prepared, 0, 1).iterator())
   model = statics.model(state.params)
   loss = lambda b: step_lib.multitask_loss(model, config.loss, config.model, False, b,
                                            state.freq)[1]["loss/q2product"]

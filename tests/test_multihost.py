@@ -1,12 +1,13 @@
 """Multi-host training for real: two processes on loopback (jax.distributed + gloo CPU collectives),
 4 simulated CPU devices each, train exactly like one process with 8 devices.
 
-The pipeline test builds both hosts' Grain pipelines in this process and checks, record by record,
-that they read disjoint rows whose union (in host order) is the one-host global batch. The training
-test runs `launch.py train` as one 8-device process and as two 4-device processes (mesh data=8 in
-both), compares the per-step losses and the evaluations, and checks from the record indices each
-process's data source served that the two processes read disjoint records; both again with
-data.feature_examples (the second process waits while the first builds the examples).
+The pipeline test builds both hosts' Grain pipelines (feature_pipeline.FeatureTrainData) in this
+process and checks, record by record, that they read disjoint rows whose union (in host order) is
+the one-host global batch, and that they share the random negatives. The training test runs
+`launch.py train` as one 8-device process and as two 4-device processes (mesh data=8 in both) on
+prepared copies without feature examples (the second process waits while the first builds them),
+compares the per-step losses and the evaluations, and checks from the record indices each
+process's data source served that the two processes read disjoint records.
 """
 
 import json
@@ -21,7 +22,8 @@ import grain
 import numpy as np
 import pytest
 
-from omnisage.data.omnisearchsage import feature_examples, pipeline
+from omnisage.data.omnisearchsage import feature_examples
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
 from tests.helpers import ROOT, common_flags, subprocess_env
 
 STEPS = 6
@@ -47,29 +49,35 @@ class RecordingSource:
 
 def test_each_host_reads_only_its_rows_of_the_global_batch(tiny_prepared, monkeypatch):
   config, prepared = tiny_prepared
+  feature_examples.ensure_feature_examples(config, prepared)   # as training builds them
   monkeypatch.setattr(grain.sources, "ArrayRecordDataSource", RecordingSource)
-  stores = pipeline.load_stores(prepared, config.data)
 
   def first_batches(host, hosts, steps=3):
     RecordingSource.reads = []
-    ds = pipeline.TrainData(config, prepared, stores, process_index=host,
-                            process_count=hosts).dataset()
-    return [ds[k] for k in range(steps)], set(RecordingSource.reads), len(RecordingSource.reads)
+    ds = FeatureTrainData(config, prepared, process_index=host, process_count=hosts).dataset()
+    return [ds[k] for k in range(steps)], RecordingSource.reads
 
-  alone, alone_reads, _ = first_batches(0, 1)
-  host0, reads0, count0 = first_batches(0, 2)
-  host1, reads1, count1 = first_batches(1, 2)
+  alone, alone_reads = first_batches(0, 1)
+  host0, reads0 = first_batches(0, 2)
+  host1, reads1 = first_batches(1, 2)
+  train = lambda reads: [r for r in reads if r[0] == "train"]
   pairs_per_step = sum(config.tasks[t] for t in ("q2pin", "q2product", "q2query"))
-  assert len(alone_reads) == 3 * pairs_per_step
-  # Each host reads half of every global batch, each record once, and nothing the other reads.
-  assert count0 == len(reads0) == count1 == len(reads1) == 3 * pairs_per_step // 2
-  assert not reads0 & reads1
-  assert reads0 | reads1 == alone_reads
+  assert len(set(train(alone_reads))) == 3 * pairs_per_step
+  # Each host reads half of every global batch and half of its negatives, each record once, and
+  # nothing the other reads.
+  assert len(train(reads0)) == len(train(reads1)) == 3 * pairs_per_step // 2
+  assert len(reads0) == len(set(reads0)) == len(reads1) == len(set(reads1))
+  assert not set(reads0) & set(reads1)
+  assert set(reads0) | set(reads1) == set(alone_reads)
+  assert {part for part, _, _ in alone_reads} == {"train", "negatives", "compat"}
   for k in range(3):
     for task, batch in alone[k].items():
-      for key, value in batch.items():   # pairs, gathered features and the random negatives
+      for key, value in batch.items():   # pairs, their features and the shared negatives
         joined = np.concatenate([host0[k][task][key], host1[k][task][key]])
         np.testing.assert_array_equal(joined, value, err_msg=f"step {k} {task} {key}")
+  # Consecutive steps read consecutive runs of the negatives stream.
+  pins = [i for part, kind, i in alone_reads if (part, kind) == ("negatives", "pins")]
+  assert pins == list(range(3 * config.loss.random_negatives))
 
 
 # `launch.py` with its data source replaced by RecordingSource: argv[1] is a file to write the
@@ -135,26 +143,23 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["stores", "feature_examples"])
-def runs(request, tiny_prepared, tmp_path_factory):
-  """Workdirs of one 8-device process ("one") and two 4-device processes ("two"), trained from
-  the entity stores or, with data.feature_examples, from examples that carry their features. Each
-  of those runs gets a prepared copy without the examples: "two" builds them on process 0 while
-  process 1 waits at ensure_feature_examples's barrier."""
+@pytest.fixture(scope="module")
+def runs(tiny_prepared, tmp_path_factory):
+  """Workdirs of one 8-device process ("one") and two 4-device processes ("two"). Each gets a
+  prepared copy without the feature examples: "two" builds them on process 0 while process 1
+  waits at ensure_feature_examples's barrier (and the runs do not write one directory at once)."""
   _, prepared = tiny_prepared
   one, two = tmp_path_factory.mktemp("one_process"), tmp_path_factory.mktemp("two_processes")
-  prepared_of, extra = {"one": prepared, "two": prepared}, []
-  if request.param:
-    extra = ["--config.data.feature_examples=True"]
-    for name in prepared_of:
-      prepared_of[name] = str(tmp_path_factory.mktemp(f"prepared_{name}") / "prepared")
-      shutil.copytree(prepared, prepared_of[name],
-                      ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
+  prepared_of = {}
+  for name in ("one", "two"):
+    prepared_of[name] = str(tmp_path_factory.mktemp(f"prepared_{name}") / "prepared")
+    shutil.copytree(prepared, prepared_of[name],
+                    ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
   coordinator = f"--coordinator_address=127.0.0.1:{free_port()}"
-  procs = {"one": start(one, prepared_of["one"], "one", 8, *extra)}
+  procs = {"one": start(one, prepared_of["one"], "one", 8)}
   for i in range(2):
     procs[f"two{i}"] = start(two, prepared_of["two"], f"two{i}", 4, coordinator,
-                             "--num_processes=2", f"--process_id={i}", *extra)
+                             "--num_processes=2", f"--process_id={i}")
   try:
     outputs = wait_all(procs, timeout=900)
   except AssertionError:

@@ -17,7 +17,8 @@ _CHILD = r"""
 import json, sys
 import jax, numpy as np
 from configs.omnisage_synthetic import get_config
-from omnisage.data.omnisearchsage.pipeline import TrainData
+from omnisage.data.omnisearchsage.feature_examples import ensure_feature_examples
+from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
 from omnisage.train import sharding
 from omnisage.train.omnisearchsage import step as step_lib
 from omnisage.train.omnisearchsage.state import create_train_state
@@ -26,7 +27,8 @@ from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 prepared = sys.argv[1]
 config = get_config("tiny")
 vocab = vocab_sizes_of(prepared)
-batch = next(TrainData(config, prepared).iterator())
+ensure_feature_examples(config, prepared)   # the training input, as trainer.py builds it
+batch = next(FeatureTrainData(config, prepared).iterator())
 out, reference = {}, None
 for data, model in [(1, 1), (8, 1), (4, 2)]:
   config.mesh.data, config.mesh.model = data, model

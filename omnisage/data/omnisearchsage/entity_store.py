@@ -1,8 +1,9 @@
 """In-memory entity feature store: the prepared Parquet entity tables as padded NumPy arrays.
 
-Training pairs carry only entity indices; the pipeline gathers the entity's features from here, as
-production reads pin/product features from a feature store (SPEC §1 "Serving": features and
-embeddings live in a feature store keyed by entity).
+Pairs carry only entity indices; the evaluators and mining, which embed whole corpora, gather an
+entity's features from here, as production reads pin/product features from a feature store (SPEC
+§1 "Serving": features and embeddings live in a feature store keyed by entity). Training does not:
+its examples carry their features (feature_examples.py).
 
 Usage: `store = EntityStore.load(prepared_dir, "pins", max_tokens=384); store.gather(idx)`.
 """

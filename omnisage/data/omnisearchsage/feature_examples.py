@@ -2,7 +2,9 @@
 
 Production training data is denormalised: each row already holds the features of its query and
 its positive, so the trainer reads rows and never looks an entity up. This step builds such rows
-from a prepared directory (after `prepare`, before training with `data.feature_examples = True`):
+in a prepared directory: `prepare` writes them last, training rebuilds them when missing or stale
+(an older prepared dir, a changed hard-negatives table), and `launch.py mine` rebuilds them after
+writing the hard negatives they embed:
 
   <prepared>/feature_examples/
     meta.json                       counts, the settings they were built with, and the size and
@@ -40,9 +42,11 @@ import math
 import os
 import shutil
 import struct
+import sys
 
 import jax
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
@@ -53,9 +57,10 @@ from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir
 log = logging.getLogger(__name__)
 
 DIRNAME = "feature_examples"
-VERSION = 1
+VERSION = 2   # 2: hard-negative samples seeded per pair shard
 HARD_KEPT = 32      # hard negatives kept per example (the pipeline samples loss.hard_negatives)
-CHUNK = 4096        # pair records read, encoded and written at a time
+CHUNK = 4096        # entity table rows decoded at a time into the entity records
+PREFETCH = 512      # pairs (or stream entities) whose entities are read from disk at a time
 
 # --- records: named arrays ----------------------------------------------------------------------
 # u16 count; per array: u8 name length, u8 dtype code, u8 ndim, the name, u32 per dimension;
@@ -94,6 +99,29 @@ def decode_arrays(record: bytes) -> dict:
     out[name] = np.frombuffer(record, dtype, size, pos).reshape(shape)
     pos += size * dtype.itemsize
   return out
+
+
+def join_records(parts: list[tuple[str, bytes]]) -> bytes:
+  """encode_arrays of the union of records whose array names all start with "entity", each
+  renamed to its prefix (("pos", r): "entity_tokens" -> "pos_tokens"), in the parts' order,
+  without decoding an array: the bytes of encode_arrays({**pos arrays, **hard arrays, ...})."""
+  heads, bodies, count = [], [], 0
+  for prefix, record in parts:
+    (n,), pos = _COUNT.unpack_from(record, 0), _COUNT.size
+    key = prefix.encode()
+    for _ in range(n):
+      length, code, ndim = _ENTRY.unpack_from(record, pos)
+      start = pos + _ENTRY.size
+      name = record[start:start + length]
+      if not name.startswith(b"entity"):
+        raise ValueError(f"join_records: array {name!r} is not an entity array")
+      new = key + name[len(b"entity"):]
+      heads.append(_ENTRY.pack(len(new), code, ndim) + new +
+                   record[start + length:start + length + 4 * ndim])
+      pos = start + length + 4 * ndim
+    bodies.append(record[pos:])
+    count += n
+  return b"".join([_COUNT.pack(count)] + heads + bodies)
 
 
 def _header(record: bytes) -> tuple[int, list, list]:
@@ -169,17 +197,14 @@ class _Ragged:
     return lengths, (np.concatenate(parts) if parts else self.values[:0])
 
 
-class EntityRows:
-  """One entity table's features as stored in the records (row i is entity_index i)."""
+class _TableRows:
+  """The rows of (a batch of) one entity table, decoded as the records store them."""
 
-  def __init__(self, prepared_dir: str, kind: str):
-    path = os.path.join(prepared_dir, "entities", f"{kind}.parquet")
-    table = pq.read_table(path)
-    if not np.array_equal(table.column("entity_index").to_numpy(), np.arange(table.num_rows)):
-      raise ValueError(f"{path}: entity_index must be 0..N-1 in row order")
+  def __init__(self, table: pa.Table, kind: str):
     self.kind, self.size = kind, table.num_rows
+    self.index = table.column("entity_index").to_numpy()
     self.tokens = _Ragged(table.column("tokens"), np.int32)
-    self.lexical = self.fields = self.legacy = None
+    self.lexical = self.fields = self.legacy = self.has_legacy = None
     if kind == "queries":
       if "lexical" in table.column_names:
         self.lexical = _Ragged(table.column("lexical"), np.int32)
@@ -189,19 +214,80 @@ class EntityRows:
     visual, _ = fixed_vectors(table.column("visual"), schema.VISUAL_DIM)
     self.visual = visual.astype(np.float16)   # as EntityStore holds it
 
-  def block(self, idx, prefix: str) -> dict:
-    idx = np.asarray(idx, np.int64).reshape(-1)
-    lengths, tokens = self.tokens.rows(idx)
-    out = {f"{prefix}_ids": idx.astype(np.int32), f"{prefix}_lengths": lengths,
+  def block(self, rows, prefix: str) -> dict:
+    """The block of these rows (positions in the table), their ids the rows' entity_index."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    lengths, tokens = self.tokens.rows(rows)
+    out = {f"{prefix}_ids": self.index[rows].astype(np.int32), f"{prefix}_lengths": lengths,
            f"{prefix}_tokens": tokens}
     if self.kind == "queries":
       if self.lexical is not None:
-        out[f"{prefix}_lexical_lengths"], out[f"{prefix}_lexical"] = self.lexical.rows(idx)
+        out[f"{prefix}_lexical_lengths"], out[f"{prefix}_lexical"] = self.lexical.rows(rows)
       return out
-    out[f"{prefix}_fields"] = self.fields.rows(idx)[1]
-    out.update({f"{prefix}_legacy": self.legacy[idx], f"{prefix}_has_legacy": self.has_legacy[idx],
-                f"{prefix}_visual": self.visual[idx]})
+    out[f"{prefix}_fields"] = self.fields.rows(rows)[1]
+    out.update({f"{prefix}_legacy": self.legacy[rows], f"{prefix}_has_legacy":
+                self.has_legacy[rows], f"{prefix}_visual": self.visual[rows]})
     return out
+
+
+def write_entity_records(prepared_dir: str, kind: str, cache_dir: str) -> np.ndarray:
+  """<cache_dir>/<kind>.array_record: record i is entity i's block under the prefix "entity",
+  written streaming the Parquet table CHUNK rows at a time. Returns has_legacy [N] bool (all
+  False for queries), which the compatibility streams select by."""
+  path = os.path.join(prepared_dir, "entities", f"{kind}.parquet")
+  source = pq.ParquetFile(path)
+  has_legacy = np.zeros(source.metadata.num_rows, bool)
+  writer, start = ArrayRecordWriter(entity_records_path(cache_dir, kind), "group_size:1"), 0
+  for batch in source.iter_batches(CHUNK):
+    rows = _TableRows(pa.Table.from_batches([batch]), kind)
+    if not np.array_equal(rows.index, np.arange(start, start + rows.size)):
+      raise ValueError(f"{path}: entity_index must be 0..N-1 in row order")
+    for i in range(rows.size):
+      writer.write(encode_arrays(rows.block([i], "entity")))
+    if rows.has_legacy is not None:
+      has_legacy[start:start + rows.size] = rows.has_legacy
+    start += rows.size
+  writer.close()
+  return has_legacy
+
+
+def entity_records_path(cache_dir: str, kind: str) -> str:
+  return os.path.join(cache_dir, f"{kind}.array_record")
+
+
+class EntityRows:
+  """One entity table's features as stored in the records (entity_index i), read by index from
+  its entity records (write_entity_records), as a feature store serves them: building the
+  examples holds no catalogue in memory, only the entities of the pairs at hand (`prefetch`)."""
+
+  def __init__(self, prepared_dir: str, kind: str, cache_dir: str):
+    self.kind = kind
+    self.reader = ArrayRecordReader(entity_records_path(cache_dir, kind), "readahead_buffer_size:0")
+    self.size = self.reader.num_records()
+    schema_ = pq.read_schema(os.path.join(prepared_dir, "entities", f"{kind}.parquet"))
+    self.empty = _TableRows(schema_.empty_table(), kind).block([], "entity")
+    self.cache: dict = {}
+
+  def prefetch(self, idx) -> None:
+    """Reads the records of the entities idx in one call; `block` serves them until the next."""
+    idx = np.unique(np.asarray(idx, np.int64)).tolist()
+    self.cache = dict(zip(idx, self.reader.read(idx))) if idx else {}
+
+  def record(self, i: int) -> bytes:
+    """Entity i's record: its block([i], "entity"), encoded."""
+    record = self.cache.get(i)
+    return record if record is not None else self.reader.read([i])[0]
+
+  def block(self, idx, prefix: str) -> dict:
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    if len(idx):
+      arrays, _ = decode_batch([self.record(i) for i in idx.tolist()])
+    else:
+      arrays = self.empty
+    return {f"{prefix}{name[len('entity'):]}": value for name, value in arrays.items()}
+
+  def close(self) -> None:
+    self.reader.close()
 
 
 # --- the directory ------------------------------------------------------------------------------
@@ -255,76 +341,127 @@ def _write_records(path: str, records) -> int:
   return count
 
 
-def _task_examples(config, prepared_dir: str, task: str, rows: dict, hard, out: str) -> int:
-  """One output shard per pair shard, record for record."""
-  kind, queries = schema.TASK_ENTITY[task], rows["queries"]
-  rng = np.random.default_rng([config.seed, sorted(schema.TASK_ENTITY).index(task)])
-  directory, total = os.path.join(out, "train", task), 0
-  os.makedirs(directory)
-  for path in sorted(glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record"))):
-    # Read in order with a plain reader (not a Grain data source: what the trainer's data
-    # sources serve is its training data alone).
-    reader = ArrayRecordReader(path)
+def _pair_shard(seed: int, prepared_dir: str, task: str, shard: int, out: str, cache_dir: str,
+                hard_dir: str) -> int:
+  """Examples of pair shard `shard` of `task` -> the output shard of the same name, record for
+  record; the hard-negative samples are seeded by (seed, task, shard), so shards can be written
+  in any order or in parallel."""
+  kind = schema.TASK_ENTITY[task]
+  paths = sorted(glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record")))
+  queries = EntityRows(prepared_dir, "queries", cache_dir)
+  entities = EntityRows(prepared_dir, kind, cache_dir)
+  hard = HardNegatives.load(prepared_dir, task, queries.size, entities.size, hard_dir)
+  rng = np.random.default_rng([seed, sorted(schema.TASK_ENTITY).index(task), shard])
+  # Read in order with a plain reader (not a Grain data source: what the trainer's data sources
+  # serve is its training data alone).
+  reader = ArrayRecordReader(paths[shard])
 
-    def records():
-      count = reader.num_records()
-      for start in range(0, count, CHUNK):
-        for raw in reader.read(start, min(start + CHUNK, count)):
-          pair = schema.decode_pair(raw)
-          q, e = pair["query_index"], pair["entity_index"]
-          example = {**queries.block([q], "query"), **rows[kind].block([e], "pos")}
-          if hard is not None:
-            pool = hard.entities[hard.offsets[q]:hard.offsets[q + 1]]
-            pool = pool[pool != e]
-            if len(pool) > HARD_KEPT:
-              pool = np.sort(rng.choice(pool, HARD_KEPT, replace=False))
-            example.update(rows[kind].block(pool, "hard"))
-          yield encode_arrays(example)
-    total += _write_records(os.path.join(directory, os.path.basename(path)), records())
+  def records():
+    count = reader.num_records()
+    for start in range(0, count, PREFETCH):
+      pairs = [schema.decode_pair(raw) for raw in reader.read(start, min(start + PREFETCH, count))]
+      qs = [p["query_index"] for p in pairs]
+      es = [p["entity_index"] for p in pairs]
+      pools = [None] * len(pairs)
+      if hard is not None:   # drawn in pair order, as the examples are written
+        for n, (q, e) in enumerate(zip(qs, es)):
+          pool = hard.entities[hard.offsets[q]:hard.offsets[q + 1]]
+          pool = pool[pool != e]
+          if len(pool) > HARD_KEPT:
+            pool = np.sort(rng.choice(pool, HARD_KEPT, replace=False))
+          pools[n] = pool
+      queries.prefetch(qs)
+      entities.prefetch(np.concatenate([es] + [p for p in pools if p is not None]))
+      for q, e, pool in zip(qs, es, pools):
+        parts = [("query", queries.record(q)), ("pos", entities.record(e))]
+        if pool is not None:
+          parts.append(("hard", encode_arrays(entities.block(pool, "entity"))))
+        yield join_records(parts)
+  try:
+    return _write_records(os.path.join(out, "train", task, os.path.basename(paths[shard])),
+                          records())
+  finally:
     reader.close()
-  return total
+    queries.close()
+    entities.close()
 
 
-def _entity_stream(rows: EntityRows, idx: np.ndarray, directory: str, num_shards: int) -> int:
-  os.makedirs(directory)
-  for s, part in enumerate(np.array_split(idx, num_shards)):
-    _write_records(os.path.join(directory, schema.shard_name(s, num_shards)),
-                   (encode_arrays(rows.block([i], "entity")) for i in part))
-  return len(idx)
+def _stream_shard(prepared_dir: str, kind: str, cache_dir: str, idx: np.ndarray, path: str) -> int:
+  """One shard of an entity stream: the entities idx, in that order."""
+  rows = EntityRows(prepared_dir, kind, cache_dir)
+
+  def records():
+    for start in range(0, len(idx), PREFETCH):
+      chunk = idx[start:start + PREFETCH]
+      rows.prefetch(chunk)
+      for i in chunk.tolist():
+        yield rows.record(i)
+  try:
+    return _write_records(path, records())
+  finally:
+    rows.close()
+
+
+def _run_all(fn, calls: list[tuple]) -> list:
+  """fn(*args) for each args of calls: as Ray tasks (one CPU each) on the Ray cluster this process
+  has joined (prepare's), else one after the other here. The results are in the calls' order."""
+  ray = sys.modules.get("ray")
+  if ray is None or not ray.is_initialized() or len(calls) < 2:
+    return [fn(*args) for args in calls]
+  remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+  return ray.get([remote.remote(*args) for args in calls])
 
 
 def write_feature_examples(config, prepared_dir: str) -> dict:
   """Builds <prepared>/feature_examples (replacing an older one whole); returns its meta.
 
-  Loads the entity tables once (unpadded) and streams the pair shards through in chunks of CHUNK
-  records, so memory is the catalogue plus one chunk, whatever the number of pairs.
+  First each entity table becomes records by entity_index (write_entity_records); then every
+  pair shard and every shard of the entity streams is written by its own call (Ray tasks when
+  this process has joined Ray, as prepare has), each reading only the entities of PREFETCH pairs
+  at a time: memory is a chunk per worker, whatever the number of pairs or entities.
   """
   final = directory_of(prepared_dir)
   out = f"{final}.tmp-{os.getpid()}"
   shutil.rmtree(out, ignore_errors=True)
   inputs = _inputs(config, prepared_dir)   # before reading: a file changed meanwhile is stale
-  rows = {kind: EntityRows(prepared_dir, kind) for kind in schema.ENTITY_KINDS}
+  cache_dir = os.path.join(out, "entity_records")
+  os.makedirs(cache_dir)
+  kinds = list(schema.ENTITY_KINDS)
+  has_legacy = dict(zip(kinds, _run_all(write_entity_records,
+                                        [(prepared_dir, k, cache_dir) for k in kinds])))
   meta = {"settings": _settings(config), "inputs": inputs, "pairs": {}, "hard_negatives": [],
           "negatives": {}, "compat": {}}
   override = config.data.get("hard_negatives_dir", "")
+  calls = []
   for task, kind in schema.TASK_ENTITY.items():
-    if not glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record")):
+    shards = glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record"))
+    if not shards:
       continue
-    hard = HardNegatives.load(prepared_dir, task, rows["queries"].size, rows[kind].size, override)
-    if hard is not None:
+    os.makedirs(os.path.join(out, "train", task))
+    if HardNegatives.load(prepared_dir, task, len(has_legacy["queries"]), len(has_legacy[kind]),
+                          override) is not None:
       meta["hard_negatives"].append(task)
-    meta["pairs"][task] = _task_examples(config, prepared_dir, task, rows, hard, out)
-  num_shards = int(config.data.num_shards)
-  for i, kind in enumerate(schema.ENTITY_KINDS):
+    calls += [(int(config.seed), prepared_dir, task, s, out, cache_dir, override)
+              for s in range(len(shards))]
+  for (_, _, task, *_), count in zip(calls, _run_all(_pair_shard, calls)):
+    meta["pairs"][task] = meta["pairs"].get(task, 0) + count
+  num_shards, calls = int(config.data.num_shards), []
+  for i, kind in enumerate(kinds):
     # Shuffled once here; the pipeline reads the stream in order, so the negatives of a step are
     # a contiguous run of records (sequential reads) and still a uniform sample.
-    order = np.random.default_rng([config.seed, 7919, i]).permutation(rows[kind].size)
-    meta["negatives"][kind] = _entity_stream(rows[kind], order,
-                                             os.path.join(out, "negatives", kind), num_shards)
+    order = np.random.default_rng([config.seed, 7919, i]).permutation(len(has_legacy[kind]))
+    streams = {"negatives": order}
     if kind != "queries":
-      with_legacy = order[rows[kind].has_legacy[order]]
-      meta["compat"][kind] = _entity_stream(rows[kind], with_legacy,
-                                            os.path.join(out, "compat", kind), num_shards)
+      streams["compat"] = order[has_legacy[kind][order]]
+    for stream, idx in streams.items():
+      directory = os.path.join(out, stream, kind)
+      os.makedirs(directory)
+      meta[stream][kind] = len(idx)
+      for s, part in enumerate(np.array_split(idx, num_shards)):
+        calls.append((prepared_dir, kind, cache_dir, part,
+                      os.path.join(directory, schema.shard_name(s, num_shards))))
+  _run_all(_stream_shard, calls)
+  shutil.rmtree(cache_dir)
   with open(os.path.join(out, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
   shutil.rmtree(final, ignore_errors=True)
@@ -334,13 +471,16 @@ def write_feature_examples(config, prepared_dir: str) -> dict:
   return meta
 
 
-def ensure_feature_examples(config, prepared_dir: str) -> str:
-  """Builds the examples of prepared_dir (on process 0, the others wait) when missing or stale;
-  returns their directory.
+def ensure_feature_examples(config, prepared_dir: str, rebuild: bool = False) -> str:
+  """Builds the examples of prepared_dir (on process 0, the others wait) when missing or stale,
+  or always with `rebuild`; returns their directory.
 
-  Until `prepare` writes them itself this is how a run with data.feature_examples gets them.
+  Training calls this before reading them: prepare wrote them, but a hard-negatives table added
+  or changed since (or a prepared dir from before they existed) makes them stale. `rebuild` is
+  for mine.py, which has just rewritten a table: one rewritten with the same size within the file
+  system's mtime resolution would otherwise look current.
   """
-  if jax.process_index() == 0 and not is_current(config, prepared_dir):
+  if jax.process_index() == 0 and (rebuild or not is_current(config, prepared_dir)):
     write_feature_examples(config, prepared_dir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -1,8 +1,8 @@
-"""Grain input pipeline over examples that carry their features: no catalogue on any host.
+"""Grain input pipeline of OmniSearchSage training: examples that carry their features, no
+catalogue on any host.
 
-The catalogue-free twin of pipeline.TrainData (`data.feature_examples = True`); it yields batches
-with the same keys, shapes and dtypes, from the files of feature_examples.py. Element k of the
-dataset is step k; per task it zips:
+The trainer's only input (trainer.py builds the files first with
+feature_examples.ensure_feature_examples). Element k of the dataset is step k; per task it zips:
 
   examples: this host's slice of the task's global batch k of the shuffled (reseeded every epoch),
             repeated example shards, read in one batched read, decoded and padded as one batch
@@ -10,25 +10,32 @@ dataset is step k; per task it zips:
   negatives: this host's slice of the k-th run of the pre-shuffled entity stream, read the same
             way (and, with tasks.compat, of the stream of entities that have a legacy vector)
 
-then each element becomes {task: batch}. The examples are shuffled exactly as TrainData shuffles
-the pair shards (same seeds, same record order), so both pipelines see the same pairs in the same
-order; only the random negatives differ. Reading a batch's records in one call (ArrayRecord reads
-each shard's share in one go, the shards in parallel) and decoding and padding them as arrays,
-not record by record, is what makes the pipeline about as fast as TrainData (docs/scale_out.md).
+then each element becomes {task: batch}. The global batch holds a fixed number of pairs per task
+(the task mix sets task influence, SPEC §1: the official code splits each batch 8:4:2:2). Example
+shard i record j is the pair at pair shard i record j, so position j of the i-th trained task's
+stream is pair record shuffle(seed + 1000 i)[j] of its pair shards (tests/test_feature_examples.py
+checks batches against the entity tables and the pair shards that way). Reading a batch's
+records in one call (ArrayRecord reads each shard's share in one go, the shards in parallel) and
+decoding and padding them as arrays, not record by record, keeps the host's time per batch small
+(docs/scale_out.md).
 
-Shared random negatives: global step k reads records [k*n, (k+1)*n) of the stream (n =
-loss.random_negatives, wrapping around), host h the h-th slice of them, so every host of a step
-draws the same negatives and reads only its own. A stream read in order is a sample without
-replacement within each pass, so an entity's expected draws per step are n/N and `neg_log_q` is
-log(n/N), as in TrainData.
+Shared random negatives (SPEC "Mixed negatives", Yang et al. 2020): global step k reads records
+[k*n, (k+1)*n) of the stream (n = loss.random_negatives, wrapping around), host h the h-th slice
+of them, so every host of a step draws the same negatives and reads only its own. A stream read in
+order is a sample without replacement within each pass, so an entity's expected draws per step are
+n/N and `neg_log_q` is log(n/N), the same quantity the in-batch correction uses for batch items
+(SPEC: log Q = log count - log total + log B). Compatibility negatives come from the entities that
+HAVE a legacy vector, i.e. from the old index.
 
-Everything is a function of the element index (the hard-negative sample is seeded by the
-example's position in the shuffled stream, before the per-host split, so it does not depend on
-the number of hosts), and that index is the Grain iterator state in each checkpoint: resume is
-exact.
+Several hosts: a host reads only its rows of each global batch, and the hosts' rows, in host
+order, are exactly the batch one host would read alone, so the global batch does not depend on the
+number of hosts (tests/test_multihost.py). Everything is a function of the element index (the
+hard-negative sample is seeded by the example's position in the shuffled stream, before the
+per-host split), and that index is the Grain iterator state in each checkpoint: resume is exact.
 
 Usage:
-  data = FeatureTrainData(config, prepared_dir)   # after feature_examples.write_feature_examples
+  feature_examples.ensure_feature_examples(config, prepared_dir)   # builds them if stale
+  data = FeatureTrainData(config, prepared_dir)
   it = data.iterator()
 """
 
@@ -39,8 +46,10 @@ from grain.experimental import ZipMapDataset
 
 from omnisage.data.omnisearchsage import feature_examples, schema
 from omnisage.data.omnisearchsage.entity_store import continuous_vectors
-from omnisage.data.omnisearchsage.pipeline import STEPS_LIMIT, shard_paths, task_batch_sizes
+from omnisage.data.omnisearchsage.pipeline import shard_paths, task_batch_sizes
 from omnisage.data.omnisearchsage.query_input import lexical_len
+
+STEPS_LIMIT = 1 << 40  # steps per stream: far beyond any run
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -201,7 +210,7 @@ class ExampleBatches(HostBatches):
 
 
 class EntityBatches(HostBatches):
-  """The random (or compatibility) negatives, keyed as TrainData keys them: global step k takes
+  """The random (or compatibility) negatives (neg_ids, neg_tokens, ...): global step k takes
   the stream's records [k*n, (k+1)*n), wrapping around; one contiguous run per host."""
 
   def __init__(self, source, rows: int, host: int, hosts: int, kind: str, widths: Widths,
@@ -265,8 +274,8 @@ class FeatureTrainData:
     return grain.sources.ArrayRecordDataSource(shard_paths(self.directory, part, name))
 
   def _steps(self, batches: HostBatches) -> grain.MapDataset:
-    # Element k is step k; every stream is cut to the same (practically endless) number of steps
-    # for the zip, as in TrainData.
+    # Element k is step k; every stream is cut to the same (practically endless) number of steps:
+    # the zip needs equal lengths.
     return grain.MapDataset.range(STEPS_LIMIT).map(batches)
 
   def dataset(self) -> grain.MapDataset:
@@ -277,8 +286,7 @@ class FeatureTrainData:
     for i, task in enumerate(self.tasks):
       kind = schema.TASK_ENTITY[task]
       source = self._source("train", task)
-      # The same seed and shuffle as TrainData's over the same number of records: position j
-      # is the same pair in both pipelines.
+      # Reseeded every epoch by repeat(); a function of (seed, task, position) alone.
       order = grain.MapDataset.range(len(source)).seed(cfg.seed + 1000 * i).shuffle().repeat()
       rows = self._per_host(cfg.tasks[task], f"tasks.{task}")
       parents += [

@@ -3,9 +3,9 @@
 `launch.py compile --config X --mesh 8x1` lowers and compiles the SAME jitted train step as
 trainer.py (same in/out shardings, same donation) from abstract arguments only:
   - the train state comes from nnx.eval_shape / jax.eval_shape, so no parameter is allocated;
-  - the batch is a tree of ShapeDtypeStructs derived from the config exactly as
-    omnisage/data/pipeline.TrainData builds it (DecodePair, EntityStore.gather,
-    AddFeaturesAndNegatives; tests/test_aot.py checks the two agree), so prepare need not run;
+  - the batch is a tree of ShapeDtypeStructs derived from the config exactly as the training
+    input (omnisage/data/omnisearchsage/feature_pipeline.FeatureTrainData) yields it
+    (tests/test_aot.py checks the two agree), so prepare need not run;
   - vocabulary sizes are the config's (data.query_vocab_size or model.query.vocab_size, and
     V = 1 + trigram + unigram + bigram vocabularies, the stacked id space of schema.py).
 
@@ -65,22 +65,25 @@ def config_vocab_sizes(config) -> dict:
 
 
 def abstract_batch(config) -> dict:
-  """ShapeDtypeStructs of one GLOBAL batch as TrainData yields it (per task, keys as in
-  pipeline.DecodePair + EntityStore.gather + AddFeaturesAndNegatives)."""
+  """ShapeDtypeStructs of one GLOBAL batch as FeatureTrainData yields it (per task: the pairs,
+  their positives' inputs, the shared random and compatibility negatives, and with
+  loss.hard_negatives = k the [B, k] hard-negative slots, which every task carries)."""
   d, n = config.data, int(config.loss.random_negatives)
+  hard_k = int(config.loss.get("hard_negatives", 0))
   query_width = d.batch_query_len + lexical_len(config)
   sds = jax.ShapeDtypeStruct
   i32, f32 = jnp.int32, jnp.float32
 
-  def entity(kind: str, rows: int, prefix: str, legacy: bool) -> dict:
-    if kind == "queries":   # EntityStore of queries: the query tower's input rows
-      return {f"{prefix}_tokens": sds((rows, query_width), i32)}
+  def entity(kind: str, rows: tuple, prefix: str, legacy: bool) -> dict:
+    if kind == "queries":   # queries as entities: the query tower's input rows
+      return {f"{prefix}_tokens": sds((*rows, query_width), i32)}
     width = d.max_entity_tokens
-    out = {f"{prefix}_tokens": sds((rows, width), i32), f"{prefix}_fields": sds((rows, width), i32),
-           f"{prefix}_continuous": sds((rows, CONTINUOUS_DIM), f32)}
-    if legacy:   # random negatives drop their legacy vectors (pipeline.py)
-      out.update({f"{prefix}_legacy": sds((rows, schema.LEGACY_DIM), f32),
-                  f"{prefix}_has_legacy": sds((rows,), jnp.bool_)})
+    out = {f"{prefix}_tokens": sds((*rows, width), i32),
+           f"{prefix}_fields": sds((*rows, width), i32),
+           f"{prefix}_continuous": sds((*rows, CONTINUOUS_DIM), f32)}
+    if legacy:   # negatives drop their legacy vectors (feature_pipeline.entity_inputs)
+      out.update({f"{prefix}_legacy": sds((*rows, schema.LEGACY_DIM), f32),
+                  f"{prefix}_has_legacy": sds(rows, jnp.bool_)})
     return out
 
   batch = {}
@@ -90,10 +93,13 @@ def abstract_batch(config) -> dict:
       continue
     t = {"query_tokens": sds((b, query_width), i32), "query_ids": sds((b,), i32),
          "pos_ids": sds((b,), i32)}
-    t.update(entity(kind, b, "pos", legacy=True))
+    t.update(entity(kind, (b,), "pos", legacy=True))
     t.update({"neg_ids": sds((n,), i32), "neg_log_q": sds((n,), f32)})
-    t.update(entity(kind, n, "neg", legacy=False))
-    if config.tasks.compat and kind != "queries":   # stores with legacy vectors
+    t.update(entity(kind, (n,), "neg", legacy=False))
+    if hard_k > 0:
+      t.update({"hard_ids": sds((b, hard_k), i32), "hard_valid": sds((b, hard_k), jnp.bool_)})
+      t.update(entity(kind, (b, hard_k), "hard", legacy=False))
+    if config.tasks.compat and kind != "queries":   # kinds with legacy vectors
       t.update({"compat_neg_ids": sds((n,), i32),
                 "compat_neg_legacy": sds((n, schema.LEGACY_DIM), f32),
                 "compat_neg_log_q": sds((n,), f32)})

@@ -12,7 +12,9 @@ task's whole corpus, in chunks of `mine.chunk_queries` queries. Each chunk is wr
 <table dir>/.mining/<task>/chunk-NNNNN.parquet when done, so a killed job resumes from the
 chunks it finished (settings.json pins the checkpoint and window; other settings start afresh).
 The merged table is <table dir>/<task>.mined.parquet (hard_negatives.py), source "model" or
-"bm25". A refresh schedule is `train` to step N, `mine`, `train` to step 2N, ...
+"bm25". The training examples embed each query's hard negatives (feature_examples.py), so mining
+ends by rebuilding <prepared>/feature_examples: the next `train` reads the new negatives and does
+not pay for the rebuild. A refresh schedule is `train` to step N, `mine`, `train` to step 2N, ...
 
 Usage: `summary = mine_hard_negatives(config, workdir)`   # launch.py mine
 """
@@ -27,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from omnisage.data.omnisearchsage import schema
+from omnisage.data.omnisearchsage import feature_examples, schema
 from omnisage.data.omnisearchsage.hard_negatives import table_dir, write_table
 from omnisage.data.omnisearchsage.pipeline import read_pairs
 from omnisage.train.omnisearchsage.towers import TrainedTowers
@@ -78,8 +80,22 @@ def mine_hard_negatives(config, workdir: str) -> dict:
     if config.tasks[task] <= 0:   # not trained: nothing to mine for
       continue
     summary["tables"][task] = mine_task(config, towers, task, out_dir, settings)
+  summary["feature_examples"] = refresh_examples(config, prepared)
   summary["seconds"] = round(time.time() - t0, 2)
   return summary
+
+
+def refresh_examples(config, prepared: str) -> dict:
+  """Rebuilds the training examples with the tables just written (always: a table rewritten with
+  the same size may keep its mtime within the file system's resolution); their counts."""
+  t0 = time.time()
+  directory = feature_examples.ensure_feature_examples(config, prepared, rebuild=True)
+  meta = feature_examples.read_meta(prepared)
+  log.info("feature examples rebuilt with hard negatives of %s: %s", meta["hard_negatives"],
+           meta["pairs"])
+  return {"examples": int(sum(meta["pairs"].values())), "pairs": meta["pairs"],
+          "hard_negatives": meta["hard_negatives"], "directory": directory,
+          "seconds": round(time.time() - t0, 2)}
 
 
 def mine_task(config, towers: TrainedTowers, task: str, out_dir: str, settings: dict) -> dict:

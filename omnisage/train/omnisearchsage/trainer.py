@@ -1,7 +1,8 @@
 """OmniSearchSage training and evaluation (SPEC §1): `train_and_evaluate(config, workdir)`.
 
-Flax-examples shape: this module builds the run (mesh, fresh state, entity stores, the Grain
-pipeline, the evaluators of `config.evals`) and hands it to the shared loop
+Flax-examples shape: this module builds the run (mesh, fresh state, the Grain pipeline over the
+examples that carry their features, the evaluators of `config.evals` with the entity stores they
+embed) and hands it to the shared loop
 (omnisage/train/loop.py), which resumes, jits the step once, logs, evaluates and checkpoints.
 Untrained and final evaluations are written to <workdir>/eval_untrained.json and
 eval_trained.json.
@@ -19,7 +20,7 @@ import jax
 
 from omnisage.data.omnisearchsage.feature_examples import ensure_feature_examples
 from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
-from omnisage.data.omnisearchsage.pipeline import TrainData, load_stores, task_batch_sizes
+from omnisage.data.omnisearchsage.pipeline import load_stores, task_batch_sizes
 from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.data.omnisearchsage.schema import vocab_sizes_of
 from omnisage.data.workdir import prepared_dir_of
@@ -36,7 +37,8 @@ RECALL = "recall@10/"   # the recall evaluator's metric prefix
 
 
 def build(config, workdir: str):
-  """Mesh, fresh train state, statics and entity stores of a run (shared by train and eval)."""
+  """Mesh, fresh train state, statics and entity stores of a run (shared by train and eval).
+  The stores are the evaluators' corpora; training reads no catalogue (feature_pipeline.py)."""
   prepared = prepared_dir_of(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   state, statics = create_train_state(config, vocab_sizes_of(prepared), mesh)
@@ -75,11 +77,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   step_fn = functools.partial(train_step, config=config,
                               optimizer=make_optimizer(config.train, config.model))
-  if config.data.get("feature_examples", False):   # examples carry their features: no catalogue
-    ensure_feature_examples(config, prepared)
-    data = FeatureTrainData(config, prepared)
-  else:
-    data = TrainData(config, prepared, stores)
+  ensure_feature_examples(config, prepared)   # prepare wrote them; rebuilt if stale
+  data = FeatureTrainData(config, prepared)
   run = Trainable(mesh, statics, state, step_fn, data.iterator(),
                   examples_per_step=sum(task_batch_sizes(config).values()),
                   evaluate=evaluate if evaluators else None)

@@ -66,6 +66,20 @@ def test_shares_the_entity_hash_table_and_starts_as_a_no_op():
                              atol=1e-6)
 
 
+def title_vectors(h, ids: np.ndarray) -> np.ndarray:
+  """NumPy reference of the entity tower's title-field vector of n-gram ids [B, L] (0: padding):
+  the hashed embeddings weighted per token and summed, LayerNorm-ed with the title field's scale
+  and bias; a row without n-grams is zero (it adds nothing)."""
+  table, weights = np.asarray(h.table[...]), np.asarray(h.token_weights[...])
+  index = np.asarray(h.hash_indices[...])
+  title = 0   # FIELDS.index("title")
+  emb = np.einsum("blk,blkd->bld", weights[ids], table[index[ids]])
+  summed = (emb * (ids != 0)[..., None]).sum(1)
+  normed = (summed - summed.mean(-1, keepdims=True)) / np.sqrt(summed.var(-1, keepdims=True) + 1e-6)
+  lexical = normed * np.asarray(h.field_scale[...])[title] + np.asarray(h.field_bias[...])[title]
+  return lexical * (ids != 0).any(1, keepdims=True)
+
+
 def test_matches_the_numpy_reference():
   config = lexical_config()
   model = build(config)
@@ -77,16 +91,7 @@ def test_matches_the_numpy_reference():
   got = np.asarray(tower(jnp.asarray(rows)))
 
   lq = config.data.batch_query_len
-  h = model.entity_tower.hash
-  table, weights = np.asarray(h.table[...]), np.asarray(h.token_weights[...])
-  index = np.asarray(h.hash_indices[...])
-  ngrams = rows[:, lq:]
-  emb = np.einsum("blk,blkd->bld", weights[ngrams], table[index[ngrams]])
-  summed = (emb * (ngrams != 0)[..., None]).sum(1)
-  normed = (summed - summed.mean(-1, keepdims=True)) / np.sqrt(summed.var(-1, keepdims=True) + 1e-6)
-  title = 0   # FIELDS.index("title")
-  lexical = normed * np.asarray(h.field_scale[...])[title] + np.asarray(h.field_bias[...])[title]
-  lexical *= (ngrams != 0).any(1, keepdims=True)   # a query without n-grams adds nothing
+  lexical = title_vectors(model.entity_tower.hash, rows[:, lq:])
   transformer = np.asarray(tower.projection(tower.encode(jnp.asarray(rows[:, :lq]))[:, 0]))
   want = transformer + lexical @ kernel
   want /= np.linalg.norm(want, axis=1, keepdims=True)
@@ -238,20 +243,11 @@ def test_lexical_channel_scores_are_the_weighted_sum_of_two_cosines():
   np.testing.assert_allclose((q @ e.T)[has], want[has], atol=1e-5)
 
   # The lexical halves against a NumPy reference: LayerNorm-ed title sums through the kernel.
-  h = model.entity_tower.hash
-  table, weights = np.asarray(h.table[...]), np.asarray(h.token_weights[...])
-  index = np.asarray(h.hash_indices[...])
-  scale, bias = np.asarray(h.field_scale[...])[0], np.asarray(h.field_bias[...])[0]
-
-  def title_vec(ids):
-    emb = np.einsum("blk,blkd->bld", weights[ids], table[index[ids]])
-    s = (emb * (ids != 0)[..., None]).sum(1)
-    normed = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-6)
-    return (normed * scale + bias) * (ids != 0).any(1, keepdims=True)
   kernel = np.asarray(model.entity_tower.lexical_channel.projection.kernel[...])
   np.testing.assert_allclose(kernel.T @ kernel, np.eye(kernel.shape[1]), atol=1e-5)
   for got, ids in ((q[has, d:], rows[has, lq:]), (e[:, d:], tokens)):
-    np.testing.assert_allclose(got, np.sqrt(w) * unit(title_vec(ids) @ kernel), atol=2e-5)
+    want_half = np.sqrt(w) * unit(title_vectors(model.entity_tower.hash, ids) @ kernel)
+    np.testing.assert_allclose(got, want_half, atol=2e-5)
   np.testing.assert_allclose(q[~has, d:], 0.0)
   # The same n-grams on both sides: the lexical halves agree exactly (one table, one map).
   np.testing.assert_allclose((unit(q[:, d:]) * unit(e[:6, d:])).sum(1)[has], 1.0, atol=1e-5)

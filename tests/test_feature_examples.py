@@ -199,6 +199,17 @@ def test_batches_match_the_entity_tables_and_pair_shards(world):
   check_against_reference(config, prepared, steps=3)
 
 
+def test_no_random_negatives(world):
+  """loss.random_negatives = 0 (in-batch negatives only): negative arrays with no row, as the
+  batch spec has them, and the examples still checked against the reference."""
+  config, prepared = world
+  config = config.copy_and_resolve_references()
+  config.loss.random_negatives = 0
+  batch = check_against_reference(config, prepared, steps=1)[0]
+  for task, b in batch.items():
+    assert b["neg_ids"].shape == (0,) and b["neg_tokens"].shape[0] == 0, task
+
+
 def test_the_reference_check_catches_wrong_features(world, monkeypatch):
   """A pipeline that pairs a row with its neighbour's positive features must fail the check."""
   from omnisage.data.omnisearchsage import feature_pipeline

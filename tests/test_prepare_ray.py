@@ -269,6 +269,20 @@ def test_prepare_writes_the_frozen_digest_of_a_home_depot_world(homedepot_world,
     assert digest_diff(got, json.load(f)) == []
 
 
+def test_engaged_queries_off(homedepot_world, tmp_path):
+  """engaged_queries_top = 0 (Home Depot's default): no engaged-query field in any entity."""
+  from omnisage.data.omnisearchsage import prepare
+  config, raw = homedepot_world
+  config = config.copy_and_resolve_references()
+  config.data.engaged_queries_top = 0
+  summary = prepare.prepare(config, raw, str(tmp_path / "out"))
+  assert summary["features"]["entities_with_engaged_queries"] == {"pins": 0, "products": 0}
+  fields = pq.read_table(tmp_path / "out" / "entities" / "products.parquet")["fields"]
+  engaged = {i for i, name in enumerate(schema.FIELDS) if name.startswith("engaged_queries_")}
+  assert not engaged & set(pa.compute.list_flatten(fields).to_pylist())
+  assert summary["pairs"]["train"]["q2product"] > 0
+
+
 def _empty(raw, name):
   pq.write_table(pq.read_table(raw / f"{name}.parquet").slice(0, 0), raw / f"{name}.parquet")
 

@@ -144,6 +144,9 @@ class HostBatches(grain.transforms.Map):
     return range(first, first + self.rows)
 
   def read(self, keys: list[int]) -> tuple[dict, dict]:
+    if not keys:   # no row (loss.random_negatives = 0): the stream's arrays, empty
+      arrays, counts = feature_examples.decode_batch(read_records(self.source, [0]))
+      return {k: v[:0] for k, v in arrays.items()}, {k: c[:0] for k, c in counts.items()}
     return feature_examples.decode_batch(read_records(self.source, keys))
 
 
@@ -294,14 +297,14 @@ class FeatureTrainData:
                                      self.hard_k, seed=cfg.seed + 1000 * i + 17)),
           self._steps(EntityBatches(self._source("negatives", kind), negatives, host, hosts,
                                     kind, self.widths))]
-      log_q = {"neg_log_q": np.log(n / self.meta["negatives"][kind])}
+      log_q = {"neg_log_q": np.log(max(n, 1) / self.meta["negatives"][kind])}   # n = 0: unused
       if cfg.tasks.compat and kind in self.meta["compat"]:
         pool = self.meta["compat"][kind]
         if not pool:
           raise ValueError(f"tasks.compat needs {kind} with a legacy vector; there are none")
         parents.append(self._steps(EntityBatches(self._source("compat", kind), negatives, host,
                                                  hosts, kind, self.widths, compat=True)))
-        log_q["compat_neg_log_q"] = np.log(n / pool)
+        log_q["compat_neg_log_q"] = np.log(max(n, 1) / pool)
       layout.append((task, len(parents) - sum(c for _, c, _ in layout), log_q))
     return ZipMapDataset(parents=parents).map(Assemble(layout))
 

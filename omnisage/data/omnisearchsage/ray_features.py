@@ -176,6 +176,8 @@ def engaged_block(t: pa.Table, top: int) -> pa.Table:
   for kind in pc.unique(t["kind"]).to_pylist():
     lists, unsure = engaged_lists(t.filter(pc.equal(t["kind"], kind)), top)
     e, g = lists["entity"].to_numpy(), lists["engagement"].to_numpy()
+    if not len(e):
+      continue
     starts = np.flatnonzero(np.r_[True, (e[1:] != e[:-1]) | (g[1:] != g[:-1])])
     offsets = pa.array(np.r_[starts, len(e)].astype(np.int32))
     keys = list(zip(e[starts].tolist(), g[starts].tolist()))
@@ -192,7 +194,11 @@ def engaged_queries(log: ray.data.Dataset, top: int, refresh_days: int) -> tuple
   rows engaging pins and products, with the refresh of features.merge_engaged_queries: per
   block a count by (kind, entity, engagement, window, query) (window = the refresh window of the
   row; 0 for all when refresh_days is 0), the counts co-located by (kind, entity, engagement),
-  then every key's windows merged in one engaged_block call per block."""
+  then every key's windows merged in one engaged_block call per block. top 0 (the feature off,
+  as for Home Depot): no lists, and no stage runs."""
+  if top <= 0:
+    return {"pins": {}, "products": {}}, {"pins": set(), "products": set()}
+
   def counts(t: pa.Table) -> pa.Table:
     t = t.filter(pc.and_(pc.equal(t["split"], 0), pc.is_in(t["kind"], pa.array(
         ["pins", "products"]))))

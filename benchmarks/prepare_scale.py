@@ -67,8 +67,12 @@ def child_prepare(args) -> dict:
   from omnisage.data.omnisearchsage.prepare import prepare
   config = scaled_config(args.scale)
   config.data.raw_dir, config.data.prepared_dir = args.raw, args.out
+  if args.object_store_gb:   # a private Ray whose object store spills beyond this size
+    import ray
+    ray.init(address="local", include_dashboard=False,
+             object_store_memory=int(args.object_store_gb * GB))
   start = time.perf_counter()
-  summary = prepare(config, args.raw, args.out)   # starts a private Ray in this child
+  summary = prepare(config, args.raw, args.out)   # else starts a private Ray in this child
   return {"seconds": time.perf_counter() - start, "pairs": summary.get("pairs"),
           "step_seconds": summary.get("seconds")}
 
@@ -157,7 +161,8 @@ def run_scale(scale: float, args, log) -> dict:
     raise RuntimeError(f"generating the {scale:g}x world: {gen['error']}")
   log_rows = int(gen["rows"]["queries_log"]) + int(gen["rows"]["board_saves"])
   row = {"log_rows": log_rows}
-  prep = measured("prepare", scale, args.timeout, raw=raw, out=out_ray)
+  prep = measured("prepare", scale, args.timeout, raw=raw, out=out_ray,
+                  object_store_gb=args.object_store_gb)
   row.update(prepare_peak_gb=prep["peak_gb"], prepare_seconds=round(prep.get("seconds", 0), 1),
              step_seconds=prep.get("step_seconds"))
   if "error" in prep:
@@ -216,6 +221,9 @@ def main(argv=None) -> dict:
   p.add_argument("--pipeline-batches", type=int, default=50)
   p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
   p.add_argument("--keep", action="store_true", help="keep the worlds and outputs")
+  p.add_argument("--object-store-gb", type=float, default=0.0,
+                 help="cap on the object store of prepare's private Ray (0: Ray's default, "
+                      "30%% of RAM); beyond it Ray Data spills blocks to disk")
   # The child side (internal).
   p.add_argument("--child", choices=sorted(CHILDREN))
   p.add_argument("--scale", type=float, default=1.0)
@@ -269,6 +277,7 @@ def main(argv=None) -> dict:
       "slowdown_vs_in_memory_with_examples": ratio(first.get("in_memory", {}).get("rows_per_s"),
                                                    first.get("rows_per_s")),
       "in_memory_ref": args.in_memory_ref if args.in_memory_root else None,
+      "object_store_gb": args.object_store_gb or "ray default",
       "cpu": cpu_summary(), "seconds": round(time.time() - t0, 1)}}
   print(json.dumps(out), flush=True)
   return out

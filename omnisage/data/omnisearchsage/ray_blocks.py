@@ -42,7 +42,7 @@ EXAMPLES = 5   # bad rows kept as examples per table (valid_entities' `rejected`
 # A block's reading error, as the `reason` of a summary row (never one of REASONS).
 INPUT_ERROR = "input_error: "
 
-# The shuffle the engine runs with (prepare_on_ray's default). Ray Data's default
+# The shuffle prepare runs with. Ray Data's default
 # (2.60: SHUFFLE_V2, hash shuffle on aggregator actors) starts its actors for every shuffle, and
 # costs 4x the wall time on the demo world (docs/scale_out.md); every group-by here is a
 # co-location plus one call per block (map_key_blocks), which a sort does as well.

@@ -104,9 +104,9 @@ def query_vocab(config, log: ray.data.Dataset, out_dir: str) -> str:
 def query_tokens(texts: list[str], vocab_path: str, d, workers: int = 1,
                  batch_size: int = 4096, on_driver: bool = False) -> ray.data.Dataset:
   """(entity_index, text, tokens) of every distinct query: WordPiece by `workers` QueryTokens
-  actors. Needs only query_vocab.txt, so prepare_on_ray runs it while the features are
+  actors. Needs only query_vocab.txt, so prepare runs it while the features are
   computed (an actor's TensorFlow import costs seconds). `on_driver`: QueryTokens in this
-  process instead (prepare_on_ray, for a few queries when the driver has learned the
+  process instead (prepare, for a few queries when the driver has learned the
   vocabulary, so TensorFlow is loaded here already)."""
   table = pa.table(dict(entity_index=pa.array(np.arange(len(texts), dtype=np.int32)),
                         text=pa.array(texts, pa.string())))

@@ -108,16 +108,60 @@ def test_log_validation_and_time_split(world, logs):
   assert logs.raw_rows == {k: meta["raw_rows"][k] for k in ("queries_log", "board_saves")}
 
 
+def test_block_units_bound_a_block_by_rows_and_bytes():
+  from omnisage.data.omnisearchsage.ray_blocks import block_units
+  # Fewer row groups than CPUs: slices of at least min_rows; a big row group: max_rows slices.
+  assert [u["rows"] for u in block_units([100], 4, min_rows=20)] == [25] * 4
+  assert [u["rows"] for u in block_units([100], 4, min_rows=50)] == [50] * 2
+  units = block_units([1000, 10], 1, min_rows=1, max_rows=300)
+  assert [(u["group"], u["offset"], u["rows"], u["start"]) for u in units] == [
+      (0, 0, 250, 0), (0, 250, 250, 250), (0, 500, 250, 500), (0, 750, 250, 750), (1, 0, 10, 1000)]
+  # 1000 rows of 10 bytes each, at most 2,500 bytes a block: 4 slices.
+  assert [u["rows"] for u in block_units([1000], 1, min_rows=1, sizes=[10_000],
+                                         max_bytes=2500)] == [250] * 4
+  assert block_units([], 2) == [{"group": -1, "offset": 0, "rows": 0, "start": 0}]
+
+
+def test_read_slice_streams_part_of_a_row_group(tmp_path):
+  from omnisage.data.omnisearchsage.ray_blocks import read_slice
+  table = pa.table(dict(x=np.arange(250_000), s=[f"q{i % 977}" for i in range(250_000)]))
+  path = str(tmp_path / "t.parquet")
+  pq.write_table(table, path, row_group_size=200_000)
+  for group, offset, rows in ((0, 0, 200_000), (0, 65_530, 70_001), (0, 199_999, 1),
+                              (1, 10, 40_000), (0, 0, 0)):
+    start = 200_000 * group + offset
+    assert read_slice(path, group, offset, rows).equals(table.slice(start, rows)), (offset, rows)
+  assert read_slice(path, -1, 0, 0).num_rows == 0
+
+
+def test_slices_of_one_row_group_validate_as_the_whole_table(ray_cluster, tiny_prepared,
+                                                             monkeypatch):
+  """Validation over a one-row-group raw world cut into many blocks (MAX_BLOCK_ROWS small)."""
+  from omnisage.data.omnisearchsage import ray_blocks, ray_validate
+  config, prepared = tiny_prepared
+  raw = os.path.join(os.path.dirname(prepared), "raw")
+  with open(os.path.join(prepared, "meta.json")) as f:
+    meta = json.load(f)
+  monkeypatch.setattr(ray_blocks, "MAX_BLOCK_ROWS", 700)
+  assert len(ray_blocks.block_units([pq.read_metadata(os.path.join(raw, "queries_log.parquet"))
+                                     .num_rows], 2, max_rows=700)) > 3
+  entities = ray_validate.validate_entities(config, raw)
+  for kind, stage in entities.items():
+    assert stage.bad == meta["bad_rows"][kind]
+    assert list(stage.index) == today_table(prepared, kind)["id"].to_pylist()
+  logs = ray_validate.validate_logs(config, raw, entities)
+  assert logs.bad == {k: meta["bad_rows"][k] for k in ("queries_log", "board_saves")}
+  assert logs.split == meta["split"]
+
+
 @pytest.fixture(scope="module")
-def feats(world, entities, logs):
-  """(board titles, engaged queries, uncertain keys, n-gram vocabulary) of the Ray stages."""
+def feats(world, entities, logs, tmp_path_factory):
+  """(the feature lists on disk, n-gram vocabulary) of the Ray stages."""
   from omnisage.data.omnisearchsage import ray_features
   d = world[0].data
-  boards = ray_features.board_titles(logs.saves, d.board_titles_top)
-  engaged, uncertain = ray_features.engaged_queries(logs.log, d.engaged_queries_top,
-                                                    d.engaged_refresh_days)
+  lists = ray_features.feature_lists(logs, d, str(tmp_path_factory.mktemp("feature_lists")))
   datasets = {k: e.dataset for k, e in entities.items()}
-  return boards, engaged, uncertain, ray_features.ngram_vocab(datasets, boards, engaged, d)
+  return lists, ray_features.ngram_vocab(datasets, lists, d)
 
 
 def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
@@ -125,19 +169,32 @@ def test_features_vocab_and_entity_tables(world, entities, feats, tmp_path):
   from omnisage.data.omnisearchsage import ray_blocks, ray_features
   config, _, prepared, meta = world
   d = config.data
-  boards, engaged, uncertain, vocab = feats
+  lists, vocab = feats
+  boards, engaged, uncertain = lists.as_dicts()
   f = meta["features"]
   assert len(boards) == f["pins_with_board_titles"]
   assert {k: len({e for e, _ in v}) for k, v in engaged.items()} == (
       f["entities_with_engaged_queries"])
   assert {k: len(v) for k, v in uncertain.items()} == f["engaged_lists_not_certified_exact"]
+  assert lists.summary() == {k: f[k] for k in lists.summary()}
+  # Each file is sorted by entity, and a block's lookup is the dicts' rows of its entities.
+  assert pq.read_table(lists.boards)["pin"].to_pylist() == sorted(boards)
+  for kind, path in lists.engaged.items():
+    column = pq.read_table(path)["entity"].to_numpy()
+    assert (np.diff(column) >= 0).all() and len(column) == len(engaged[kind])
+  some = np.array([7, 3, 120, 5, 64], np.int64)
+  got_boards, got_engaged = lists.for_block("pins", some)
+  assert got_boards == {i: boards[e] for i, e in enumerate(some.tolist()) if e in boards}
+  assert got_engaged == {(i, g): v for i, e in enumerate(some.tolist())
+                         for (e2, g), v in engaged["pins"].items() if e2 == e}
+  assert lists.for_block("products", np.array([], np.int64)) == ({}, {})
 
   datasets = {k: e.dataset for k, e in entities.items()}
   today = text.NgramVocab.load(os.path.join(prepared, "ngram_vocab"))
   assert (vocab.trigrams, vocab.unigrams, vocab.bigrams) == (
       today.trigrams, today.unigrams, today.bigrams)
 
-  tables = ray_features.encode_entity_tables(datasets, boards, engaged, vocab, d)
+  tables = ray_features.encode_entity_tables(datasets, lists, vocab, d)
   for kind, ds in tables.items():   # several blocks each, in any order: the sink orders them
     path = os.path.join(tmp_path, f"{kind}.parquet")
     ray_blocks.write_table_file(ds, path)
@@ -179,7 +236,7 @@ def test_query_table_and_pairs(world, logs, feats, tmp_path):
   assert sha256_file(vocab_path) == fixture["files"]["query_vocab.txt"]
 
   path = os.path.join(tmp_path, "entities", "queries.parquet")
-  ray_blocks.write_table_file(ray_pairs.query_table(texts, vocab_path, feats[3], config.data),
+  ray_blocks.write_table_file(ray_pairs.query_table(texts, vocab_path, feats[1], config.data),
                               path)
   table = pq.read_table(path)
   want = fixture["entities"]["queries"]

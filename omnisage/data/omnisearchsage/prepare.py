@@ -42,6 +42,8 @@ Usage:
 import concurrent.futures
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -76,10 +78,9 @@ def _run_stages(config, raw_dir: str, out_dir: str, query_workers: int, inputs: 
   from omnisage.data.omnisearchsage.feature_examples import write_feature_examples
   from omnisage.data.omnisearchsage.ray_blocks import write_table_file
   from omnisage.data.omnisearchsage.ray_features import (
-    board_titles,
     encode_block,
     encode_entity_tables,
-    engaged_queries,
+    feature_lists,
     ngram_vocab,
   )
   from omnisage.data.omnisearchsage.ray_pairs import (
@@ -112,19 +113,21 @@ def _run_stages(config, raw_dir: str, out_dir: str, query_workers: int, inputs: 
     on_driver = not d.query_vocab_file and len(texts) <= DRIVER_QUERY_TOKENS
     tokens = background.submit(lambda: query_tokens(texts, vocab_path, d, workers=query_workers,
                                                     on_driver=on_driver).materialize())
-    boards = board_titles(logs.saves, d.board_titles_top)
-    engaged, uncertain = engaged_queries(logs.log, d.engaged_queries_top,
-                                         d.engaged_refresh_days)
+    # Board titles and engaged queries, on disk by entity (removed once the tables are written).
+    lists_dir = tempfile.mkdtemp(prefix=".feature_lists.", dir=out_dir)
+    lists = feature_lists(logs, d, lists_dir)
+    feature_counts = lists.summary()
     datasets = {k: e.dataset for k, e in entities.items()}
-    ngrams = ngram_vocab(datasets, boards, engaged, d)
+    ngrams = ngram_vocab(datasets, lists, d)
     ngrams.save(os.path.join(out_dir, "ngram_vocab"))
     lap("features")
 
-    for kind, ds in encode_entity_tables(datasets, boards, engaged, ngrams, d).items():
+    for kind, ds in encode_entity_tables(datasets, lists, ngrams, d).items():
       write_table_file(ds, os.path.join(out_dir, "entities", f"{kind}.parquet"),
-                       encode_block(entities[kind].empty, kind, boards, engaged, ngrams, d))
+                       encode_block(entities[kind].empty, kind, lists, ngrams, d))
     write_table_file(with_lexical(tokens.result(), ngrams),
                      os.path.join(out_dir, "entities", "queries.parquet"))
+    shutil.rmtree(lists_dir)
   lap("entities")
 
   q_index = {q: i for i, q in enumerate(texts)}
@@ -156,11 +159,7 @@ def _run_stages(config, raw_dir: str, out_dir: str, query_workers: int, inputs: 
       feature_examples={k: examples[k] for k in ("pairs", "negatives", "compat",
                                                  "hard_negatives")},
       raw_rows=raw_rows, split=logs.split,
-      features=dict(pins_with_board_titles=len(boards),
-                    engaged_refresh_days=d.engaged_refresh_days,
-                    engaged_lists_not_certified_exact={k: len(v) for k, v in uncertain.items()},
-                    entities_with_engaged_queries={k: len({e for e, _ in engaged[k]})
-                                                   for k in engaged}),
+      features=dict(feature_counts, engaged_refresh_days=d.engaged_refresh_days),
       seconds={k: round(v, 2) for k, v in seconds.items()},
       config=json.loads(config.to_json_best_effort()))
   with open(os.path.join(out_dir, "meta.json"), "w") as f:

@@ -1,8 +1,9 @@
 """Raw Parquet tables as Ray Data blocks with global row numbers, and the block-level helpers of
 `launch.py prepare` on Ray Data (prepare.py).
 
-Reading: a raw table is validated one block per Parquet row group (or per slice of one, when
-the file has fewer row groups than the cluster has CPUs: `block_units`). Ray's read_parquet
+Reading: a raw table is validated one block per Parquet row group, or per slice of one when the
+file has fewer row groups than the cluster has CPUs or a row group is bigger than a block may be
+(`block_units`): a task's memory is bounded by the block, never by the table. Ray's read_parquet
 gives no row numbers, and prepare's rules need them ("the first valid row of an id wins", the
 dense entity_index, pairs in log order), so a block here is read in a task and knows its first
 global row (`read_row_groups`).
@@ -18,7 +19,8 @@ error (raw_tables.read_raw_table on that table), which `launch.py` turns into ex
 Group-bys: `map_key_blocks` co-locates the rows of each key in one block as map_groups does,
 then calls its function once per block (vectorised over the block's keys), not once per key;
 `sum_by` is a groupby().sum() that way. Writing: `write_table_file` (OrderedParquetSink) writes
-a dataset as prepare's one Parquet file per table, in a write task, not through the driver.
+a dataset as prepare's one Parquet file per table: part files written by the write tasks, streamed
+into the one file in key order, a row group at a time.
 
 Usage:
   with data_context(SMALL_SHUFFLE):
@@ -28,6 +30,7 @@ Usage:
 
 import contextlib
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +53,11 @@ SMALL_SHUFFLE = "sort_shuffle_pull_based"
 # A row group is cut into blocks of at least this many rows when the file has fewer row groups
 # than the cluster has CPUs (block_units): below it a task costs more than it saves.
 MIN_BLOCK_ROWS = 10_000
+# The most a block may hold: rows, and bytes as the Parquet footer counts them (uncompressed).
+# Every stage's task works on one block at a time (validation turns rows into Python values),
+# so these bound a worker's memory whatever the table's size.
+MAX_BLOCK_ROWS = 200_000
+MAX_BLOCK_BYTES = 16 * 1024 ** 2
 # map_batches over whole blocks, one call per block (its default is a call per 1024 rows): a
 # broadcast dict is unpickled by each ray.get, and per-block pre-aggregations need the block.
 WHOLE_BLOCKS = dict(batch_size=None, batch_format="pyarrow")
@@ -88,20 +96,47 @@ def check_raw_schema(raw_dir: str, name: str) -> int:
   return meta.num_rows
 
 
-def block_units(counts: list[int], cpus: float, min_rows: int = MIN_BLOCK_ROWS) -> list[dict]:
-  """The blocks of a file with row groups of `counts` rows: {group, offset, rows, start (global
-  row)}. A row group is one block, or, when the file has fewer row groups than the cluster has
-  CPUs, equal slices of at least `min_rows` rows (so that a one-row-group table still keeps
-  every CPU busy, in validation and in every stage after it). No row group: one empty block."""
+def block_units(counts: list[int], cpus: float, min_rows: int = MIN_BLOCK_ROWS,
+                sizes: list[int] | None = None, max_rows: int = MAX_BLOCK_ROWS,
+                max_bytes: int = MAX_BLOCK_BYTES) -> list[dict]:
+  """The blocks of a file with row groups of `counts` rows (`sizes` bytes, uncompressed): {group,
+  offset, rows, start (global row)}. A row group is one block, or equal slices of it: when the
+  file has fewer row groups than the cluster has CPUs (slices of at least `min_rows` rows, so a
+  one-row-group table still keeps every CPU busy, in validation and every stage after it), and
+  when it holds more than `max_rows` rows or `max_bytes` bytes (so a block's memory stays the
+  same as the table grows). No row group: one empty block."""
   total = sum(counts)
   target = max(min_rows, -(-total // max(int(cpus), 1)))
   units, start = [], 0
   for g, n in enumerate(counts):
-    bounds = np.linspace(0, n, max(1, -(-n // target)) + 1).astype(np.int64)
+    limit = min(target, max_rows)
+    if sizes is not None and n:
+      limit = min(limit, max(1, max_bytes * n // max(sizes[g], 1)))
+    bounds = np.linspace(0, n, max(1, -(-n // limit)) + 1).astype(np.int64)
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
       units.append({"group": g, "offset": a, "rows": b - a, "start": start + a})
     start += n
   return units or [{"group": -1, "offset": 0, "rows": 0, "start": 0}]
+
+
+def read_slice(path: str, group: int, offset: int, rows: int) -> pa.Table:
+  """Rows [offset, offset + rows) of row group `group` (-1: the empty table), streamed: a slice
+  of a big row group is read in batches with buffered column reads, so the task holds the slice,
+  not the row group."""
+  file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+  if group < 0:
+    return file.schema_arrow.empty_table()
+  if offset == 0 and rows == file.metadata.row_group(group).num_rows:
+    return file.read_row_group(group)
+  parts, seen = [], 0
+  for batch in file.iter_batches(batch_size=min(max(rows, 1), 65_536), row_groups=[group]):
+    a, b = max(offset - seen, 0), min(offset + rows - seen, len(batch))
+    if b > a:
+      parts.append(batch.slice(a, b - a))
+    seen += len(batch)
+    if seen >= offset + rows:
+      break
+  return pa.Table.from_batches(parts) if parts else file.schema_arrow.empty_table()
 
 
 def read_row_groups(path: str, name: str, fn, **fn_kwargs) -> ray.data.Dataset:
@@ -109,17 +144,17 @@ def read_row_groups(path: str, name: str, fn, **fn_kwargs) -> ray.data.Dataset:
   table `name` (`block_units`: its row groups, or slices of them), each block its own task
   (read in the task: nothing passes the driver)."""
   meta = pq.read_metadata(path)
-  units = block_units([meta.row_group(g).num_rows for g in range(meta.num_row_groups)],
-                      ray.cluster_resources().get("CPU", 1))
+  groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+  units = block_units([g.num_rows for g in groups], ray.cluster_resources().get("CPU", 1),
+                      sizes=[g.total_byte_size for g in groups], max_rows=MAX_BLOCK_ROWS,
+                      max_bytes=MAX_BLOCK_BYTES)
   where = f"{name} table {path}"
 
   def read(batch: dict) -> pa.Table:
     parts = []
     columns = (batch[k].tolist() for k in ("group", "offset", "rows", "start"))
     for g, offset, rows, s in zip(*columns):
-      file = pq.ParquetFile(path)
-      table = file.read_row_group(g).slice(offset, rows) if g >= 0 else (
-          file.schema_arrow.empty_table())
+      table = read_slice(path, g, offset, rows)
       try:
         table = conform_raw_table(table, name, where)
       except ValueError as error:   # to the driver as data (module docstring)
@@ -220,33 +255,57 @@ def read_validated(raw_dir: str, name: str, fn, **fn_kwargs
 
 # --- one Parquet file per table, written by a datasink -------------------------------------------
 class OrderedParquetSink(ray.data.Datasink):
-  """prepare's one-file layout (entities/<kind>.parquet, rows in `key` order), written by the
-  one write task of a dataset repartitioned into one block (`write_table_file`): the task puts
-  the blocks in key order (each covers one range of entity_index, so ordering the blocks is
-  enough; overlapping ranges, which the entity tables never have, are sorted row by row) and
-  writes the file, so no row passes through the driver. `path` must be on a filesystem that
-  node sees (as the ArrayRecord shards'). No row at all: the table `empty`."""
+  """prepare's one-file layout (entities/<kind>.parquet, rows in `key` order). Each write task
+  writes its blocks as part files beside `path` and returns their key ranges; the driver then
+  streams the parts into `path` in key order, one row group at a time (each part covers one
+  range of entity_index, so ordering the parts is enough; overlapping ranges, which the entity
+  tables never have, are sorted row by row). No task and no process holds the whole table.
+  `path` must be on a filesystem every node sees (as the ArrayRecord shards'). No row at all:
+  the table `empty`."""
 
   def __init__(self, path: str, key: str, empty: pa.Table | None = None):
     self.path, self.key, self.empty = path, key, empty
+    self.parts = f"{path}.parts"
 
-  def write(self, blocks, ctx) -> int:
-    tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
-    tables = sorted((t for t in tables if t.num_rows), key=lambda t: t[self.key][0].as_py())
-    if not tables:
-      return 0
-    table = pa.concat_tables(tables)
-    if (np.diff(table[self.key].to_numpy()) < 0).any():
-      table = table.take(pc.sort_indices(table[self.key]))
-    pq.write_table(table, self.path)
-    return table.num_rows
+  def on_write_start(self, schema=None) -> None:
+    shutil.rmtree(self.parts, ignore_errors=True)
+    os.makedirs(self.parts)
+
+  def write(self, blocks, ctx) -> list:
+    written = []
+    for n, block in enumerate(blocks):
+      table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+      if not table.num_rows:
+        continue
+      keys = table[self.key].to_numpy()
+      if (np.diff(keys) < 0).any():
+        table = table.take(pa.array(np.argsort(keys, kind="stable")))
+      part = os.path.join(self.parts, f"{ctx.task_idx}-{n}.parquet")
+      pq.write_table(table, part)
+      written.append((int(keys.min()), int(keys.max()), part))
+    return written
 
   def on_write_complete(self, write_result) -> None:
-    if not sum(write_result.write_returns):
-      pq.write_table(self.empty, self.path)
+    parts = sorted(p for returned in write_result.write_returns for p in returned)
+    try:
+      if not parts:
+        pq.write_table(self.empty, self.path)
+      elif any(a[1] > b[0] for a, b in zip(parts, parts[1:])):
+        table = pa.concat_tables([pq.read_table(p[2]) for p in parts])
+        pq.write_table(table.take(pc.sort_indices(table[self.key])), self.path)
+      else:
+        schema = pq.read_schema(parts[0][2])
+        with pq.ParquetWriter(self.path, schema) as writer:
+          for *_, part in parts:
+            source = pq.ParquetFile(part)
+            for group in range(source.num_row_groups):
+              writer.write_table(source.read_row_group(group).cast(schema))
+    finally:
+      shutil.rmtree(self.parts, ignore_errors=True)
 
 
-def write_table_file(ds: ray.data.Dataset, path: str, empty: pa.Table | None = None) -> None:
-  """`ds` as the one Parquet file `path` in entity_index order (OrderedParquetSink)."""
+def write_table_file(ds: ray.data.Dataset, path: str, empty: pa.Table | None = None,
+                     key: str = "entity_index") -> None:
+  """`ds` as the one Parquet file `path` in `key` order (OrderedParquetSink)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  ds.repartition(1).write_datasink(OrderedParquetSink(path, "entity_index", empty))
+  ds.write_datasink(OrderedParquetSink(path, key, empty))

@@ -14,21 +14,26 @@ the same lists and the same uncertain keys as features.merge_engaged_queries and
 uncertain_merge_keys key by key, which tests/test_prepare_ray.py checks against a key-by-key
 reference on random logs with ties, non-ASCII queries and several windows.
 
-The board-title and engaged-query lists come back to the driver and are broadcast (ray.put) to
-the encoding blocks; at production scale a join on entity_index would replace that.
+The board-title and engaged-query lists never come back to the driver: they are written by
+OrderedParquetSink as Parquet files sorted by entity (`FeatureLists`), and each block of entities
+reads only the lists of its own entity_index range (row groups skipped by their statistics). That
+is a join on entity_index, as a feature store serves it: no process holds every list, and a
+block's work does not grow with the number of lists.
 
 Usage:
-  boards = board_titles(logs.saves, d.board_titles_top)
-  engaged, uncertain = engaged_queries(logs.log, d.engaged_queries_top, d.engaged_refresh_days)
-  vocab = ngram_vocab(datasets, boards, engaged, d)
-  tables = encode_entity_tables(datasets, boards, engaged, vocab, d)   # {kind: dataset}
+  lists = feature_lists(logs, d, directory)       # board_titles + engaged_queries, on disk
+  vocab = ngram_vocab(datasets, lists, d)
+  tables = encode_entity_tables(datasets, lists, vocab, d)   # {kind: dataset}
 """
 
 import collections
+import dataclasses
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray.data
 
 from omnisage.data import text
@@ -40,6 +45,7 @@ from omnisage.data.omnisearchsage.ray_blocks import (
   driver_table,
   map_key_blocks,
   sum_by,
+  write_table_file,
 )
 from omnisage.data.omnisearchsage.ray_validate import TEXT_FIELDS
 
@@ -49,13 +55,17 @@ def train_rows(ds: ray.data.Dataset, column: str, value) -> ray.data.Dataset:
   return ds.map_batches(lambda t: t.filter(pc.equal(t[column], value)), **WHOLE_BLOCKS)
 
 
-def board_titles(saves: ray.data.Dataset, top: int) -> dict:
-  """{pin entity_index: titles}, as features.board_titles_per_pin over the train-window saves:
-  the global word commonness F(w) is a sum by word, then every pin's choice
-  (features.select_board_titles) in one call per block of saves co-located by pin."""
+BOARD_TITLES = pa.schema([("pin", pa.int64()), ("titles", pa.list_(pa.string()))])
+
+
+def board_titles(saves: ray.data.Dataset, top: int, path: str) -> str:
+  """Writes (pin entity_index, titles) sorted by pin to `path`, as features.board_titles_per_pin
+  over the train-window saves: the global word commonness F(w) is a sum by word, then every
+  pin's choice (features.select_board_titles) in one call per block of saves co-located by pin."""
   train = train_rows(saves, "in_train", True).select_columns(["pin", "title"]).materialize()
   if not train.count():
-    return {}
+    pq.write_table(BOARD_TITLES.empty_table(), path)
+    return path
 
   def word_counts(t: pa.Table) -> pa.Table:
     c: collections.Counter = collections.Counter()
@@ -78,12 +88,12 @@ def board_titles(saves: ray.data.Dataset, top: int) -> dict:
       per[p][title] = n
     word_freq = ray.get(freq_ref)
     titles = [features.select_board_titles(c, top, word_freq) for c in per.values()]
-    return pa.table(dict(pin=pa.array(list(per), pa.int64()),
-                         titles=pa.array(titles, pa.list_(pa.string()))))
+    return pa.table([pa.array(list(per), pa.int64()), pa.array(titles, pa.list_(pa.string()))],
+                    schema=BOARD_TITLES)
 
-  table = driver_table(map_key_blocks(train, ["pin"], per_pin), pa.table(dict(
-      pin=pa.array([], pa.int64()), titles=pa.array([], pa.list_(pa.string())))))
-  return dict(zip(table["pin"].to_pylist(), table["titles"].to_pylist()))
+  write_table_file(map_key_blocks(train, ["pin"], per_pin), path, BOARD_TITLES.empty_table(),
+                   key="pin")
+  return path
 
 
 ENGAGED_LISTS = pa.schema([("kind", pa.string()), ("entity", pa.int64()),
@@ -189,15 +199,19 @@ def engaged_block(t: pa.Table, top: int) -> pa.Table:
   return pa.concat_tables(parts) if parts else ENGAGED_LISTS.empty_table()
 
 
-def engaged_queries(log: ray.data.Dataset, top: int, refresh_days: int) -> tuple[dict, dict]:
-  """({kind: {(entity, engagement): [(query, count)]}}, {kind: uncertain keys}) from the train
-  rows engaging pins and products, with the refresh of features.merge_engaged_queries: per
-  block a count by (kind, entity, engagement, window, query) (window = the refresh window of the
-  row; 0 for all when refresh_days is 0), the counts co-located by (kind, entity, engagement),
-  then every key's windows merged in one engaged_block call per block. top 0 (the feature off,
-  as for Home Depot): no lists, and no stage runs."""
+def engaged_queries(log: ray.data.Dataset, top: int, refresh_days: int, directory: str) -> dict:
+  """{kind: path}: the engaged-query lists (ENGAGED_LISTS rows) of the pins and of the products,
+  each file sorted by entity, from the train rows engaging them, with the refresh of
+  features.merge_engaged_queries: per block a count by (kind, entity, engagement, window, query)
+  (window = the refresh window of the row; 0 for all when refresh_days is 0), the counts
+  co-located by (kind, entity, engagement), then every key's windows merged in one engaged_block
+  call per block. top 0 (the feature off, as for Home Depot): empty files, and no stage runs."""
+  paths = {kind: os.path.join(directory, f"engaged_{kind}.parquet")
+           for kind in ("pins", "products")}
   if top <= 0:
-    return {"pins": {}, "products": {}}, {"pins": set(), "products": set()}
+    for path in paths.values():
+      pq.write_table(ENGAGED_LISTS.empty_table(), path)
+    return paths
 
   def counts(t: pa.Table) -> pa.Table:
     t = t.filter(pc.and_(pc.equal(t["split"], 0), pc.is_in(t["kind"], pa.array(
@@ -208,29 +222,82 @@ def engaged_queries(log: ray.data.Dataset, top: int, refresh_days: int) -> tuple
     return t.group_by(["kind"] + KEY + ["window", "query"], use_threads=False).aggregate(
         [([], "count_all")]).rename_columns({"count_all": "count"})
 
-  table = driver_table(map_key_blocks(log.map_batches(counts, **WHOLE_BLOCKS),
-                                      ["kind"] + KEY, engaged_block, top=top),
-                       ENGAGED_LISTS.empty_table())
-  engaged: dict = {"pins": {}, "products": {}}
-  uncertain: dict = {"pins": set(), "products": set()}
-  columns = (table[c].to_pylist() for c in ENGAGED_LISTS.names)
-  for kind, e, g, queries, counts_, unsure in zip(*columns):
-    engaged[kind][(e, g)] = list(zip(queries, counts_))
-    if unsure:
-      uncertain[kind].add((e, g))
-  return engaged, uncertain
+  lists = map_key_blocks(log.map_batches(counts, **WHOLE_BLOCKS), ["kind"] + KEY,
+                         engaged_block, top=top).materialize()
+  for kind, path in paths.items():
+    write_table_file(lists.map_batches(lambda t, k=kind: t.filter(pc.equal(t["kind"], k)),
+                                       **WHOLE_BLOCKS), path, ENGAGED_LISTS.empty_table(),
+                     key="entity")
+  return paths
+
+
+@dataclasses.dataclass
+class FeatureLists:
+  """The board titles and engaged-query lists on disk, sorted by entity: `for_block` reads the
+  lists of one block's entities only (a join on entity_index), so neither the driver nor a
+  worker holds them all."""
+  boards: str     # BOARD_TITLES rows, sorted by pin
+  engaged: dict   # {kind: ENGAGED_LISTS rows of that kind, sorted by entity}
+
+  def for_block(self, kind: str, index: np.ndarray) -> tuple[dict, dict]:
+    """({position: titles}, {(position, engagement): [(query, count)]}) of the entities
+    `index` (entity_index values; position = their place in `index`)."""
+    index = np.asarray(index, np.int64)
+    if not len(index):
+      return {}, {}
+    lo, hi = int(index.min()), int(index.max())
+    position = {e: i for i, e in enumerate(index.tolist())}
+    boards: dict = {}
+    if kind == "pins":
+      t = pq.read_table(self.boards, filters=[("pin", ">=", lo), ("pin", "<=", hi)])
+      boards = {position[p]: titles for p, titles in zip(t["pin"].to_pylist(),
+                                                         t["titles"].to_pylist())
+                if p in position}
+    t = pq.read_table(self.engaged[kind], filters=[("entity", ">=", lo), ("entity", "<=", hi)])
+    columns = (t[c].to_pylist() for c in ("entity", "engagement", "queries", "counts"))
+    engaged = {(position[e], g): list(zip(q, c)) for e, g, q, c in zip(*columns)
+               if e in position}
+    return boards, engaged
+
+  def summary(self) -> dict:
+    """prepare's meta.json "features" counts, from the key columns alone."""
+    out = dict(pins_with_board_titles=pq.read_metadata(self.boards).num_rows,
+               engaged_lists_not_certified_exact={}, entities_with_engaged_queries={})
+    for kind, path in self.engaged.items():
+      t = pq.read_table(path, columns=["entity", "uncertain"])
+      out["engaged_lists_not_certified_exact"][kind] = int(pc.sum(t["uncertain"]).as_py() or 0)
+      out["entities_with_engaged_queries"][kind] = len(pc.unique(t["entity"]))
+    return out
+
+  def as_dicts(self) -> tuple[dict, dict, dict]:
+    """(boards {pin: titles}, engaged {kind: {(entity, engagement): [(query, count)]}},
+    uncertain {kind: keys}): every list in memory, for small worlds and their tests."""
+    t = pq.read_table(self.boards)
+    boards = dict(zip(t["pin"].to_pylist(), t["titles"].to_pylist()))
+    engaged, uncertain = {}, {}
+    for kind, path in self.engaged.items():
+      t = pq.read_table(path)
+      columns = [t[c].to_pylist() for c in ENGAGED_LISTS.names[1:]]
+      engaged[kind] = {(e, g): list(zip(q, c)) for e, g, q, c, _ in zip(*columns)}
+      uncertain[kind] = {(e, g) for e, g, _, _, u in zip(*columns) if u}
+    return boards, engaged, uncertain
+
+
+def feature_lists(logs, d, directory: str) -> FeatureLists:
+  """Step 3: the board titles and engaged queries of the train window, written to `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  return FeatureLists(board_titles(logs.saves, d.board_titles_top,
+                                   os.path.join(directory, "board_titles.parquet")),
+                      engaged_queries(logs.log, d.engaged_queries_top, d.engaged_refresh_days,
+                                      directory))
 
 
 # --- 4. n-gram vocabularies as an aggregation ----------------------------------------------------
-def block_items(t: pa.Table, boards: dict, engaged: dict) -> list:
-  """field_items of the entities of one block (boards/engaged keyed by entity_index)."""
-  index = t["entity_index"].to_numpy()
+def block_items(t: pa.Table, kind: str, lists: FeatureLists) -> list:
+  """field_items of the entities of one block, with the feature lists of its entities."""
   ent = {"ids": t["id"].to_numpy(zero_copy_only=False),
          **{f: t[f].to_numpy(zero_copy_only=False) for f in TEXT_FIELDS}}
-  local_boards = {i: boards[e] for i, e in enumerate(index.tolist()) if e in boards}
-  position = {e: i for i, e in enumerate(index.tolist())}
-  local_engaged = {(position[e], c): v for (e, c), v in engaged.items() if e in position}
-  return field_items(ent, local_boards, local_engaged)
+  return field_items(ent, *lists.for_block(kind, t["entity_index"].to_numpy()))
 
 
 def ngram_counts(texts) -> pa.Table:
@@ -269,16 +336,14 @@ def top_ngrams(t: pa.Table, sizes: dict) -> pa.Table:
   return pa.concat_tables(parts)
 
 
-def ngram_vocab(datasets: dict, boards: dict, engaged: dict, d) -> text.NgramVocab:
+def ngram_vocab(datasets: dict, lists: FeatureLists, d) -> text.NgramVocab:
   """NgramVocab.build over every entity field text: per-block counts, summed per (vocab, token)
   (sum_by), each block's top candidates, the global top on the driver."""
-  refs = ray.put((boards, engaged))
   sizes = {"trigram": d.trigram_vocab, "unigram": d.unigram_vocab, "bigram": d.bigram_vocab}
 
   def counts_of(kind):
     def fn(t: pa.Table) -> pa.Table:
-      b, e = ray.get(refs)
-      items = block_items(t, b if kind == "pins" else {}, e[kind])
+      items = block_items(t, kind, lists)
       return ngram_counts(x for per in items for f in per for x in f)
     return fn
 
@@ -294,23 +359,22 @@ def ngram_vocab(datasets: dict, boards: dict, engaged: dict, d) -> text.NgramVoc
 
 
 # --- 5. entity tables ----------------------------------------------------------------------------
-def encode_block(t: pa.Table, kind: str, boards: dict, engaged: dict, vocab: text.NgramVocab,
+def encode_block(t: pa.Table, kind: str, lists: FeatureLists, vocab: text.NgramVocab,
                  d) -> pa.Table:
   """The entities/<kind>.parquet rows of one block of valid entities (EntityStage.dataset)."""
-  tokens, fields = encode_entities(block_items(t, boards if kind == "pins" else {}, engaged[kind]),
-                                   vocab, d, f"encode {kind}")
+  tokens, fields = encode_entities(block_items(t, kind, lists), vocab, d, f"encode {kind}")
   return pa.table(dict(entity_index=t["entity_index"], id=t["id"], tokens=tokens, fields=fields,
                        legacy=t["legacy"], visual=t["visual"], title=t["title"]))
 
 
-def encode_entity_tables(datasets: dict, boards: dict, engaged: dict, vocab: text.NgramVocab,
+def encode_entity_tables(datasets: dict, lists: FeatureLists, vocab: text.NgramVocab,
                          d) -> dict:
   """{kind: dataset of the entities/<kind>.parquet columns}: encode_block per block."""
-  refs = ray.put((boards, engaged, vocab))
+  ref = ray.put(vocab)
 
   def encoder(kind):
     def fn(t: pa.Table) -> pa.Table:
-      return encode_block(t, kind, *ray.get(refs), d)
+      return encode_block(t, kind, lists, ray.get(ref), d)
     return fn
 
   return {k: ds.map_batches(encoder(k), **WHOLE_BLOCKS) for k, ds in datasets.items()}

@@ -245,9 +245,7 @@ def test_query_table_and_pairs(world, logs, feats, tmp_path):
     assert {"type": str(table[col].type), "sha256": sha256_json(table[col].to_pylist())} == (
         want[col]), col
 
-  q_index = {q: i for i, q in enumerate(texts)}
-  q_tokens = [np.asarray(t, np.int32) for t in table["tokens"].to_pylist()]
-  pairs, dropped = ray_pairs.write_pairs(config, logs.log, q_index, q_tokens, str(tmp_path))
+  pairs, dropped = ray_pairs.write_pairs(config, logs.log, texts, table["tokens"], str(tmp_path))
   assert pairs == meta["pairs"] and dropped == meta["dropped_pairs"]
   for key, digest in fixture["pairs"].items():
     assert pairs_digest(os.path.join(tmp_path, key)) == digest, key

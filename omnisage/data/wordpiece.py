@@ -12,6 +12,7 @@ Usage:
   ids = tok.tokenize(["red velvet cake"])   # [array([CLS, ..., SEP], dtype=int32)]
 """
 
+import collections
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's start-up banner out of prepare logs
@@ -19,7 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's start-up banner 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_text as tf_text  # noqa: E402
-from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bvfd  # noqa: E402
+from tensorflow_text.tools.wordpiece_vocab import (  # noqa: E402
+  wordpiece_tokenizer_learner_lib as learner,
+)
 
 try:
   tf.config.set_visible_devices([], "GPU")
@@ -32,24 +35,35 @@ RESERVED_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _BATCH = 200_000  # strings per TF call: large batches amortise the per-call overhead
 
 
-def learn_vocab(texts: list[str], vocab_size: int, lower_case: bool) -> list[str]:
+def learn_vocab(texts: list[str], vocab_size: int, lower_case: bool,
+                counts: list[int] | None = None) -> list[str]:
   """Learns a BERT WordPiece vocabulary (reserved tokens first) from `texts`.
 
-  Each element of `texts` counts once, so pass queries with their log multiplicity to weight
-  frequent queries. Words are split with BERT's BasicTokenizer (`lower_case` also strips accents,
+  Each element of `texts` counts once, or `counts[i]` times: pass queries with their log
+  multiplicity to weight frequent queries (distinct texts in the order they first occur, with
+  their counts, give the vocabulary of the full stream: the same word counts, in the same first
+  occurrence order). Words are split with BERT's BasicTokenizer (`lower_case` also strips accents,
   exactly as `QueryTokenizer(lower_case=True)` does), then tensorflow-text's learner picks
-  sub-words. The result has at most `vocab_size` tokens (often a little fewer: the learner
-  binary-searches a sub-word count threshold and stops within 5% of the target).
+  sub-words, as its bert_vocab_from_dataset does. The result has at most `vocab_size` tokens
+  (often a little fewer: the learner binary-searches a sub-word count threshold and stops within
+  5% of the target).
   """
-  dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(_BATCH)
+  from tensorflow_text.python.ops import bert_tokenizer
+  tokenizer = bert_tokenizer.BasicTokenizer(lower_case=lower_case)
+  texts = list(texts)
+  counts = [1] * len(texts) if counts is None else list(counts)
+  word_counts: collections.Counter = collections.Counter()
+  for start in range(0, len(texts), _BATCH):
+    words = tokenizer.tokenize(tf.constant(texts[start:start + _BATCH], tf.string))
+    for row, n in zip(words.to_list(), counts[start:start + _BATCH]):
+      for w in row:
+        word_counts[w.decode("utf-8")] += n
 
   def learn(upper_thresh):
     # lower_thresh 2 (default 10): small query logs (the tiny config) would otherwise leave mostly
     # single characters.
-    return bvfd.bert_vocab_from_dataset(
-        dataset, vocab_size=vocab_size, reserved_tokens=RESERVED_TOKENS,
-        bert_tokenizer_params=dict(lower_case=lower_case),
-        learn_params=dict(lower_thresh=2, upper_thresh=upper_thresh))
+    return learner.learn(word_counts, vocab_size, RESERVED_TOKENS, lower_thresh=2,
+                         upper_thresh=upper_thresh)
 
   # The learner's binary search costs one full learning pass per step (~16 steps). When even the
   # lowest threshold gives no more than `vocab_size` tokens (a small corpus), that one pass is the

@@ -46,7 +46,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 
 # Up to this many distinct queries are tokenised on the driver when it learned the WordPiece
@@ -130,17 +129,15 @@ def _run_stages(config, raw_dir: str, out_dir: str, query_workers: int, inputs: 
     shutil.rmtree(lists_dir)
   lap("entities")
 
-  q_index = {q: i for i, q in enumerate(texts)}
   bad = {**{k: e.bad for k, e in entities.items()}, **logs.bad}
   judged, judged_bad = judged_negatives(config, raw_dir, out_dir,
-                                        {k: e.index for k, e in entities.items()}, q_index,
+                                        {k: e.index for k, e in entities.items()}, texts,
                                         logs.log)
   if judged_bad is not None:
     bad["judged_negatives"] = judged_bad
   tokens = pq.read_table(os.path.join(out_dir, "entities", "queries.parquet"),
-                         columns=["tokens"])["tokens"].to_pylist()
-  pairs, dropped = write_pairs(config, logs.log, q_index,
-                               [np.asarray(t, np.int32) for t in tokens], out_dir)
+                         columns=["tokens"])["tokens"]
+  pairs, dropped = write_pairs(config, logs.log, texts, tokens, out_dir)
   lap("pairs")
 
   # 6. Training examples that carry their features (the catalogue-free training input).

@@ -2,8 +2,8 @@
 
 Everything keyed by a query's entity_index, so it all needs the distinct query texts first:
   queries     every distinct normalised query of the logs (a unique()), the WordPiece vocabulary
-              learned on the driver (TensorFlow) from the train queries in log
-              order, tokens by QueryTokens actors (map_batches), then lexical n-gram ids.
+              learned on the driver (TensorFlow) from the distinct train queries and their counts
+              (a group-by), tokens by QueryTokens actors (map_batches), then lexical n-gram ids.
   judged      the optional judged_negatives table validated per row group (log_rows.valid_judged)
               -> <out>/hard_negatives/<task>.judged.parquet, rows in input order.
   pairs       the caps (features.cap_pairs with prepare's per-task generator) on the driver over
@@ -13,14 +13,15 @@ Everything keyed by a query's entity_index, so it all needs the distinct query t
               tasks side by side (task_pairs, each with prepare's generator of that task).
 
 Driver-side here: the distinct texts and their tokens, the train query ids, the (row, entity)
-columns the caps read, the kept judged negatives (ints). At production scale joins would replace
-the q_index / tokens broadcasts.
+columns the caps read, the kept judged negatives (ints). The pair blocks look queries up in the
+sorted texts (an Arrow array) and slice their tokens from one flat int32 array: both are put in
+the object store once and read there without a copy by every worker.
 
 Usage:
   vocab_path = query_vocab(config, log, out_dir)
   queries = query_table(query_texts(log), vocab_path, ngrams, d)      # a dataset
   # or query_tokens(...) early, with_lexical(tokens, ngrams) once the n-gram vocabulary exists
-  pairs, dropped = write_pairs(config, log, q_index, q_tokens, out_dir)
+  pairs, dropped = write_pairs(config, log, texts, tokens, out_dir)   # tokens: a list column
 """
 
 import concurrent.futures
@@ -44,6 +45,7 @@ from omnisage.data.omnisearchsage.ray_blocks import (
   WHOLE_BLOCKS,
   check_raw_schema,
   driver_table,
+  map_key_blocks,
   raw_path,
   read_validated,
   with_bad_rows,
@@ -61,16 +63,35 @@ def query_texts(log: ray.data.Dataset) -> list[str]:
   return sorted(log.map_batches(texts, **WHOLE_BLOCKS).unique("text"))
 
 
-def train_queries(log: ray.data.Dataset) -> list[str]:
-  """The WordPiece learner's input, as prepare's: train queries in log order, then the train
-  query->query targets in log order (the learner runs on the driver, in TensorFlow)."""
-  table = driver_table(log.map_batches(lambda t: t.filter(pc.equal(t["split"], 0)).select(
-      ["row", "query", "target", "kind"]), **WHOLE_BLOCKS), pa.table(dict(
-          row=pa.array([], pa.int64()), query=pa.array([], pa.string()),
-          target=pa.array([], pa.string()), kind=pa.array([], pa.string()))))
-  table = table.take(pc.sort_indices(table["row"]))
-  return (table["query"].to_pylist()
-          + table.filter(pc.equal(table["kind"], "queries"))["target"].to_pylist())
+def train_queries(log: ray.data.Dataset) -> tuple[list[str], list[int]]:
+  """The WordPiece learner's input, prepare's corpus (the train queries in log order, then the
+  train query->query targets in log order) as its distinct texts in the order they first occur,
+  with their counts (wordpiece.learn_vocab learns the same vocabulary from them): a group-by on
+  text of (first position, count), so the driver holds distinct queries, not log rows."""
+  def occurrences(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.equal(t["split"], 0))
+    targets = t.filter(pc.equal(t["kind"], "queries"))
+    return first_and_count(pa.table(dict(
+        text=pa.concat_arrays([t["query"].combine_chunks(), targets["target"].combine_chunks()]),
+        first=pa.array(np.r_[t["row"].to_numpy(), targets["row"].to_numpy() + TARGETS_AFTER]),
+        count=pa.array(np.ones(t.num_rows + targets.num_rows, np.int64)))))
+
+  table = driver_table(map_key_blocks(log.map_batches(occurrences, **WHOLE_BLOCKS), ["text"],
+                                      first_and_count), pa.table(dict(
+      text=pa.array([], pa.string()), first=pa.array([], pa.int64()),
+      count=pa.array([], pa.int64()))))
+  table = table.take(pc.sort_indices(table["first"]))
+  return table["text"].to_pylist(), table["count"].to_pylist()
+
+
+# train_queries: a target's position is its row plus this, after every query's (rows < 2^40).
+TARGETS_AFTER = 1 << 40
+
+
+def first_and_count(t: pa.Table) -> pa.Table:
+  """(text, first, count) rows -> one row per text: its first position, its total count."""
+  return t.group_by(["text"], use_threads=False).aggregate(
+      [("first", "min"), ("count", "sum")]).rename_columns(["text", "first", "count"])
 
 
 class QueryTokens:
@@ -96,8 +117,9 @@ def query_vocab(config, log: ray.data.Dataset, out_dir: str) -> str:
     shutil.copyfile(d.query_vocab_file, path)
   else:
     from omnisage.data import wordpiece
-    wordpiece.write_vocab(wordpiece.learn_vocab(train_queries(log), d.query_vocab_size,
-                                                d.query_lower_case), path)
+    texts, counts = train_queries(log)
+    wordpiece.write_vocab(wordpiece.learn_vocab(texts, d.query_vocab_size, d.query_lower_case,
+                                                counts=counts), path)
   return path
 
 
@@ -181,18 +203,19 @@ class ArrayRecordSink(ray.data.Datasink):
         ArrayRecordWriter(path, "group_size:1").close()
 
 
-def pair_rows(log: ray.data.Dataset, q_index_ref, task: str) -> ray.data.Dataset:
+def pair_rows(log: ray.data.Dataset, texts_ref, task: str) -> ray.data.Dataset:
   """The log rows of one task with query index `qi` and positive `entity` (a query's index for
-  q2query), q2query self-clicks marked (`self_click`)."""
+  q2query), q2query self-clicks marked (`self_click`). `texts_ref`: the sorted distinct texts (a
+  query's index is its position there)."""
   kind = schema.TASK_ENTITY[task]
 
   def fn(t: pa.Table) -> pa.Table:
-    q_index = ray.get(q_index_ref)
+    texts = ray.get(texts_ref)
     t = t.filter(pc.equal(t["kind"], kind))
-    qi = np.array([q_index[q] for q in t["query"].to_pylist()], np.int64)
+    qi = pc.index_in(t["query"], value_set=texts).to_numpy().astype(np.int64)
     entity = t["entity"].to_numpy()
     if kind == "queries":
-      entity = np.array([q_index[q] for q in t["target"].to_pylist()], np.int64)
+      entity = pc.index_in(t["target"], value_set=texts).to_numpy().astype(np.int64)
     self_click = qi == entity if kind == "queries" else np.zeros(len(qi), bool)
     return pa.table(dict(row=t["row"], qi=pa.array(qi), entity=pa.array(entity),
                          engagement=t["engagement"], timestamp=t["timestamp"], split=t["split"],
@@ -226,12 +249,12 @@ def task_pairs(config, log: ray.data.Dataset, refs: tuple, t: int, task: str, ou
       keep = table["row"].to_numpy()[features.cap_pairs(table["entity"].to_numpy(), cap, rng)]
 
     def records(b: pa.Table, code=code, keep=keep) -> pa.Table:
-      tokens = ray.get(refs[1])
+      values, offsets = ray.get(refs[1])
       b = b.filter(pair_mask(b, code))
       if keep is not None:
         b = b.filter(pa.array(np.isin(b["row"].to_numpy(), keep)))
-      return pa.table(dict(record=pa.array([schema.encode_pair(a, e, g, s, tokens[a])
-                                            for a, e, g, s in zip(
+      return pa.table(dict(record=pa.array([schema.encode_pair(
+          a, e, g, s, values[offsets[a]:offsets[a + 1]]) for a, e, g, s in zip(
           b["qi"].to_pylist(), b["entity"].to_pylist(), b["engagement"].to_pylist(),
           b["timestamp"].to_pylist())], pa.binary())))
 
@@ -242,15 +265,19 @@ def task_pairs(config, log: ray.data.Dataset, refs: tuple, t: int, task: str, ou
   return pairs, self_clicks
 
 
-def write_pairs(config, log: ray.data.Dataset, q_index: dict, q_tokens: list, out_dir: str
+def write_pairs(config, log: ray.data.Dataset, texts: list[str], tokens, out_dir: str
                 ) -> tuple[dict, dict]:
-  """Step 5's pair shards: ({split: {task: pairs}}, dropped) as prepare's. The caps
-  (features.cap_pairs with prepare's per-task generator) run on the driver over the entity
-  column of the capped task's train rows in log order (ints only); records are built in
-  map_batches and written by ArrayRecordSink after a seeded random_shuffle. The three tasks
-  run side by side (task_pairs, one driver thread each): their Ray Data jobs are small, and
-  mostly wait on task start-up, which overlaps."""
-  refs = ray.put(q_index), ray.put(q_tokens)
+  """Step 5's pair shards: ({split: {task: pairs}}, dropped) as prepare's. `texts`: the sorted
+  distinct queries (query_texts); `tokens`: their WordPiece ids, a list column (the queries
+  table's `tokens`). The caps (features.cap_pairs with prepare's per-task generator) run on the
+  driver over the entity column of the capped task's train rows in log order (ints only);
+  records are built in map_batches and written by ArrayRecordSink after a seeded
+  random_shuffle. The three tasks run side by side (task_pairs, one driver thread each): their
+  Ray Data jobs are small, and mostly wait on task start-up, which overlaps."""
+  tokens = pa.chunked_array(tokens) if isinstance(tokens, list) else tokens
+  tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+  flat = (tokens.values.to_numpy().astype(np.int32), tokens.offsets.to_numpy().astype(np.int64))
+  refs = ray.put(pa.array(texts, pa.string())), ray.put(flat)
   with concurrent.futures.ThreadPoolExecutor(len(schema.TASK_ENTITY)) as pool:
     done = list(pool.map(lambda job: task_pairs(config, log, refs, *job, out_dir),
                          enumerate(schema.TASK_ENTITY)))
@@ -277,14 +304,16 @@ def judged_block(table: pa.Table, start: int, ref, d) -> pa.Table:
                                      entity_index=pa.array(judged["entity_index"]))), rows, start)
 
 
-def judged_negatives(config, raw_dir: str, out_dir: str, entity_ids: dict, q_index: dict,
+def judged_negatives(config, raw_dir: str, out_dir: str, entity_ids: dict, texts: list[str],
                      log: ray.data.Dataset) -> tuple[dict, dict | None]:
   """prepare's judged negatives: ({task: rows written}, its bad-row counts or None when the
-  raw dir has no judged_negatives table). Stale tables of an earlier run are removed first."""
+  raw dir has no judged_negatives table). `texts`: the sorted distinct queries. Stale tables of
+  an earlier run are removed first."""
   directory = remove_stale_judged(out_dir)
   if not os.path.exists(raw_path(raw_dir, "judged_negatives")):
     return {}, None
   check_raw_schema(raw_dir, "judged_negatives")
+  q_index = {q: i for i, q in enumerate(texts)}
   ref = ray.put((entity_ids, q_index, train_query_ids(log, q_index)))
   good, bad, _ = read_validated(raw_dir, "judged_negatives", judged_block, ref=ref, d=config.data)
   table = driver_table(good, None)

@@ -67,10 +67,8 @@ def child_prepare(args) -> dict:
   from omnisage.data.omnisearchsage.prepare import prepare
   config = scaled_config(args.scale)
   config.data.raw_dir, config.data.prepared_dir = args.raw, args.out
-  if args.object_store_gb:   # a private Ray whose object store spills beyond this size
-    import ray
-    ray.init(address="local", include_dashboard=False,
-             object_store_memory=int(args.object_store_gb * GB))
+  if args.object_store_gb is not None:   # the private Ray's object store (0: Ray's default)
+    config.data.ray_object_store_gb = args.object_store_gb
   start = time.perf_counter()
   summary = prepare(config, args.raw, args.out)   # else starts a private Ray in this child
   return {"seconds": time.perf_counter() - start, "pairs": summary.get("pairs"),
@@ -120,7 +118,8 @@ def measured(what: str, scale: float, timeout: float, root: str = ROOT, **kwargs
   cmd = [sys.executable, os.path.join(root, "benchmarks", os.path.basename(__file__)),
          "--child", what, "--scale", str(scale)]
   for key, value in kwargs.items():
-    cmd += [f"--{key.replace('_', '-')}", str(value)]
+    if value is not None:
+      cmd += [f"--{key.replace('_', '-')}", str(value)]
   child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            cwd=root)
   proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
@@ -221,9 +220,10 @@ def main(argv=None) -> dict:
   p.add_argument("--pipeline-batches", type=int, default=50)
   p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
   p.add_argument("--keep", action="store_true", help="keep the worlds and outputs")
-  p.add_argument("--object-store-gb", type=float, default=0.0,
-                 help="cap on the object store of prepare's private Ray (0: Ray's default, "
-                      "30%% of RAM); beyond it Ray Data spills blocks to disk")
+  p.add_argument("--object-store-gb", type=float, default=None,
+                 help="the object store of prepare's private Ray (default: the config's "
+                      "data.ray_object_store_gb; 0: Ray's default, 30%% of RAM); beyond it Ray "
+                      "spills blocks to disk")
   # The child side (internal).
   p.add_argument("--child", choices=sorted(CHILDREN))
   p.add_argument("--scale", type=float, default=1.0)
@@ -277,7 +277,8 @@ def main(argv=None) -> dict:
       "slowdown_vs_in_memory_with_examples": ratio(first.get("in_memory", {}).get("rows_per_s"),
                                                    first.get("rows_per_s")),
       "in_memory_ref": args.in_memory_ref if args.in_memory_root else None,
-      "object_store_gb": args.object_store_gb or "ray default",
+      "object_store_gb": (scaled_config(1).data.ray_object_store_gb
+                          if args.object_store_gb is None else args.object_store_gb),
       "cpu": cpu_summary(), "seconds": round(time.time() - t0, 1)}}
   print(json.dumps(out), flush=True)
   return out

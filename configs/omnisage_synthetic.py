@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # prepare runs on Ray Data: "" starts a private Ray inside the job; "HOST:6379", "auto" or
   # "ray://HOST:10001" runs it on that cluster (`ray start --head`; docs/scale_out.md)
   d.ray_address = ""
+  # The object store of that private Ray, in GB: blocks beyond it spill to disk (Ray's spilling),
+  # so prepare's memory stays flat as the data grows. 0: Ray's default (30% of RAM).
+  d.ray_object_store_gb = 1.0
   d.eval_days = 7            # the last eval_days of logs are held out for evaluation
   d.gap_days = 1             # and the day before them is dropped (time gap, SPEC §1 eval)
   d.pin_pair_cap = 50        # pairs kept per pin (SPEC: against popularity bias)

@@ -58,15 +58,17 @@ def prepare(config, raw_dir: str, out_dir: str, query_workers: int = 1) -> dict:
   """Builds `out_dir` from the raw tables in `raw_dir`; returns the summary also in meta.json.
 
   Runs on the Ray instance this process has joined, else joins `config.data.ray_address` (a
-  private local instance when empty). `query_workers`: QueryTokens actors (TensorFlow in each)
-  when there are more queries than DRIVER_QUERY_TOKENS. Ray Data's sort shuffle is used for the
-  run (ray_blocks.SMALL_SHUFFLE: it suits group-bys of a few columns)."""
+  private local instance when empty, its object store `data.ray_object_store_gb`: beyond it
+  Ray spills blocks to disk, so memory does not grow with the data). `query_workers`:
+  QueryTokens actors (TensorFlow in each) when there are more queries than DRIVER_QUERY_TOKENS.
+  Ray Data's sort shuffle is used for the run (ray_blocks.SMALL_SHUFFLE: it suits group-bys of
+  a few columns)."""
   from omnisage.data.omnisearchsage.ray_blocks import SMALL_SHUFFLE, data_context
   from omnisage.data.omnisearchsage.ray_validate import check_inputs
   from omnisage.data.ray_runtime import init_ray
   clock = time.perf_counter()
   inputs = check_inputs(config, raw_dir)   # Parquet footers only: a bad table fails before Ray
-  init_ray(config.data.get("ray_address") or None)
+  init_ray(config.data.get("ray_address") or None, config.data.get("ray_object_store_gb"))
   with data_context(SMALL_SHUFFLE):
     return _run_stages(config, raw_dir, out_dir, query_workers, inputs, clock)
 

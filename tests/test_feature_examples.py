@@ -18,7 +18,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from omnisage.data.omnisearchsage import feature_examples, hard_negatives, schema
-from omnisage.data.omnisearchsage.feature_pipeline import FeatureTrainData
+from omnisage.data.omnisearchsage.feature_pipeline import ChunkShuffle, FeatureTrainData
 from omnisage.data.omnisearchsage.pipeline import task_batch_sizes
 from omnisage.data.omnisearchsage.query_input import lexical_len
 from omnisage.train.omnisearchsage.aot import abstract_batch
@@ -33,6 +33,21 @@ def world(tiny_prepared, tmp_path_factory):
   shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns(feature_examples.DIRNAME))
   feature_examples.write_feature_examples(config, copy)
   return config, copy
+
+
+def chunk_order(count: int, chunk: int, seed: int):
+  """The documented order of a task's examples (feature_pipeline.py), written out: position ->
+  record, epoch e visiting the full chunks in the e-th order of a reseeded Grain shuffle, then the
+  partial chunk."""
+  full = count // chunk
+  chunks = grain.MapDataset.range(max(full, 1)).seed(seed).shuffle().repeat()
+
+  def record(position: int) -> int:
+    epoch, offset = divmod(position, count)
+    if offset >= full * chunk:
+      return offset
+    return chunks[epoch * full + offset // chunk] * chunk + offset % chunk
+  return record
 
 
 def padded(values, width: int) -> np.ndarray:
@@ -53,18 +68,20 @@ class Reference:
     self.sizes = {kind: len(t["entity_index"]) for kind, t in self.tables.items()}
     self.pairs, self.orders = {}, {}
     for i, task in enumerate(task_batch_sizes(config)):
-      records = []
-      for path in sorted(glob.glob(os.path.join(prepared, "train", task, "*.array_record"))):
+      pairs = []   # in the examples' record order: shard i's pairs as example_order puts them
+      for shard, path in enumerate(sorted(glob.glob(os.path.join(prepared, "train", task,
+                                                                 "*.array_record")))):
         reader = ArrayRecordReader(path)
-        records += [schema.decode_pair(r) for r in reader.read_all()]
+        records = [schema.decode_pair(r) for r in reader.read_all()]
         reader.close()
-      self.pairs[task] = [(p["query_index"], p["entity_index"]) for p in records]
-      # The documented order of the task's stream (feature_pipeline.py), reseeded every epoch.
-      self.orders[task] = (grain.MapDataset.range(len(records)).seed(config.seed + 1000 * i)
-                           .shuffle().repeat())
+        order = feature_examples.example_order(config.seed, task, shard, len(records))
+        pairs += [(records[j]["query_index"], records[j]["entity_index"]) for j in order]
+      self.pairs[task] = pairs
+      self.orders[task] = chunk_order(len(pairs), feature_examples.RECORDS_PER_CHUNK,
+                                      config.seed + 1000 * i)
 
   def pair_at(self, task: str, position: int) -> tuple[int, int]:
-    return self.pairs[task][self.orders[task][position]]
+    return self.pairs[task][self.orders[task](position)]
 
   def hard_pools(self, task: str) -> dict[int, set[int]] | None:
     directory = hard_negatives.table_dir(self.prepared, self.config.data.hard_negatives_dir)
@@ -155,6 +172,40 @@ def check_against_reference(config, prepared: str, steps: int = 3) -> list[dict]
           np.testing.assert_array_equal(b["compat_neg_legacy"][slot], legacy[index])
         np.testing.assert_allclose(b["compat_neg_log_q"], np.log(n / pool), rtol=1e-6)
   return batches
+
+
+@pytest.mark.parametrize("count", [37, 40, 3])
+def test_chunk_shuffle_visits_every_record_once_per_epoch_in_whole_chunks(count):
+  chunk, orders = 4, []
+  shuffle = ChunkShuffle(count, chunk, seed=5)
+  for epoch in range(3):
+    order = [shuffle[epoch * count + p] for p in range(count)]
+    assert sorted(order) == list(range(count)), epoch
+    full = count // chunk * chunk
+    for start in range(0, full, chunk):   # a whole chunk, in order
+      assert order[start] % chunk == 0
+      assert order[start:start + chunk] == list(range(order[start], order[start] + chunk))
+    assert order[full:] == list(range(full, count))   # the partial chunk closes the epoch
+    orders.append(order)
+  if count >= 2 * chunk:
+    assert orders[0] != orders[1] != orders[2]   # reseeded every epoch
+
+
+def test_example_shards_hold_their_pair_shards_in_example_order(world):
+  config, prepared = world
+  for task in task_batch_sizes(config):
+    pair_paths = sorted(glob.glob(os.path.join(prepared, "train", task, "*.array_record")))
+    for shard, path in enumerate(pair_paths):
+      pairs = ArrayRecordReader(path).read_all()
+      examples = ArrayRecordReader(os.path.join(feature_examples.directory_of(prepared), "train",
+                                                task, os.path.basename(path))).read_all()
+      order = feature_examples.example_order(config.seed, task, shard, len(pairs))
+      assert sorted(order.tolist()) == list(range(len(pairs)))
+      got = [(int(a["query_ids"][0]), int(a["pos_ids"][0]))
+             for a in map(feature_examples.decode_arrays, examples)]
+      want = [(p["query_index"], p["entity_index"])
+              for p in (schema.decode_pair(pairs[j]) for j in order)]
+      assert got == want, (task, shard)
 
 
 def test_records_round_trip():

@@ -91,8 +91,8 @@ def test_entity_validation_counts_bad_rows_over_blocks(world, entities):
     assert stage.raw_rows == pq.read_metadata(os.path.join(raw, f"{kind}.parquet")).num_rows
     assert len(stage.examples) == min(5, sum(want.values()))
     today = today_table(prepared, kind)
-    assert list(stage.index) == today["id"].to_pylist()
-    assert list(stage.index.values()) == list(range(today.num_rows))
+    assert stage.index.ids.to_pylist() == today["id"].to_pylist()   # id i -> entity_index i
+    np.testing.assert_array_equal(stage.index.lookup(today["id"]), np.arange(today.num_rows))
     got = stage.dataset.to_arrow_refs()
     import ray
     got = pa.concat_tables(ray.get(got))
@@ -148,7 +148,7 @@ def test_slices_of_one_row_group_validate_as_the_whole_table(ray_cluster, tiny_p
   entities = ray_validate.validate_entities(config, raw)
   for kind, stage in entities.items():
     assert stage.bad == meta["bad_rows"][kind]
-    assert list(stage.index) == today_table(prepared, kind)["id"].to_pylist()
+    assert stage.index.ids.to_pylist() == today_table(prepared, kind)["id"].to_pylist()
   logs = ray_validate.validate_logs(config, raw, entities)
   assert logs.bad == {k: meta["bad_rows"][k] for k in ("queries_log", "board_saves")}
   assert logs.split == meta["split"]

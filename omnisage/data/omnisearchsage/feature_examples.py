@@ -9,12 +9,19 @@ writing the hard negatives they embed:
   <prepared>/feature_examples/
     meta.json                       counts, the settings they were built with, and the size and
                                     mtime of every input file (a changed input means a rebuild)
-    train/<task>/shard-*.array_record     one example per training pair, in the pair shards'
-                                    order (shard i record j is the pair at shard i record j)
+    train/<task>/shard-*.array_record     one example per training pair: shard i holds the
+                                    pairs of pair shard i, in a seeded shuffled order
+                                    (record j is pair record example_order(...)[j])
     negatives/<kind>/shard-*.array_record one entity per record, in a shuffled order: the stream
                                     the shared random negatives are read from
     compat/<kind>/shard-*.array_record    the same, only the entities that have a legacy vector
                                     (pins, products): the compatibility tasks' negatives
+
+The examples and the streams are written RECORDS_PER_CHUNK records to an ArrayRecord chunk. A
+reader holds an index entry of a few tens of bytes per chunk, so one record per chunk would make the
+training host's memory grow with the number of examples; the pipeline reads whole chunks (a shuffle
+of chunks, contiguous runs of a stream: feature_pipeline.py), so larger chunks decode nothing more.
+Shuffling each shard as it is written makes every chunk a random sample of its pair shard.
 
 A record is a few named arrays (`encode_arrays`). Entity features are stored unpadded, in blocks
 of n entities under a prefix (`query`, `pos`, `hard`, `entity`):
@@ -57,10 +64,11 @@ from omnisage.data.omnisearchsage.hard_negatives import HardNegatives, table_dir
 log = logging.getLogger(__name__)
 
 DIRNAME = "feature_examples"
-VERSION = 2   # 2: hard-negative samples seeded per pair shard
+VERSION = 3   # 2: hard-negative samples seeded per pair shard; 3: shuffled shards, 16-record chunks
 HARD_KEPT = 32      # hard negatives kept per example (the pipeline samples loss.hard_negatives)
 CHUNK = 4096        # entity table rows decoded at a time into the entity records
 PREFETCH = 512      # pairs (or stream entities) whose entities are read from disk at a time
+RECORDS_PER_CHUNK = 16   # records per ArrayRecord chunk of the examples and streams
 
 # --- records: named arrays ----------------------------------------------------------------------
 # u16 count; per array: u8 name length, u8 dtype code, u8 ndim, the name, u32 per dimension;
@@ -333,7 +341,7 @@ def is_current(config, prepared_dir: str) -> bool:
 
 
 def _write_records(path: str, records) -> int:
-  writer, count = ArrayRecordWriter(path, "group_size:1"), 0
+  writer, count = ArrayRecordWriter(path, f"group_size:{RECORDS_PER_CHUNK}"), 0
   for record in records:
     writer.write(record)
     count += 1
@@ -341,11 +349,18 @@ def _write_records(path: str, records) -> int:
   return count
 
 
+def example_order(seed: int, task: str, shard: int, count: int) -> np.ndarray:
+  """[count] int64: record j of example shard `shard` of `task` is the pair at this position of
+  pair shard `shard` (a permutation seeded by (seed, task, shard))."""
+  return np.random.default_rng([seed, sorted(schema.TASK_ENTITY).index(task), shard, 1]
+                               ).permutation(count)
+
+
 def _pair_shard(seed: int, prepared_dir: str, task: str, shard: int, out: str, cache_dir: str,
                 hard_dir: str) -> int:
-  """Examples of pair shard `shard` of `task` -> the output shard of the same name, record for
-  record; the hard-negative samples are seeded by (seed, task, shard), so shards can be written
-  in any order or in parallel."""
+  """Examples of pair shard `shard` of `task` -> the output shard of the same name, in the order
+  example_order gives; the hard-negative samples are seeded by (seed, task, shard), so shards can
+  be written in any order or in parallel."""
   kind = schema.TASK_ENTITY[task]
   paths = sorted(glob.glob(os.path.join(prepared_dir, "train", task, "*.array_record")))
   queries = EntityRows(prepared_dir, "queries", cache_dir)
@@ -354,12 +369,13 @@ def _pair_shard(seed: int, prepared_dir: str, task: str, shard: int, out: str, c
   rng = np.random.default_rng([seed, sorted(schema.TASK_ENTITY).index(task), shard])
   # Read in order with a plain reader (not a Grain data source: what the trainer's data sources
   # serve is its training data alone).
-  reader = ArrayRecordReader(paths[shard])
+  reader = ArrayRecordReader(paths[shard], "readahead_buffer_size:0")
+  order = example_order(seed, task, shard, reader.num_records())
 
   def records():
-    count = reader.num_records()
-    for start in range(0, count, PREFETCH):
-      pairs = [schema.decode_pair(raw) for raw in reader.read(start, min(start + PREFETCH, count))]
+    for start in range(0, len(order), PREFETCH):
+      pairs = [schema.decode_pair(raw) for raw in reader.read(order[start:start + PREFETCH]
+                                                              .tolist())]
       qs = [p["query_index"] for p in pairs]
       es = [p["entity_index"] for p in pairs]
       pools = [None] * len(pairs)

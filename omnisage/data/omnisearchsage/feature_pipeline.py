@@ -4,17 +4,24 @@ catalogue on any host.
 The trainer's only input (trainer.py builds the files first with
 feature_examples.ensure_feature_examples). Element k of the dataset is step k; per task it zips:
 
-  examples: this host's slice of the task's global batch k of the shuffled (reseeded every epoch),
-            repeated example shards, read in one batched read, decoded and padded as one batch
-            (+ a sample of each row's hard negatives)
+  examples: this host's slice of the task's global batch k of the chunk-shuffled (reseeded every
+            epoch), repeated example shards, read in one batched read, decoded and padded as one
+            batch (+ a sample of each row's hard negatives)
   negatives: this host's slice of the k-th run of the pre-shuffled entity stream, read the same
             way (and, with tasks.compat, of the stream of entities that have a legacy vector)
 
 then each element becomes {task: batch}. The global batch holds a fixed number of pairs per task
-(the task mix sets task influence, SPEC §1: the official code splits each batch 8:4:2:2). Example
-shard i record j is the pair at pair shard i record j, so position j of the i-th trained task's
-stream is pair record shuffle(seed + 1000 i)[j] of its pair shards (tests/test_feature_examples.py
-checks batches against the entity tables and the pair shards that way). Reading a batch's
+(the task mix sets task influence, SPEC §1: the official code splits each batch 8:4:2:2).
+
+The shuffle is a shuffle of chunks (ChunkShuffle): the examples are stored RECORDS_PER_CHUNK to an
+ArrayRecord chunk, each shard already shuffled when written (feature_examples.example_order), and
+every epoch visits the task's full chunks in a fresh order (Grain's index shuffle, seed + 1000 i
+for the i-th trained task), a chunk's records one after another; the last, partial chunk closes
+the epoch. A reader then decodes each chunk it touches once, and holds an index entry per chunk, not
+per example, so the host's memory does not grow with the number of examples. This is the block
+shuffle of pre-shuffled files that large input pipelines use; the price is that the records of a
+chunk share a batch in every epoch (tests/test_feature_examples.py checks batches against the
+entity tables and the pair shards through both orders). Reading a batch's
 records in one call (ArrayRecord reads each shard's share in one go, the shards in parallel) and
 decoding and padding them as arrays, not record by record, keeps the host's time per batch small
 (docs/scale_out.md).
@@ -129,6 +136,26 @@ def read_records(source, keys: list[int]) -> list[bytes]:
   return list(read(keys)) if read is not None else [source[key] for key in keys]
 
 
+class ChunkShuffle:
+  """Position -> record of a repeated stream of `count` records stored in chunks of `chunk`:
+  epoch e (positions [e count, (e+1) count)) visits the count // chunk full chunks in the e-th
+  order of Grain's index shuffle (seeded by `seed`, reseeded every epoch by repeat()), each
+  chunk's records in order, then the last count % chunk records."""
+
+  def __init__(self, count: int, chunk: int, seed: int):
+    self.count, self.chunk = count, chunk
+    self.full = count // chunk
+    self.chunks = (grain.MapDataset.range(self.full).seed(seed).shuffle().repeat()
+                   if self.full else None)
+
+  def __getitem__(self, position: int) -> int:
+    epoch, offset = divmod(int(position), self.count)
+    if offset >= self.full * self.chunk:   # the partial chunk
+      return offset
+    index, within = divmod(offset, self.chunk)
+    return self.chunks[epoch * self.full + index] * self.chunk + within
+
+
 class HostBatches(grain.transforms.Map):
   """Step k -> this host's rows of a stream's global batch k, read and decoded together.
 
@@ -154,12 +181,12 @@ class ExampleBatches(HostBatches):
   """A task's examples: query_tokens, query_ids, pos_ids, pos_* and, with hard_k > 0,
   hard_ids/hard_valid/hard_* ([rows, hard_k] slots; empty slots are zeros, invalid).
 
-  `order` maps a position to its record (the shuffled, repeated stream). The hard-negative sample
+  `order` maps a position to its record (ChunkShuffle). The hard-negative sample
   of position i draws from Philox(seed) at counter i: the generator Grain's `random_map` hands
   element i, so the sample depends on the position alone (not on the hosts or the batching).
   """
 
-  def __init__(self, source, order: grain.MapDataset, rows: int, host: int, hosts: int,
+  def __init__(self, source, order: ChunkShuffle, rows: int, host: int, hosts: int,
                kind: str, widths: Widths, hard_k: int = 0, seed: int = 0):
     super().__init__(source, rows, host, hosts)
     self.order, self.kind, self.widths, self.hard_k, self.seed = order, kind, widths, hard_k, seed
@@ -289,8 +316,8 @@ class FeatureTrainData:
     for i, task in enumerate(self.tasks):
       kind = schema.TASK_ENTITY[task]
       source = self._source("train", task)
-      # Reseeded every epoch by repeat(); a function of (seed, task, position) alone.
-      order = grain.MapDataset.range(len(source)).seed(cfg.seed + 1000 * i).shuffle().repeat()
+      # Reseeded every epoch; a function of (seed, task, position) alone.
+      order = ChunkShuffle(len(source), feature_examples.RECORDS_PER_CHUNK, cfg.seed + 1000 * i)
       rows = self._per_host(cfg.tasks[task], f"tasks.{task}")
       parents += [
           self._steps(ExampleBatches(source, order, rows, host, hosts, kind, self.widths,

@@ -12,8 +12,8 @@ explicit `split` column is not split by time (Home Depot has no time and writes 
 for its board saves, the lower bound is 0 (`time_range`).
 
 Usage:
-  rows, log = valid_log(table, {"pins": pin_ids, "products": product_ids}, config.data,
-                        time_range("split" in table.column_names))
+  rows, log = valid_log(table, {"pins": pin_index, "products": product_index}, config.data,
+                        time_range("split" in table.column_names))   # id_index.IdIndex each
   bad["queries_log"] = rows.counts()
 """
 
@@ -42,11 +42,6 @@ def time_range(explicit_split: bool) -> tuple[int, int]:
   return (0 if explicit_split else TIME_MIN, int(time.time()) + DAY)
 
 
-def member(values: np.ndarray, known) -> np.ndarray:
-  # A set lookup per row: np.isin on object arrays can degrade to comparing every pair.
-  return np.fromiter((v in known for v in values), bool, len(values))
-
-
 def timestamps(col, rows: RowChecks, lo: int, hi: int) -> np.ndarray:
   """int64 seconds (0 where null) of a conformed column; flags null, negative, out-of-range rows."""
   null = col.is_null().to_numpy(zero_copy_only=False)
@@ -59,7 +54,8 @@ def timestamps(col, rows: RowChecks, lo: int, hi: int) -> np.ndarray:
 
 def valid_log(table: pa.Table, entity_ids: dict, d, valid_times) -> tuple[RowChecks, dict]:
   """Valid log rows: normalised query and target, kind, entity_index (-1 for a query target),
-  engagement code, timestamp, and `split` code when the table has an explicit split column."""
+  engagement code, timestamp, and `split` code when the table has an explicit split column.
+  `entity_ids`: {"pins": IdIndex, "products": IdIndex}."""
   rows = RowChecks(table.num_rows)
   query = normalized_texts(table["query"], rows, d.max_text_chars, required=True)
   target = normalized_texts(table["entity_id"], rows, d.max_text_chars, required=True)
@@ -74,14 +70,14 @@ def valid_log(table: pa.Table, entity_ids: dict, d, valid_times) -> tuple[RowChe
   if has_split:  # an explicit split (datasets without time) overrides the time split
     split = table["split"].to_numpy(zero_copy_only=False)
     rows.flag(np.fromiter((s not in SPLITS for s in split), bool, len(split)), "invalid_value")
-  raw_ids = table["entity_id"].to_numpy(zero_copy_only=False)
+  eidx = np.full(table.num_rows, -1, np.int64)
   for k in ("pins", "products"):
-    sel = (kind == k) & rows.good
-    rows.flag(sel & ~member(raw_ids, entity_ids[k]), "unknown_entity")
+    sel = kind == k
+    found = entity_ids[k].lookup(table["entity_id"])
+    rows.flag(sel & rows.good & (found < 0), "unknown_entity")
+    eidx[sel] = found[sel]
   keep = rows.good
-  eidx = np.array([entity_ids[k][r] if k != "queries" else -1
-                   for k, r in zip(kind[keep], raw_ids[keep])], np.int64)
-  out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx,
+  out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx[keep],
              engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
              timestamp=ts[keep])
   if has_split:
@@ -89,17 +85,17 @@ def valid_log(table: pa.Table, entity_ids: dict, d, valid_times) -> tuple[RowChe
   return rows, out
 
 
-def valid_saves(table: pa.Table, pin_ids: dict, d, valid_times) -> tuple[RowChecks, dict]:
-  """Valid board saves: pin entity_index, normalised board title, timestamp."""
+def valid_saves(table: pa.Table, pin_ids, d, valid_times) -> tuple[RowChecks, dict]:
+  """Valid board saves: pin entity_index, normalised board title, timestamp. `pin_ids`: the
+  pins' IdIndex."""
   rows = RowChecks(table.num_rows)
   title = normalized_texts(table["board_title"], rows, d.max_text_chars, required=True)
-  pins = table["pin_id"].to_numpy(zero_copy_only=False)
   ts = timestamps(table["timestamp"], rows, *valid_times)
-  rows.flag(pins == None, "missing_field")  # noqa: E711
-  rows.flag(~member(pins, pin_ids), "unknown_entity")
+  rows.flag(table["pin_id"].is_null().to_numpy(zero_copy_only=False), "missing_field")
+  pins = pin_ids.lookup(table["pin_id"])
+  rows.flag(pins < 0, "unknown_entity")
   keep = rows.good
-  return rows, dict(pin=np.array([pin_ids[p] for p in pins[keep]], np.int64), title=title[keep],
-                    timestamp=ts[keep])
+  return rows, dict(pin=pins[keep], title=title[keep], timestamp=ts[keep])
 
 
 def valid_judged(table: pa.Table, d, entity_ids: dict, q_index: dict, train_queries: set
@@ -117,13 +113,17 @@ def valid_judged(table: pa.Table, d, entity_ids: dict, q_index: dict, train_quer
   rows.flag(np.fromiter((k not in JUDGED_TASKS for k in kind), bool, len(kind)), "invalid_value")
   known_query = np.fromiter((q_index.get(q, -1) in train_queries for q in query), bool, len(query))
   rows.flag(rows.good & ~known_query, "unknown_query")
+  eidx = np.full(table.num_rows, -1, np.int64)
   for k in JUDGED_TASKS:
-    rows.flag((kind == k) & rows.good & ~member(ids, entity_ids[k]), "unknown_entity")
+    sel = kind == k
+    found = entity_ids[k].lookup(table["entity_id"])
+    rows.flag(sel & rows.good & (found < 0), "unknown_entity")
+    eidx[sel] = found[sel]
   keep = rows.good
   return rows, dict(
       task=np.array([JUDGED_TASKS[k] for k in kind[keep]], object),
       query_index=np.array([q_index[q] for q in query[keep]], np.int64),
-      entity_index=np.array([entity_ids[k][i] for k, i in zip(kind[keep], ids[keep])], np.int64))
+      entity_index=eidx[keep])
 
 
 def remove_stale_judged(out_dir: str) -> str:

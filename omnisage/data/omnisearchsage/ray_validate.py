@@ -1,9 +1,10 @@
 """Steps 0-2 of `launch.py prepare` on Ray Data: raw-table checks, validation, the time split.
 
 Separate from the later stages because everything after reads only what this returns: the
-valid rows as Ray datasets, the id -> entity_index maps, the bad-row counts and the split bounds
-(prepare.py's steps 0 to 2, with the same rules: entity_rows.valid_entities, log_rows.valid_log,
-log_rows.valid_saves, and the same errors: input_checks.InputChecks).
+valid rows as Ray datasets, the id -> entity_index lookups (id_index.IdIndex), the bad-row
+counts and the split bounds (prepare.py's steps 0 to 2, with the same rules:
+entity_rows.valid_entities, log_rows.valid_log, log_rows.valid_saves, and the same errors:
+input_checks.InputChecks).
 
   0. `check_inputs`: every raw table's columns and types from its Parquet footer (no value read),
      then prepare's empty-table errors.
@@ -23,11 +24,13 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
 from omnisage.data.omnisearchsage import schema
 from omnisage.data.omnisearchsage.entity_rows import valid_entities
+from omnisage.data.omnisearchsage.id_index import IdIndex
 from omnisage.data.omnisearchsage.input_checks import InputChecks
 from omnisage.data.omnisearchsage.log_rows import DAY, time_range, valid_log, valid_saves
 from omnisage.data.omnisearchsage.raw_tables import conform_raw_table
@@ -76,30 +79,23 @@ def entity_block(table: pa.Table, start: int, kind: str, d) -> pa.Table:
 class EntityStage:
   """The valid entities of one kind, in input order: entity_index = position."""
   dataset: ray.data.Dataset      # entity_index, id, title, description, caption, legacy, visual
-  index: dict                    # raw id -> entity_index
+  index: IdIndex                 # raw id -> entity_index
   bad: dict                      # reason -> count (summed over blocks)
   examples: dict                 # global row -> reason, the first EXAMPLES bad rows
   raw_rows: int
   empty: pa.Table                # no row, the dataset's columns (for a table with no valid row)
 
 
-def dedupe_entities(good: ray.data.Dataset) -> tuple[np.ndarray, dict, list]:
+def dedupe_entities(good: ray.data.Dataset) -> tuple[np.ndarray, IdIndex, list]:
   """(sorted rows kept, id -> entity_index, rows dropped as duplicate_id): the first valid row of
-  an id wins, over all blocks. A driver pass over (row, id) only."""
+  an id wins, over all blocks. A group-by (min row per id) of (row, id) on the driver."""
   table = driver_table(good.select_columns(["row", "id"]), pa.table(dict(
       row=pa.array([], pa.int64()), id=pa.array([], pa.string()))))
-  order = np.argsort(table["row"].to_numpy(), kind="stable")
-  rows = table["row"].to_numpy()[order]
-  ids = table["id"].to_numpy(zero_copy_only=False)[order]
-  index: dict = {}
-  kept, dropped = [], []
-  for r, i in zip(rows.tolist(), ids.tolist()):
-    if i not in index:
-      index[i] = len(kept)
-      kept.append(r)
-    else:
-      dropped.append(r)
-  return np.asarray(kept, np.int64), index, dropped
+  first = table.group_by("id", use_threads=False).aggregate([("row", "min")])
+  first = first.take(pc.sort_indices(first["row_min"]))
+  kept = first["row_min"].to_numpy().astype(np.int64)
+  dropped = np.setdiff1d(table["row"].to_numpy(), kept)
+  return kept, IdIndex(first["id"]), dropped.tolist()
 
 
 def validate_entities(config, raw_dir: str, checks: InputChecks | None = None) -> dict:
@@ -142,7 +138,7 @@ def log_block(table: pa.Table, start: int, entity_ids: dict, d, valid_times) -> 
   return with_bad_rows(pa.table(good), rows, start)
 
 
-def saves_block(table: pa.Table, start: int, pin_ids: dict, d, valid_times) -> pa.Table:
+def saves_block(table: pa.Table, start: int, pin_ids: IdIndex, d, valid_times) -> pa.Table:
   """log_rows.valid_saves of one block, as summary rows."""
   rows, saves = valid_saves(table, pin_ids, d, valid_times)
   return with_bad_rows(pa.table(dict(pin=pa.array(saves["pin"]),

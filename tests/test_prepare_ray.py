@@ -244,6 +244,13 @@ def test_query_table_and_pairs(world, logs, feats, tmp_path):
   for col in table.column_names:
     assert {"type": str(table[col].type), "sha256": sha256_json(table[col].to_pylist())} == (
         want[col]), col
+  # On the driver, a few queries at a time (prepare's path below DRIVER_QUERY_TOKENS): the same.
+  on_driver = ray_pairs.query_tokens(texts, vocab_path, config.data, batch_size=7,
+                                     on_driver=True).to_arrow_refs()
+  import ray
+  on_driver = pa.concat_tables(ray.get(on_driver))
+  assert on_driver["entity_index"].to_pylist() == list(range(len(texts)))
+  assert on_driver["tokens"].to_pylist() == table["tokens"].to_pylist()
 
   pairs, dropped = ray_pairs.write_pairs(config, logs.log, texts, table["tokens"], str(tmp_path))
   assert pairs == meta["pairs"] and dropped == meta["dropped_pairs"]

@@ -49,9 +49,10 @@ import time
 import pyarrow.parquet as pq
 
 # Up to this many distinct queries are tokenised on the driver when it learned the WordPiece
-# vocabulary (about 0.3 s per 10k queries there, against seconds for an actor to import
-# TensorFlow); more go to QueryTokens actors.
-DRIVER_QUERY_TOKENS = 100_000
+# vocabulary (TensorFlow is loaded there already; a batch at a time, so its working memory is one
+# batch's): an actor costs a TensorFlow import, seconds and a process of its own, which only
+# millions of queries repay. More go to QueryTokens actors.
+DRIVER_QUERY_TOKENS = 2_000_000
 
 
 def prepare(config, raw_dir: str, out_dir: str, query_workers: int = 1) -> dict:

@@ -129,12 +129,14 @@ def query_tokens(texts: list[str], vocab_path: str, d, workers: int = 1,
   actors. Needs only query_vocab.txt, so prepare runs it while the features are
   computed (an actor's TensorFlow import costs seconds). `on_driver`: QueryTokens in this
   process instead (prepare, for a few queries when the driver has learned the
-  vocabulary, so TensorFlow is loaded here already)."""
+  vocabulary, so TensorFlow is loaded here already), `batch_size` queries at a time."""
   table = pa.table(dict(entity_index=pa.array(np.arange(len(texts), dtype=np.int32)),
                         text=pa.array(texts, pa.string())))
   if on_driver:
-    return ray.data.from_arrow(QueryTokens(vocab_path, d.query_lower_case, d.query_max_len)(
-        table))
+    tokenize = QueryTokens(vocab_path, d.query_lower_case, d.query_max_len)
+    return ray.data.from_arrow(pa.concat_tables(
+        [tokenize(table.slice(start, batch_size))
+         for start in range(0, max(len(texts), 1), batch_size)]))
   return ray.data.from_arrow(table).map_batches(
       QueryTokens, fn_constructor_args=(vocab_path, d.query_lower_case, d.query_max_len),
       batch_size=batch_size, batch_format="pyarrow", concurrency=workers)
@@ -265,8 +267,8 @@ def task_pairs(config, log: ray.data.Dataset, refs: tuple, t: int, task: str, ou
   return pairs, self_clicks
 
 
-def write_pairs(config, log: ray.data.Dataset, texts: list[str], tokens, out_dir: str
-                ) -> tuple[dict, dict]:
+def write_pairs(config, log: ray.data.Dataset, texts: list[str], tokens: pa.ChunkedArray,
+                out_dir: str) -> tuple[dict, dict]:
   """Step 5's pair shards: ({split: {task: pairs}}, dropped) as prepare's. `texts`: the sorted
   distinct queries (query_texts); `tokens`: their WordPiece ids, a list column (the queries
   table's `tokens`). The caps (features.cap_pairs with prepare's per-task generator) run on the
@@ -274,8 +276,7 @@ def write_pairs(config, log: ray.data.Dataset, texts: list[str], tokens, out_dir
   records are built in map_batches and written by ArrayRecordSink after a seeded
   random_shuffle. The three tasks run side by side (task_pairs, one driver thread each): their
   Ray Data jobs are small, and mostly wait on task start-up, which overlaps."""
-  tokens = pa.chunked_array(tokens) if isinstance(tokens, list) else tokens
-  tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+  tokens = tokens.combine_chunks()
   flat = (tokens.values.to_numpy().astype(np.int32), tokens.offsets.to_numpy().astype(np.int64))
   refs = ray.put(pa.array(texts, pa.string())), ray.put(flat)
   with concurrent.futures.ThreadPoolExecutor(len(schema.TASK_ENTITY)) as pool:

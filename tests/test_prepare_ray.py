@@ -477,3 +477,20 @@ def test_launch_prepare_on_a_cluster(ray_cluster, tiny_prepared, tmp_path):
   message = refusal(case, broken)[1]
   assert f"error: {message}" in result.stderr and "Traceback" not in result.stderr
   assert last_json(result)["prepare"] == {"error": message}
+
+
+def test_entity_indices_against_a_dict_reference():
+  from omnisage.data.omnisearchsage.entity_rows import RowChecks
+  from omnisage.data.omnisearchsage.id_index import IdIndex
+  from omnisage.data.omnisearchsage.log_rows import entity_indices
+  pins, products = ["p0", "p1", "p2"], ["x0", "p1"]
+  kind = np.array(["pins", "products", "queries", "pins", "products", "pins", None, "pins"], object)
+  ids = pa.chunked_array([["p2", "p1", "q", "zz"], ["x0", None, "p0", "p1"]])
+  rows = RowChecks(len(kind))
+  rows.flag(np.arange(len(kind)) == 7, "missing_field")   # already bad: not re-flagged
+  got = entity_indices(kind, ids, {"pins": IdIndex(pins), "products": IdIndex(products)}, rows)
+  maps = {"pins": {p: i for i, p in enumerate(pins)},
+          "products": {p: i for i, p in enumerate(products)}}
+  want = [maps.get(k, {}).get(i, -1) for k, i in zip(kind, ids.to_pylist())]
+  np.testing.assert_array_equal(got, want)
+  assert rows.counts() == {"missing_field": 1, "unknown_entity": 2}   # "zz", and the null id

@@ -20,7 +20,10 @@ class IdIndex:
   """The distinct raw ids of one entity kind; id i has entity_index i."""
 
   def __init__(self, ids):
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else pa.array(ids, pa.string())
+    if isinstance(ids, pa.ChunkedArray):
+      ids = ids.combine_chunks()
+    elif not isinstance(ids, pa.Array):
+      ids = pa.array(ids, pa.string())
     self.ids = ids.cast(pa.string())
     if self.ids.null_count:
       raise ValueError("IdIndex: an id is null")

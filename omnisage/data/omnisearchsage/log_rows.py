@@ -42,6 +42,20 @@ def time_range(explicit_split: bool) -> tuple[int, int]:
   return (0 if explicit_split else TIME_MIN, int(time.time()) + DAY)
 
 
+def entity_indices(kind: np.ndarray, ids: pa.ChunkedArray, entity_ids: dict,
+                   rows: RowChecks) -> np.ndarray:
+  """int64 [rows]: each row's entity_index (-1 for a kind not in `entity_ids`, or an unknown
+  id); a valid row whose id its kind's IdIndex does not know is flagged unknown_entity. Each
+  kind looks up its own rows only."""
+  out, unknown = np.full(len(kind), -1, np.int64), np.zeros(len(kind), bool)
+  for k, index in entity_ids.items():
+    sel = np.flatnonzero(kind == k)
+    out[sel] = index.lookup(ids.take(pa.array(sel)))
+    unknown[sel] = out[sel] < 0
+  rows.flag(rows.good & unknown, "unknown_entity")
+  return out
+
+
 def timestamps(col, rows: RowChecks, lo: int, hi: int) -> np.ndarray:
   """int64 seconds (0 where null) of a conformed column; flags null, negative, out-of-range rows."""
   null = col.is_null().to_numpy(zero_copy_only=False)
@@ -70,12 +84,7 @@ def valid_log(table: pa.Table, entity_ids: dict, d, valid_times) -> tuple[RowChe
   if has_split:  # an explicit split (datasets without time) overrides the time split
     split = table["split"].to_numpy(zero_copy_only=False)
     rows.flag(np.fromiter((s not in SPLITS for s in split), bool, len(split)), "invalid_value")
-  eidx = np.full(table.num_rows, -1, np.int64)
-  for k in ("pins", "products"):
-    sel = kind == k
-    found = entity_ids[k].lookup(table["entity_id"])
-    rows.flag(sel & rows.good & (found < 0), "unknown_entity")
-    eidx[sel] = found[sel]
+  eidx = entity_indices(kind, table["entity_id"], entity_ids, rows)
   keep = rows.good
   out = dict(query=query[keep], target=target[keep], kind=kind[keep], entity=eidx[keep],
              engagement=np.array([schema.ENGAGEMENT_INDEX[e] for e in eng[keep]], np.int64),
@@ -113,12 +122,8 @@ def valid_judged(table: pa.Table, d, entity_ids: dict, q_index: dict, train_quer
   rows.flag(np.fromiter((k not in JUDGED_TASKS for k in kind), bool, len(kind)), "invalid_value")
   known_query = np.fromiter((q_index.get(q, -1) in train_queries for q in query), bool, len(query))
   rows.flag(rows.good & ~known_query, "unknown_query")
-  eidx = np.full(table.num_rows, -1, np.int64)
-  for k in JUDGED_TASKS:
-    sel = kind == k
-    found = entity_ids[k].lookup(table["entity_id"])
-    rows.flag(sel & rows.good & (found < 0), "unknown_entity")
-    eidx[sel] = found[sel]
+  eidx = entity_indices(kind, table["entity_id"], {k: entity_ids[k] for k in JUDGED_TASKS},
+                        rows)
   keep = rows.good
   return rows, dict(
       task=np.array([JUDGED_TASKS[k] for k in kind[keep]], object),
